@@ -265,7 +265,12 @@ const Preset& find_preset(const std::string& name) {
 
 Resolved resolve(const BenchOptions& o) {
   Resolved r;
-  r.device = o.device.empty() ? default_device() : parse_device_option(o.device);
+  if (o.device.empty()) {
+    r.device = default_device();
+    if (!bench_supports(r.device.type)) r.device = Device::cpu();
+  } else {
+    r.device = parse_device_option(o.device);
+  }
   const bool cpu = r.device.type == DeviceType::kCPU;
   const std::string preset = !o.preset.empty() ? o.preset : cpu ? "tiny" : "mixtral-8x7b";
   r.shape = find_preset(preset).shape;
@@ -332,8 +337,8 @@ void print_table(const Resolved& r, const BenchDevice& device, const std::vector
               static_cast<long long>(s.d_model), static_cast<long long>(s.d_ff),
               static_cast<long long>(s.experts), static_cast<long long>(s.topk),
               dtype_name(r.dtype), activation_name(r.activation), device.name().c_str());
-  std::printf("%d timed iterations after %d warm-up, %s; routing plan built every iteration\n\n",
-              r.iters, r.warmup, device.timer_name().c_str());
+  std::printf("%d timed iteration%s after %d warm-up, %s; routing plan built every iteration\n\n",
+              r.iters, r.iters == 1 ? "" : "s", r.warmup, device.timer_name().c_str());
   std::printf("%-30s %12s %12s %10s\n", "phase", "median ms", "min ms", "TFLOP/s");
   for (const Phase& p : phases) {
     std::printf("%-30s %12.3f %12.3f %10s\n", p.name, p.times.median(), p.times.min(),

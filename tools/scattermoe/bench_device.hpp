@@ -48,8 +48,13 @@ class BenchDevice {
   virtual void clear_marks() = 0;
 };
 
+// The device types this build can bench (the CPU; CUDA once its BenchDevice exists).
+bool bench_supports(DeviceType type);
 // Throws Unsupported for a device this build or machine cannot bench.
 std::unique_ptr<BenchDevice> make_bench_device(Device device);
+
+// One per backend, each in its own file.
+std::unique_ptr<BenchDevice> make_cpu_bench_device();
 
 // Owns one allocation on a BenchDevice (nullptr for 0 bytes).
 class DeviceBuffer {

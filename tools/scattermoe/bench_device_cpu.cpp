@@ -79,10 +79,6 @@ class CpuBenchDevice final : public BenchDevice {
 
 }  // namespace
 
-std::unique_ptr<BenchDevice> make_bench_device(Device device) {
-  if (device.type == DeviceType::kCPU) return std::make_unique<CpuBenchDevice>();
-  throw Unsupported("scattermoe bench: timing on " + device_name(device) +
-                    " is not available in this build (only the CPU bench is compiled in)");
-}
+std::unique_ptr<BenchDevice> make_cpu_bench_device() { return std::make_unique<CpuBenchDevice>(); }
 
 }  // namespace scattermoe::tools

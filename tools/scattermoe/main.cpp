@@ -1,10 +1,12 @@
 // The `scattermoe` command-line program: parses the command line and hands over to one
 // subcommand (bench.cpp, check.cpp, info.cpp). Exit status: 0 success, 1 a check failed or an
 // unexpected error, 2 a request that was refused (bad arguments, unsupported device, too slow).
+#include <algorithm>
 #include <cstdio>
 #include <exception>
 #include <new>
 #include <string>
+#include <vector>
 
 #include <CLI/CLI.hpp>
 
@@ -105,7 +107,8 @@ int main(int argc, char** argv) {
 
   CLI::App app{
       "scattermoe: sparse Mixture-of-Experts layers without padding (ScatterMoE, arXiv "
-      "2403.08245).\nWith no subcommand it runs `bench` with its defaults.",
+      "2403.08245).\nWithout a subcommand it runs `bench` (`scattermoe` alone: the default "
+      "benchmark; `scattermoe --preset X ...`: bench options).",
       "scattermoe"};
   // --help shows every subcommand with its options; `scattermoe SUBCOMMAND --help` just one.
   app.set_help_flag();
@@ -149,8 +152,16 @@ int main(int argc, char** argv) {
   set_subcommand_help(*info);
   info->footer("");
 
+  // `scattermoe --preset tiny ...` means `scattermoe bench --preset tiny ...`.
+  std::vector<std::string> args(argv + 1, argv + argc);
+  if (!args.empty() && args[0].size() > 1 && args[0][0] == '-' && args[0] != "-h" &&
+      args[0] != "--help" && args[0] != "--version") {
+    args.insert(args.begin(), "bench");
+  }
+  std::reverse(args.begin(), args.end());  // CLI11 takes the arguments last-first
+
   try {
-    app.parse(argc, argv);
+    app.parse(args);
   } catch (const CLI::ParseError& e) {
     if (e.get_exit_code() == static_cast<int>(CLI::ExitCodes::Success)) return app.exit(e);
     print_error(std::string(e.what()) + " (run 'scattermoe --help' for usage)");
