@@ -27,6 +27,12 @@ struct Matrix {
 Matrix to_matrix(const TensorView& v);
 // Reads a rank-3 host view (E, a, b) as E matrices a x b.
 std::vector<Matrix> to_matrices(const TensorView& v);
+// One element of a host view of any rank, dtype and strides, as a double; `index` has
+// v.rank() entries.
+double read_element(const TensorView& v, const std::int64_t* index);
+// The double `value` rounded to `dtype` (through float for the 16-bit types, as the library
+// stores an fp32 accumulator) and read back.
+double round_to(DType dtype, double value);
 
 struct Plan64 {
   std::vector<std::int64_t> sorted_expert_idxs;     // (L)
@@ -63,6 +69,9 @@ ReferenceLinear reference_parallel_linear(const Matrix& x, const std::vector<Mat
 struct ReferenceMlp {
   Matrix out;
   Matrix hidden;  // pre-activation, grouped
+  Matrix act;     // A = act(H) (or the GLU product), grouped (L, h)
+  Matrix y2;      // A @ W2[e] + b2[e] before gating, grouped (L, d)
+  Matrix dh;      // gradient of the loss w.r.t. hidden, grouped (empty when not asked)
   Matrix dx;
   std::vector<Matrix> dw1, dw2;
   Matrix db1, db2;
