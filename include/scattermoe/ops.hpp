@@ -5,6 +5,8 @@
 // products accumulate in fp32.
 #pragma once
 
+#include <cstddef>
+
 #include "scattermoe/context.hpp"
 #include "scattermoe/plan.hpp"
 #include "scattermoe/tensor.hpp"
@@ -26,6 +28,8 @@ struct Scatter2ScatterArgs {
   bool x_grouped = false;
   bool y_grouped = false;
 };
+// Scratch bytes scatter2scatter needs (the device-built tile list on CUDA; 0 on the CPU).
+std::size_t scatter2scatter_workspace_size(const Scatter2ScatterArgs& args, const RoutingPlan& plan);
 void scatter2scatter(const Scatter2ScatterArgs& args, const RoutingPlan& plan, const TensorView& y,
                      const Context& ctx = {});
 

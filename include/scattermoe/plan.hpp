@@ -30,9 +30,11 @@ std::size_t routing_plan_workspace_size(std::int64_t num_tokens, int k, int num_
                                         Device device);
 
 // Fills `plan` (its three views preallocated with the shapes above) from expert_idxs (T, k)
-// int32 or int64. Throws InvalidArgument for an expert id outside [0, num_experts), k < 1 or
-// k > num_experts, or mis-shaped outputs; on the CPU every id is checked before anything is
-// written. Needs no device-to-host copy on CUDA.
+// int32 or int64. Throws InvalidArgument for k < 1 or k > num_experts or mis-shaped outputs,
+// and on the CPU for an expert id outside [0, num_experts) (every id is checked before anything
+// is written). On CUDA the plan is built without any device-to-host copy, so ids cannot be
+// checked there: an out-of-range id is clamped into [0, num_experts) (a wrong plan, but never an
+// access outside the tensors); check ids on the host or in the framework when they are untrusted.
 void build_routing_plan(const TensorView& expert_idxs, int num_experts, const RoutingPlan& plan,
                         const Context& ctx = {});
 

@@ -6,11 +6,21 @@
 #include "scattermoe/error.hpp"
 #include "scattermoe/tensor.hpp"
 
+#ifdef SCATTERMOE_WITH_CUDA
+#include "cuda/backend.hpp"
+#endif
+
 namespace scattermoe::detail {
 
 // True when `device` is served by the CUDA backend; throws Unsupported when this build has no
-// CUDA backend.
-inline bool use_cuda(const char* op, Device device) {
+// CUDA backend. Callers write
+//   if (use_cuda(op, device)) {
+//   #ifdef SCATTERMOE_WITH_CUDA
+//     return cuda::...;
+//   #endif
+//   }
+//   return cpu::...;
+inline bool use_cuda([[maybe_unused]] const char* op, Device device) {
   if (device.type == DeviceType::kCPU) return false;
 #ifdef SCATTERMOE_WITH_CUDA
   return true;
@@ -21,3 +31,4 @@ inline bool use_cuda(const char* op, Device device) {
 }
 
 }  // namespace scattermoe::detail
+

@@ -107,7 +107,9 @@ void expect_apart(const char* op, const char* name, const TensorView& out, const
 std::size_t parallel_linear_forward_workspace_size(const ParallelLinearArgs& args,
                                                    const RoutingPlan& plan) {
   if (detail::use_cuda("parallel_linear_forward_workspace_size", args.x.device())) {
-    throw Unsupported("parallel_linear_forward: the CUDA backend is not implemented yet");
+#ifdef SCATTERMOE_WITH_CUDA
+    return cuda::parallel_linear_forward_workspace_size(args, plan);
+#endif
   }
   return cpu::parallel_linear_forward_workspace_size(args, plan);
 }
@@ -121,6 +123,11 @@ void parallel_linear_forward(const ParallelLinearArgs& args, const RoutingPlan& 
                               {{"x", args.x}, {"w", args.w}, {"bias", args.bias}, {"gates", args.gates}},
                               plan);
   expect_workspace_for(op, ctx, parallel_linear_forward_workspace_size(args, plan));
+  if (detail::use_cuda(op, args.x.device())) {
+#ifdef SCATTERMOE_WITH_CUDA
+    return cuda::parallel_linear_forward(args, plan, out, ctx);
+#endif
+  }
   cpu::parallel_linear_forward(args, plan, out, ctx.workspace);
 }
 
@@ -128,7 +135,9 @@ std::size_t parallel_linear_backward_workspace_size(const ParallelLinearArgs& ar
                                                     const RoutingPlan& plan,
                                                     const ParallelLinearGrads& grads) {
   if (detail::use_cuda("parallel_linear_backward_workspace_size", args.x.device())) {
-    throw Unsupported("parallel_linear_backward: the CUDA backend is not implemented yet");
+#ifdef SCATTERMOE_WITH_CUDA
+    return cuda::parallel_linear_backward_workspace_size(args, plan, grads);
+#endif
   }
   return cpu::parallel_linear_backward_workspace_size(args, plan, grads);
 }
@@ -174,6 +183,11 @@ void parallel_linear_backward(const ParallelLinearArgs& args, const RoutingPlan&
     }
   }
   expect_workspace_for(op, ctx, parallel_linear_backward_workspace_size(args, plan, grads));
+  if (detail::use_cuda(op, args.x.device())) {
+#ifdef SCATTERMOE_WITH_CUDA
+    return cuda::parallel_linear_backward(args, plan, d_out, grads, ctx);
+#endif
+  }
   cpu::parallel_linear_backward(args, plan, d_out, grads, ctx.workspace);
 }
 
@@ -200,7 +214,9 @@ Activation parse_activation(const std::string& name) {
 
 std::size_t mlp_forward_workspace_size(const MlpArgs& args, const RoutingPlan& plan) {
   if (detail::use_cuda("mlp_forward_workspace_size", args.x.device())) {
-    throw Unsupported("mlp_forward: the CUDA backend is not implemented yet");
+#ifdef SCATTERMOE_WITH_CUDA
+    return cuda::mlp_forward_workspace_size(args, plan);
+#endif
   }
   return cpu::mlp_forward_workspace_size(args, plan);
 }
@@ -215,12 +231,19 @@ void mlp_forward(const MlpArgs& args, const RoutingPlan& plan, const TensorView&
   expect_apart(op, "hidden", hidden, args, plan);
   detail::expect_no_overlap(op, "hidden", hidden, "out", out);
   expect_workspace_for(op, ctx, mlp_forward_workspace_size(args, plan));
+  if (detail::use_cuda(op, args.x.device())) {
+#ifdef SCATTERMOE_WITH_CUDA
+    return cuda::mlp_forward(args, plan, out, hidden, ctx);
+#endif
+  }
   cpu::mlp_forward(args, plan, out, hidden, ctx.workspace);
 }
 
 std::size_t mlp_backward_workspace_size(const MlpArgs& args, const RoutingPlan& plan) {
   if (detail::use_cuda("mlp_backward_workspace_size", args.x.device())) {
-    throw Unsupported("mlp_backward: the CUDA backend is not implemented yet");
+#ifdef SCATTERMOE_WITH_CUDA
+    return cuda::mlp_backward_workspace_size(args, plan);
+#endif
   }
   return cpu::mlp_backward_workspace_size(args, plan);
 }
@@ -266,6 +289,11 @@ void mlp_backward(const MlpArgs& args, const RoutingPlan& plan, const TensorView
     }
   }
   expect_workspace_for(op, ctx, mlp_backward_workspace_size(args, plan));
+  if (detail::use_cuda(op, args.x.device())) {
+#ifdef SCATTERMOE_WITH_CUDA
+    return cuda::mlp_backward(args, plan, hidden, d_out, grads, ctx);
+#endif
+  }
   cpu::mlp_backward(args, plan, hidden, d_out, grads, ctx.workspace);
 }
 

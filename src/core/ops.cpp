@@ -8,6 +8,16 @@
 
 namespace scattermoe {
 
+std::size_t scatter2scatter_workspace_size(const Scatter2ScatterArgs& args,
+                                           [[maybe_unused]] const RoutingPlan& plan) {
+  if (detail::use_cuda("scatter2scatter_workspace_size", args.x.device())) {
+#ifdef SCATTERMOE_WITH_CUDA
+    return cuda::scatter2scatter_workspace_size(args, plan);
+#endif
+  }
+  return 0;
+}
+
 void scatter2scatter(const Scatter2ScatterArgs& args, const RoutingPlan& plan, const TensorView& y,
                      const Context& ctx) {
   constexpr const char* op = "scatter2scatter";
@@ -15,15 +25,17 @@ void scatter2scatter(const Scatter2ScatterArgs& args, const RoutingPlan& plan, c
       op, args.x, args.w, args.bias, plan, args.k, args.x_grouped);
   detail::expect_output(op, "y", y, {s.L, s.d_out}, args.x);
   detail::expect_output_apart(op, "y", y, {{"x", args.x}, {"w", args.w}, {"bias", args.bias}}, plan);
-  (void)ctx;
+  detail::expect_workspace(op, ctx, scatter2scatter_workspace_size(args, plan));
   if (detail::use_cuda(op, args.x.device())) {
-    throw Unsupported("scatter2scatter: the CUDA backend is not implemented yet");
+#ifdef SCATTERMOE_WITH_CUDA
+    return cuda::scatter2scatter(args, plan, y, ctx);
+#endif
   }
   cpu::scatter2scatter(args, plan, y);
 }
 
 void group(const TensorView& a, const RoutingPlan& plan, int fan_out, const TensorView& coeff,
-           const TensorView& g, const Context& ctx) {
+           const TensorView& g, [[maybe_unused]] const Context& ctx) {
   constexpr const char* op = "group";
   detail::expect_defined(op, "a", a);
   detail::expect_float(op, "a", a);
@@ -48,13 +60,16 @@ void group(const TensorView& a, const RoutingPlan& plan, int fan_out, const Tens
   }
   detail::expect_output(op, "g", g, {L, a.size(1)}, a);
   detail::expect_output_apart(op, "g", g, {{"a", a}, {"coeff", coeff}}, plan);
-  (void)ctx;
-  if (detail::use_cuda(op, device)) throw Unsupported("group: the CUDA backend is not implemented yet");
+  if (detail::use_cuda(op, device)) {
+#ifdef SCATTERMOE_WITH_CUDA
+    return cuda::group(a, plan, fan_out, coeff, g, ctx);
+#endif
+  }
   cpu::group(a, plan, fan_out, coeff, g);
 }
 
 void group_xty(const TensorView& dy, const TensorView& x, const RoutingPlan& plan,
-               const TensorView& dw, const TensorView& db, const Context& ctx) {
+               const TensorView& dw, const TensorView& db, [[maybe_unused]] const Context& ctx) {
   constexpr const char* op = "group_xty";
   detail::expect_defined(op, "dy", dy);
   detail::expect_float(op, "dy", dy);
@@ -72,8 +87,11 @@ void group_xty(const TensorView& dy, const TensorView& x, const RoutingPlan& pla
   if (db.defined()) detail::expect_output(op, "db", db, {E, dy.size(1)}, dy);
   detail::expect_output_apart(op, "dw", dw, {{"dy", dy}, {"x", x}}, plan);
   detail::expect_output_apart(op, "db", db, {{"dy", dy}, {"x", x}, {"dw", dw}}, plan);
-  (void)ctx;
-  if (detail::use_cuda(op, device)) throw Unsupported("group_xty: the CUDA backend is not implemented yet");
+  if (detail::use_cuda(op, device)) {
+#ifdef SCATTERMOE_WITH_CUDA
+    return cuda::group_xty(dy, x, plan, dw, db, ctx);
+#endif
+  }
   cpu::group_xty(dy, x, plan, dw, db);
 }
 

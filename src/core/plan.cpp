@@ -10,7 +10,9 @@ namespace scattermoe {
 std::size_t routing_plan_workspace_size(std::int64_t num_tokens, int k, int num_experts,
                                         Device device) {
   if (detail::use_cuda("routing_plan_workspace_size", device)) {
-    throw Unsupported("routing_plan_workspace_size: the CUDA backend has no routing plan yet");
+#ifdef SCATTERMOE_WITH_CUDA
+    return cuda::routing_plan_workspace_size(num_tokens, k, num_experts);
+#endif
   }
   return cpu::routing_plan_workspace_size(num_tokens, k, num_experts);
 }
@@ -42,7 +44,9 @@ void build_routing_plan(const TensorView& expert_idxs, int num_experts, const Ro
   detail::expect_workspace(op, ctx, routing_plan_workspace_size(T, static_cast<int>(k), num_experts, device));
 
   if (detail::use_cuda(op, device)) {
-    throw Unsupported("build_routing_plan: the CUDA backend has no routing plan yet");
+#ifdef SCATTERMOE_WITH_CUDA
+    return cuda::build_routing_plan(expert_idxs, num_experts, plan, ctx);
+#endif
   }
   cpu::build_routing_plan(expert_idxs, num_experts, plan, ctx.workspace);
 }

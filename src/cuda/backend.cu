@@ -1,0 +1,554 @@
+// The CUDA backend's ops and modules, composed from the grouped GEMMs and the memory-bound
+// kernels. Every temporary comes from the caller's workspace.
+#include <string>
+
+#include "core/checks.hpp"
+#include "core/workspace.hpp"
+#include "cuda/backend.hpp"
+#include "cuda/gemm.hpp"
+#include "cuda/kernels.hpp"
+
+namespace scattermoe::cuda {
+
+namespace {
+
+cudaStream_t stream_of(const Context& ctx) { return reinterpret_cast<cudaStream_t>(ctx.stream); }
+
+// ---- what only the CUDA kernels require -----------------------------------------------------
+void expect_rows_contiguous(const char* op, const char* name, const TensorView& v) {
+  if (v.defined() && v.numel() > 0 && v.size(1) > 1 && v.stride(1) != 1) {
+    detail::fail(op, name, v.describe(), "unit stride along dim 1 on CUDA (rows may be strided)");
+  }
+}
+
+void expect_unit_inner(const char* op, const char* name, const TensorView& v) {
+  if (v.defined() && v.numel() > 0 && v.stride(1) != 1 && v.stride(2) != 1) {
+    detail::fail(op, name, v.describe(), "unit stride along dim 1 or dim 2 on CUDA");
+  }
+}
+
+void expect_plan_contiguous(const char* op, const RoutingPlan& plan) {
+  if (plan.num_rows() >= (std::int64_t{1} << 31)) {
+    detail::fail(op, "plan", std::to_string(plan.num_rows()) + " routed rows", "fewer than 2^31 on CUDA");
+  }
+  const TensorView* views[] = {&plan.sorted_expert_idxs, &plan.sorted_scattered_idxs};
+  for (const TensorView* v : views) {
+    if (v->size(0) > 1 && v->stride(0) != 1) {
+      detail::fail(op, "plan", v->describe(), "contiguous index vectors on CUDA");
+    }
+  }
+}
+
+std::int64_t* index_ptr(const TensorView& v) { return static_cast<std::int64_t*>(v.data()); }
+
+RowSource rows_of(const TensorView& v, const std::int64_t* index = nullptr, std::int64_t divisor = 1) {
+  return RowSource{v.data(), v.stride(0), index, divisor};
+}
+
+std::size_t elem(const TensorView& v) { return dtype_size(v.dtype()); }
+
+// C = per-expert grouped product through the varlen-M GEMM.
+struct Linear {
+  RowSource a;
+  TensorView w;             // (E, K, N) view
+  TensorView bias;          // (E, N) or undefined
+  void* c = nullptr;
+  std::int64_t ldc = 0;
+  const std::int64_t* c_index = nullptr;
+};
+
+void run_linear(const Linear& l, const RoutingPlan& plan, void* tile_workspace, cudaStream_t stream) {
+  VarlenMGemm g;
+  g.a = l.a;
+  g.b = l.w.data();
+  g.b_expert_stride = l.w.stride(0);
+  g.b_stride_k = l.w.stride(1);
+  g.b_stride_n = l.w.stride(2);
+  if (l.bias.defined()) {
+    g.bias = l.bias.data();
+    g.bias_expert_stride = l.bias.stride(0);
+    g.bias_stride_n = l.bias.stride(1);
+  }
+  g.c = l.c;
+  g.ldc = l.ldc;
+  g.c_index = l.c_index;
+  g.rows = plan.num_rows();
+  g.n = l.w.size(2);
+  g.k = l.w.size(1);
+  g.expert_offsets = index_ptr(plan.expert_offsets);
+  g.num_experts = static_cast<int>(plan.num_experts());
+  run_varlen_m_gemm(l.w.dtype(), g, tile_workspace, stream);
+}
+
+// dW[e] = X_e^T dY_e into any (E, d_in, d_out) view with a unit inner stride; db = column sums.
+void weight_grads(DType dtype, RowSource x_rows, std::int64_t d_in, RowSource dy_rows,
+                  std::int64_t d_out, const RoutingPlan& plan, const TensorView& dw,
+                  const TensorView& db, cudaStream_t stream) {
+  const std::int64_t* offsets = index_ptr(plan.expert_offsets);
+  const int E = static_cast<int>(plan.num_experts());
+  if (dw.defined()) {
+    VarlenKGemm g;
+    g.c = dw.data();
+    g.c_expert_stride = dw.stride(0);
+    g.expert_offsets = offsets;
+    g.num_experts = E;
+    if (dw.stride(2) == 1 || d_out == 1) {  // dW[e] row-major (d_in x d_out)
+      g.a = x_rows;
+      g.b = dy_rows;
+      g.ldc = dw.stride(1);
+      g.m = d_in;
+      g.n = d_out;
+    } else {  // the parameter is stored (E, d_out, d_in): compute dW[e]^T row-major
+      g.a = dy_rows;
+      g.b = x_rows;
+      g.ldc = dw.stride(2);
+      g.m = d_out;
+      g.n = d_in;
+    }
+    run_varlen_k_gemm(dtype, g, stream);
+  }
+  if (db.defined()) {
+    expert_column_sums(dtype, dy_rows, offsets, E, d_out, db.data(), db.stride(0), db.stride(1), stream);
+  }
+}
+
+}  // namespace
+
+// ---- routing plan -----------------------------------------------------------------------------
+
+std::size_t routing_plan_workspace_size(std::int64_t num_tokens, int k, int num_experts) {
+  return plan_workspace_size(num_tokens * k, num_experts);
+}
+
+void build_routing_plan(const TensorView& expert_idxs, int num_experts, const RoutingPlan& plan,
+                        const Context& ctx) {
+  constexpr const char* op = "build_routing_plan";
+  expect_plan_contiguous(op, plan);
+  build_plan(expert_idxs, num_experts, index_ptr(plan.sorted_expert_idxs),
+             index_ptr(plan.sorted_scattered_idxs), index_ptr(plan.expert_offsets),
+             plan.expert_offsets.stride(0), ctx.workspace.data, ctx.workspace.bytes, stream_of(ctx));
+}
+
+// ---- primitives -------------------------------------------------------------------------------
+
+std::size_t scatter2scatter_workspace_size(const Scatter2ScatterArgs&, const RoutingPlan& plan) {
+  detail::WorkspaceCarver carver;
+  carver.take<unsigned char>(static_cast<std::int64_t>(varlen_m_gemm_workspace_size(static_cast<int>(plan.num_experts()))));
+  return carver.used();
+}
+
+void scatter2scatter(const Scatter2ScatterArgs& args, const RoutingPlan& plan, const TensorView& y,
+                     const Context& ctx) {
+  constexpr const char* op = "scatter2scatter";
+  expect_plan_contiguous(op, plan);
+  expect_rows_contiguous(op, "x", args.x);
+  expect_rows_contiguous(op, "y", y);
+  expect_unit_inner(op, "w", args.w);
+  const std::int64_t* ss = index_ptr(plan.sorted_scattered_idxs);
+  Linear l;
+  l.a = rows_of(args.x, args.x_grouped ? nullptr : ss, args.x_grouped ? 1 : args.k);
+  l.w = args.w;
+  l.bias = args.bias;
+  l.c = y.data();
+  l.ldc = y.stride(0);
+  l.c_index = args.y_grouped ? nullptr : ss;
+  run_linear(l, plan, ctx.workspace.data, stream_of(ctx));
+}
+
+void group(const TensorView& a, const RoutingPlan& plan, int fan_out, const TensorView& coeff,
+           const TensorView& g, const Context& ctx) {
+  constexpr const char* op = "group";
+  expect_plan_contiguous(op, plan);
+  expect_rows_contiguous(op, "a", a);
+  expect_rows_contiguous(op, "g", g);
+  const std::int64_t* ss = index_ptr(plan.sorted_scattered_idxs);
+  const FlatFloats c = coeff.defined() ? flat_floats(coeff) : FlatFloats{};
+  gather_rows(a.dtype(), rows_of(a, ss, fan_out), g.data(), g.stride(0), plan.num_rows(), a.size(1),
+              coeff.defined() ? &c : nullptr, ss, stream_of(ctx));
+}
+
+void group_xty(const TensorView& dy, const TensorView& x, const RoutingPlan& plan,
+               const TensorView& dw, const TensorView& db, const Context& ctx) {
+  constexpr const char* op = "group_xty";
+  expect_plan_contiguous(op, plan);
+  expect_rows_contiguous(op, "dy", dy);
+  expect_rows_contiguous(op, "x", x);
+  expect_unit_inner(op, "dw", dw);
+  weight_grads(dy.dtype(), rows_of(x), x.size(1), rows_of(dy), dy.size(1), plan, dw, db, stream_of(ctx));
+}
+
+// ---- ParallelLinear -------------------------------------------------------------------------------
+
+namespace {
+
+struct LinearForwardScratch {
+  void* tiles = nullptr;
+  void* y = nullptr;  // (L, d_out) token-major, before the gate combine
+};
+
+LinearForwardScratch linear_forward_layout(detail::WorkspaceCarver& carver, const ParallelLinearArgs& args,
+                                           const RoutingPlan& plan) {
+  LinearForwardScratch s;
+  s.tiles = carver.take<int>(plan.num_experts());
+  if (args.gates.defined()) {
+    s.y = carver.take<unsigned char>(plan.num_rows() * args.w.size(2) * static_cast<std::int64_t>(elem(args.x)));
+  }
+  return s;
+}
+
+struct LinearBackwardScratch {
+  void* tiles = nullptr;
+  void* dy_grouped = nullptr;   // (L, d_out) gated dOut rows in grouped order
+  void* dx_expanded = nullptr;  // (L, d_in) token-major, before the k-sum
+  void* y = nullptr;            // (L, d_out) recomputed for d_gates
+};
+
+LinearBackwardScratch linear_backward_layout(detail::WorkspaceCarver& carver, const ParallelLinearArgs& args,
+                                             const RoutingPlan& plan, const ParallelLinearGrads& grads) {
+  const std::int64_t L = plan.num_rows();
+  const std::int64_t bytes = static_cast<std::int64_t>(elem(args.x));
+  LinearBackwardScratch s;
+  s.tiles = carver.take<int>(plan.num_experts());
+  const bool need_dy = grads.dx.defined() || grads.dw.defined() || grads.db.defined();
+  if (need_dy && args.gates.defined()) s.dy_grouped = carver.take<unsigned char>(L * args.w.size(2) * bytes);
+  if (grads.dx.defined() && !args.grouped_in && args.k > 1) {
+    s.dx_expanded = carver.take<unsigned char>(L * args.w.size(1) * bytes);
+  }
+  if (grads.d_gates.defined()) s.y = carver.take<unsigned char>(L * args.w.size(2) * bytes);
+  return s;
+}
+
+void expect_linear_layouts(const char* op, const ParallelLinearArgs& args, const RoutingPlan& plan) {
+  expect_plan_contiguous(op, plan);
+  expect_rows_contiguous(op, "x", args.x);
+  expect_unit_inner(op, "w", args.w);
+}
+
+}  // namespace
+
+std::size_t parallel_linear_forward_workspace_size(const ParallelLinearArgs& args,
+                                                   const RoutingPlan& plan) {
+  detail::WorkspaceCarver carver;
+  linear_forward_layout(carver, args, plan);
+  return carver.used();
+}
+
+void parallel_linear_forward(const ParallelLinearArgs& args, const RoutingPlan& plan,
+                             const TensorView& out, const Context& ctx) {
+  constexpr const char* op = "parallel_linear_forward";
+  expect_linear_layouts(op, args, plan);
+  expect_rows_contiguous(op, "out", out);
+  detail::WorkspaceCarver carver(ctx.workspace);
+  const LinearForwardScratch s = linear_forward_layout(carver, args, plan);
+  const cudaStream_t stream = stream_of(ctx);
+  const std::int64_t* ss = index_ptr(plan.sorted_scattered_idxs);
+  const std::int64_t d_out = args.w.size(2);
+  Linear l;
+  l.a = rows_of(args.x, args.grouped_in ? nullptr : ss, args.grouped_in ? 1 : args.k);
+  l.w = args.w;
+  l.bias = args.bias;
+  if (!args.gates.defined()) {
+    l.c = out.data();
+    l.ldc = out.stride(0);
+    l.c_index = args.grouped_out ? nullptr : ss;
+    run_linear(l, plan, s.tiles, stream);
+    return;
+  }
+  l.c = s.y;
+  l.ldc = d_out;
+  l.c_index = ss;
+  run_linear(l, plan, s.tiles, stream);
+  gate_combine(args.x.dtype(), s.y, d_out, flat_floats(args.gates), args.gates.size(0), out.data(),
+               out.stride(0), d_out, stream);
+}
+
+std::size_t parallel_linear_backward_workspace_size(const ParallelLinearArgs& args,
+                                                    const RoutingPlan& plan,
+                                                    const ParallelLinearGrads& grads) {
+  detail::WorkspaceCarver carver;
+  linear_backward_layout(carver, args, plan, grads);
+  return carver.used();
+}
+
+void parallel_linear_backward(const ParallelLinearArgs& args, const RoutingPlan& plan,
+                              const TensorView& d_output, const ParallelLinearGrads& grads,
+                              const Context& ctx) {
+  constexpr const char* op = "parallel_linear_backward";
+  expect_linear_layouts(op, args, plan);
+  expect_rows_contiguous(op, "d_out", d_output);
+  expect_rows_contiguous(op, "grads.dx", grads.dx);
+  expect_unit_inner(op, "grads.dw", grads.dw);
+  detail::WorkspaceCarver carver(ctx.workspace);
+  const LinearBackwardScratch s = linear_backward_layout(carver, args, plan, grads);
+  const cudaStream_t stream = stream_of(ctx);
+  const DType dtype = args.x.dtype();
+  const std::int64_t L = plan.num_rows();
+  const std::int64_t d_in = args.w.size(1);
+  const std::int64_t d_out = args.w.size(2);
+  const std::int64_t* ss = index_ptr(plan.sorted_scattered_idxs);
+  const bool gated = args.gates.defined();
+  const std::int64_t kg = gated ? args.gates.size(1) : 1;
+
+  // dY rows in grouped order: gathered straight from d_out unless the gates scale them.
+  RowSource dy = rows_of(d_output, args.grouped_out ? nullptr : ss, 1);
+  if (s.dy_grouped) {
+    const FlatFloats g = flat_floats(args.gates);
+    gather_rows(dtype, rows_of(d_output, ss, kg), s.dy_grouped, d_out, L, d_out, &g, ss, stream);
+    dy = RowSource{s.dy_grouped, d_out, nullptr, 1};
+  }
+  const RowSource x_rows = rows_of(args.x, args.grouped_in ? nullptr : ss, args.grouped_in ? 1 : args.k);
+  weight_grads(dtype, x_rows, d_in, dy, d_out, plan, grads.dw, grads.db, stream);
+
+  if (grads.dx.defined()) {
+    Linear l;
+    l.a = dy;
+    l.w = args.w.transposed(1, 2);  // (E, d_out, d_in)
+    if (args.grouped_in) {
+      l.c = grads.dx.data();
+      l.ldc = grads.dx.stride(0);
+    } else if (args.k == 1) {
+      l.c = grads.dx.data();
+      l.ldc = grads.dx.stride(0);
+      l.c_index = ss;
+    } else {
+      l.c = s.dx_expanded;
+      l.ldc = d_in;
+      l.c_index = ss;
+    }
+    run_linear(l, plan, s.tiles, stream);
+    if (s.dx_expanded) {
+      sum_k_rows(dtype, s.dx_expanded, d_in, args.k, args.x.size(0), grads.dx.data(),
+                 grads.dx.stride(0), d_in, stream);
+    }
+  }
+
+  if (grads.d_gates.defined()) {
+    // d_gates[t, j] = <Y[t*kg + j], dOut[t]> with Y recomputed token-major (bias included).
+    Linear l;
+    l.a = x_rows;
+    l.w = args.w;
+    l.bias = args.bias;
+    l.c = s.y;
+    l.ldc = d_out;
+    l.c_index = ss;
+    run_linear(l, plan, s.tiles, stream);
+    RowDot r;
+    r.a = RowSource{s.y, d_out, nullptr, 1};
+    r.b = RowSource{d_output.data(), d_output.stride(0), nullptr, kg};
+    r.out = flat_floats(grads.d_gates);
+    r.rows = L;
+    r.cols = d_out;
+    row_dot(dtype, r, stream);
+  }
+}
+
+// ---- MLP ----------------------------------------------------------------------------------------
+
+namespace {
+
+struct MlpForwardScratch {
+  void* tiles = nullptr;
+  void* a = nullptr;  // (L, h) activation output, grouped
+  void* y = nullptr;  // (L, d) second projection, token-major, before the gate combine
+};
+
+MlpForwardScratch mlp_forward_layout(detail::WorkspaceCarver& carver, const MlpArgs& args,
+                                     const RoutingPlan& plan) {
+  const std::int64_t L = plan.num_rows();
+  const std::int64_t bytes = static_cast<std::int64_t>(elem(args.x));
+  MlpForwardScratch s;
+  s.tiles = carver.take<int>(plan.num_experts());
+  s.a = carver.take<unsigned char>(L * args.w2.size(1) * bytes);
+  s.y = carver.take<unsigned char>(L * args.x.size(1) * bytes);
+  return s;
+}
+
+struct MlpBackwardScratch {
+  void* tiles = nullptr;
+  void* a = nullptr;            // (L, h) recomputed activation
+  void* dy_grouped = nullptr;   // (L, d) gated dOut rows, grouped
+  void* d_a = nullptr;          // (L, h) dOut @ W2^T before gating
+  void* d_hidden = nullptr;     // (L, h | 2h)
+  void* dx_expanded = nullptr;  // (L, d) token-major, before the k-sum
+};
+
+MlpBackwardScratch mlp_backward_layout(detail::WorkspaceCarver& carver, const MlpArgs& args,
+                                       const RoutingPlan& plan) {
+  const std::int64_t L = plan.num_rows();
+  const std::int64_t bytes = static_cast<std::int64_t>(elem(args.x));
+  const std::int64_t d = args.x.size(1);
+  const std::int64_t h = args.w2.size(1);
+  MlpBackwardScratch s;
+  s.tiles = carver.take<int>(plan.num_experts());
+  s.a = carver.take<unsigned char>(L * h * bytes);
+  s.dy_grouped = carver.take<unsigned char>(L * d * bytes);
+  s.d_a = carver.take<unsigned char>(L * h * bytes);
+  s.d_hidden = carver.take<unsigned char>(L * args.w1.size(2) * bytes);
+  if (args.gates.size(1) > 1) s.dx_expanded = carver.take<unsigned char>(L * d * bytes);
+  return s;
+}
+
+void expect_mlp_layouts(const char* op, const MlpArgs& args, const RoutingPlan& plan) {
+  expect_plan_contiguous(op, plan);
+  expect_rows_contiguous(op, "x", args.x);
+  expect_unit_inner(op, "w1", args.w1);
+  expect_unit_inner(op, "w2", args.w2);
+}
+
+}  // namespace
+
+std::size_t mlp_forward_workspace_size(const MlpArgs& args, const RoutingPlan& plan) {
+  detail::WorkspaceCarver carver;
+  mlp_forward_layout(carver, args, plan);
+  return carver.used();
+}
+
+void mlp_forward(const MlpArgs& args, const RoutingPlan& plan, const TensorView& out,
+                 const TensorView& hidden, const Context& ctx) {
+  constexpr const char* op = "mlp_forward";
+  expect_mlp_layouts(op, args, plan);
+  expect_rows_contiguous(op, "out", out);
+  expect_rows_contiguous(op, "hidden", hidden);
+  detail::WorkspaceCarver carver(ctx.workspace);
+  const MlpForwardScratch s = mlp_forward_layout(carver, args, plan);
+  const cudaStream_t stream = stream_of(ctx);
+  const DType dtype = args.x.dtype();
+  const std::int64_t L = plan.num_rows();
+  const std::int64_t d = args.x.size(1);
+  const std::int64_t h = args.w2.size(1);
+  const std::int64_t k = args.gates.size(1);
+  const std::int64_t* ss = index_ptr(plan.sorted_scattered_idxs);
+
+  Linear first;
+  first.a = rows_of(args.x, ss, k);
+  first.w = args.w1;
+  first.bias = args.b1;
+  first.c = hidden.data();
+  first.ldc = hidden.stride(0);
+  run_linear(first, plan, s.tiles, stream);
+  activation_forward(dtype, args.activation, args.glu, hidden.data(), hidden.stride(0), L, h, s.a, h, stream);
+  Linear second;
+  second.a = RowSource{s.a, h, nullptr, 1};
+  second.w = args.w2;
+  second.bias = args.b2;
+  second.c = s.y;
+  second.ldc = d;
+  second.c_index = ss;
+  run_linear(second, plan, s.tiles, stream);
+  gate_combine(dtype, s.y, d, flat_floats(args.gates), args.x.size(0), out.data(), out.stride(0), d, stream);
+}
+
+std::size_t mlp_backward_workspace_size(const MlpArgs& args, const RoutingPlan& plan) {
+  detail::WorkspaceCarver carver;
+  mlp_backward_layout(carver, args, plan);
+  return carver.used();
+}
+
+void mlp_backward(const MlpArgs& args, const RoutingPlan& plan, const TensorView& hidden,
+                  const TensorView& d_out, const MlpGrads& grads, const Context& ctx) {
+  constexpr const char* op = "mlp_backward";
+  expect_mlp_layouts(op, args, plan);
+  expect_rows_contiguous(op, "hidden", hidden);
+  expect_rows_contiguous(op, "d_out", d_out);
+  expect_rows_contiguous(op, "grads.dx", grads.dx);
+  expect_unit_inner(op, "grads.dw1", grads.dw1);
+  expect_unit_inner(op, "grads.dw2", grads.dw2);
+  detail::WorkspaceCarver carver(ctx.workspace);
+  const MlpBackwardScratch s = mlp_backward_layout(carver, args, plan);
+  const cudaStream_t stream = stream_of(ctx);
+  const DType dtype = args.x.dtype();
+  const std::int64_t L = plan.num_rows();
+  const std::int64_t d = args.x.size(1);
+  const std::int64_t h = args.w2.size(1);
+  const std::int64_t h1 = args.w1.size(2);
+  const std::int64_t k = args.gates.size(1);
+  const std::int64_t* ss = index_ptr(plan.sorted_scattered_idxs);
+  const FlatFloats gates = flat_floats(args.gates);
+
+  // A = act(H), recomputed from the saved pre-activation.
+  activation_forward(dtype, args.activation, args.glu, hidden.data(), hidden.stride(0), L, h, s.a, h, stream);
+  const RowSource a_rows{s.a, h, nullptr, 1};
+
+  // Second projection: dW2, db2 from the gated dOut rows.
+  gather_rows(dtype, rows_of(d_out, ss, k), s.dy_grouped, d, L, d, &gates, ss, stream);
+  const RowSource dy_rows{s.dy_grouped, d, nullptr, 1};
+  weight_grads(dtype, a_rows, h, dy_rows, d, plan, grads.dw2, grads.db2, stream);
+
+  // dA' = dOut[t] @ W2[e]^T (ungated), read straight from d_out.
+  Linear back2;
+  back2.a = rows_of(d_out, ss, k);
+  back2.w = args.w2.transposed(1, 2);
+  back2.c = s.d_a;
+  back2.ldc = h;
+  run_linear(back2, plan, s.tiles, stream);
+
+  // d_gates[t, j] = <dA'[i], A[i]> + <dOut[t], b2[e]>, written at flat position p = ss[i].
+  if (grads.d_gates.defined()) {
+    RowDot r;
+    r.a = RowSource{s.d_a, h, nullptr, 1};
+    r.b = a_rows;
+    r.out = flat_floats(grads.d_gates);
+    r.out_index = ss;
+    r.rows = L;
+    r.cols = h;
+    if (args.b2.defined()) {  // the bias term: <dOut[t], b2[e]> over d columns
+      r.c = rows_of(d_out, ss, k);
+      r.bias = args.b2.data();
+      r.bias_expert_stride = args.b2.stride(0);
+      r.bias_stride = args.b2.stride(1);
+      r.bias_cols = d;
+      r.expert = index_ptr(plan.sorted_expert_idxs);
+    }
+    row_dot(dtype, r, stream);
+  }
+  const bool need_first = grads.dx.defined() || grads.dw1.defined() || grads.db1.defined();
+  if (!need_first) return;
+
+  // dH = act'(H) * (g * dA')
+  activation_backward(dtype, args.activation, args.glu, hidden.data(), hidden.stride(0), s.d_a, h,
+                      &gates, ss, L, h, s.d_hidden, h1, stream);
+  const RowSource dh_rows{s.d_hidden, h1, nullptr, 1};
+  weight_grads(dtype, rows_of(args.x, ss, k), d, dh_rows, h1, plan, grads.dw1, grads.db1, stream);
+
+  if (grads.dx.defined()) {
+    Linear back1;
+    back1.a = dh_rows;
+    back1.w = args.w1.transposed(1, 2);
+    back1.c_index = ss;
+    if (k == 1) {
+      back1.c = grads.dx.data();
+      back1.ldc = grads.dx.stride(0);
+    } else {
+      back1.c = s.dx_expanded;
+      back1.ldc = d;
+    }
+    run_linear(back1, plan, s.tiles, stream);
+    if (k > 1) sum_k_rows(dtype, s.dx_expanded, d, k, args.x.size(0), grads.dx.data(), grads.dx.stride(0), d, stream);
+  }
+}
+
+// ---- devices ------------------------------------------------------------------------------------
+
+int device_count() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();  // clear the sticky "no device / no driver" error
+    return 0;
+  }
+  return n;
+}
+
+CudaDevice device_properties(int index) {
+  cudaDeviceProp prop{};
+  check_cuda(cudaGetDeviceProperties(&prop, index), "device properties");
+  CudaDevice d;
+  d.index = index;
+  for (std::size_t i = 0; i + 1 < sizeof(d.name) && prop.name[i]; ++i) d.name[i] = prop.name[i];
+  d.major = prop.major;
+  d.minor = prop.minor;
+  d.multiprocessors = prop.multiProcessorCount;
+  d.memory_bytes = prop.totalGlobalMem;
+  return d;
+}
+
+}  // namespace scattermoe::cuda

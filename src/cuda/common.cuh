@@ -1,0 +1,80 @@
+// Shared pieces of the CUDA backend: error checks, element types, row sources.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+
+#include <cute/numeric/numeric_types.hpp>
+
+#include "scattermoe/error.hpp"
+#include "scattermoe/tensor.hpp"
+
+namespace scattermoe::cuda {
+
+// Turns a CUDA runtime error into an exception naming the operation.
+inline void check_cuda(cudaError_t status, const char* what) {
+  if (status != cudaSuccess) {
+    throw Unsupported(std::string(what) + ": CUDA error " + cudaGetErrorName(status) + " (" +
+                      cudaGetErrorString(status) + ")");
+  }
+}
+
+// After a launch: reports configuration errors at once (no synchronisation).
+inline void check_launch(const char* what) { check_cuda(cudaGetLastError(), what); }
+
+// A matrix whose rows are addressed through an optional index list:
+// row(i) = (index ? index[i] : i) / divisor. Offsets are 64-bit everywhere.
+struct RowSource {
+  const void* ptr = nullptr;
+  std::int64_t ld = 0;                // elements between consecutive rows
+  const std::int64_t* index = nullptr;
+  std::int64_t divisor = 1;
+
+  __device__ __forceinline__ std::int64_t row(std::int64_t i) const {
+    const std::int64_t r = index ? index[i] : i;
+    return divisor == 1 ? r : r / divisor;
+  }
+};
+
+template <DType kDType>
+struct ElementOf;
+template <>
+struct ElementOf<DType::kFloat32> {
+  using type = float;
+};
+template <>
+struct ElementOf<DType::kFloat16> {
+  using type = cute::half_t;
+};
+template <>
+struct ElementOf<DType::kBFloat16> {
+  using type = cute::bfloat16_t;
+};
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(cute::half_t v) { return static_cast<float>(v); }
+__device__ __forceinline__ float to_float(cute::bfloat16_t v) { return static_cast<float>(v); }
+
+template <class T>
+__device__ __forceinline__ T from_float(float v) {
+  return static_cast<T>(v);
+}
+
+inline unsigned int ceil_div(std::int64_t a, std::int64_t b) {
+  return static_cast<unsigned int>((a + b - 1) / b);
+}
+
+// Calls fn.template operator()<T>() with the element type of a float dtype.
+template <class Fn>
+void dispatch_float(DType dtype, Fn&& fn) {
+  switch (dtype) {
+    case DType::kFloat32: fn(float{}); return;
+    case DType::kFloat16: fn(cute::half_t{}); return;
+    case DType::kBFloat16: fn(cute::bfloat16_t{}); return;
+    default: throw Unsupported(std::string("CUDA backend: no kernels for dtype ") + dtype_name(dtype));
+  }
+}
+
+}  // namespace scattermoe::cuda

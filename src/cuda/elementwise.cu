@@ -1,0 +1,293 @@
+// Memory-bound kernels: one block per row (or token), threads across the columns.
+#include <cmath>
+
+#include "cuda/kernels.hpp"
+
+namespace scattermoe::cuda {
+
+namespace {
+
+constexpr int kThreads = 256;
+
+__device__ __forceinline__ float load_float(const void* ptr, DType dtype, std::int64_t offset) {
+  switch (dtype) {
+    case DType::kFloat16: return static_cast<float>(static_cast<const cute::half_t*>(ptr)[offset]);
+    case DType::kBFloat16: return static_cast<float>(static_cast<const cute::bfloat16_t*>(ptr)[offset]);
+    default: return static_cast<const float*>(ptr)[offset];
+  }
+}
+
+__device__ __forceinline__ void store_float(void* ptr, DType dtype, std::int64_t offset, float v) {
+  switch (dtype) {
+    case DType::kFloat16: static_cast<cute::half_t*>(ptr)[offset] = cute::half_t(v); break;
+    case DType::kBFloat16: static_cast<cute::bfloat16_t*>(ptr)[offset] = cute::bfloat16_t(v); break;
+    default: static_cast<float*>(ptr)[offset] = v; break;
+  }
+}
+
+__device__ __forceinline__ std::int64_t flat_offset(const FlatFloats& f, std::int64_t p) {
+  return (p / f.cols) * f.stride0 + (p % f.cols) * f.stride1;
+}
+
+__device__ __forceinline__ float activate(Activation act, float x) {
+  switch (act) {
+    case Activation::kGelu: return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
+    case Activation::kGeluTanh:
+      return 0.5f * x * (1.0f + tanhf(0.79788456080286536f * (x + 0.044715f * x * x * x)));
+    case Activation::kSilu: return x / (1.0f + expf(-x));
+    case Activation::kRelu: return x > 0.0f ? x : 0.0f;
+  }
+  return 0.0f;
+}
+
+__device__ __forceinline__ float activate_grad(Activation act, float x) {
+  switch (act) {
+    case Activation::kGelu:
+      return 0.5f * (1.0f + erff(x * 0.70710678118654752f)) +
+             x * 0.39894228040143268f * expf(-0.5f * x * x);
+    case Activation::kGeluTanh: {
+      const float u = 0.79788456080286536f * (x + 0.044715f * x * x * x);
+      const float t = tanhf(u);
+      const float du = 0.79788456080286536f * (1.0f + 3.0f * 0.044715f * x * x);
+      return 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * du;
+    }
+    case Activation::kSilu: {
+      const float s = 1.0f / (1.0f + expf(-x));
+      return s * (1.0f + x * (1.0f - s));
+    }
+    case Activation::kRelu: return x > 0.0f ? 1.0f : 0.0f;
+  }
+  return 0.0f;
+}
+
+template <class T>
+__global__ void __launch_bounds__(kThreads)
+    gather_rows_kernel(RowSource src, T* __restrict__ out, std::int64_t ld_out, std::int64_t cols,
+                       FlatFloats coeff, bool has_coeff, const std::int64_t* __restrict__ coeff_index) {
+  const std::int64_t i = blockIdx.x;
+  const T* in = static_cast<const T*>(src.ptr) + src.row(i) * src.ld;
+  float scale = 1.0f;
+  if (has_coeff) {
+    const std::int64_t p = coeff_index ? coeff_index[i] : i;
+    scale = load_float(coeff.ptr, coeff.dtype, flat_offset(coeff, p));
+  }
+  for (std::int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
+    out[i * ld_out + c] = T(to_float(in[c]) * scale);
+  }
+}
+
+template <class T>
+__global__ void __launch_bounds__(kThreads)
+    gate_combine_kernel(const T* __restrict__ y, std::int64_t ld_y, FlatFloats gates,
+                        T* __restrict__ out, std::int64_t ld_out, std::int64_t cols) {
+  const std::int64_t t = blockIdx.x;
+  const std::int64_t kg = gates.cols;
+  for (std::int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
+    float acc = 0.0f;
+    for (std::int64_t j = 0; j < kg; ++j) {
+      const float g = load_float(gates.ptr, gates.dtype, t * gates.stride0 + j * gates.stride1);
+      acc += g * to_float(y[(t * kg + j) * ld_y + c]);
+    }
+    out[t * ld_out + c] = T(acc);
+  }
+}
+
+template <class T>
+__global__ void __launch_bounds__(kThreads)
+    sum_k_rows_kernel(const T* __restrict__ src, std::int64_t ld_src, std::int64_t k,
+                      T* __restrict__ out, std::int64_t ld_out, std::int64_t cols) {
+  const std::int64_t t = blockIdx.x;
+  for (std::int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
+    float acc = 0.0f;
+    for (std::int64_t j = 0; j < k; ++j) acc += to_float(src[(t * k + j) * ld_src + c]);
+    out[t * ld_out + c] = T(acc);
+  }
+}
+
+// One warp per row; lanes stride the columns, then a fixed-order butterfly reduction.
+template <class T>
+__global__ void __launch_bounds__(kThreads) row_dot_kernel(RowDot r) {
+  const std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * (kThreads / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (i >= r.rows) return;
+  const T* a = static_cast<const T*>(r.a.ptr) + r.a.row(i) * r.a.ld;
+  const T* b = static_cast<const T*>(r.b.ptr) + r.b.row(i) * r.b.ld;
+  float acc = 0.0f;
+  for (std::int64_t c = lane; c < r.cols; c += 32) acc += to_float(a[c]) * to_float(b[c]);
+  if (r.bias) {
+    const T* cr = static_cast<const T*>(r.c.ptr) + r.c.row(i) * r.c.ld;
+    const T* bias = static_cast<const T*>(r.bias) + r.expert[i] * r.bias_expert_stride;
+    for (std::int64_t c = lane; c < r.bias_cols; c += 32) acc += to_float(cr[c]) * to_float(bias[c * r.bias_stride]);
+  }
+  for (int offset = 16; offset > 0; offset /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, offset);
+  if (lane == 0) {
+    const std::int64_t p = r.out_index ? r.out_index[i] : i;
+    store_float(r.out.ptr, r.out.dtype, flat_offset(r.out, p), acc);
+  }
+}
+
+template <class T>
+__global__ void __launch_bounds__(kThreads)
+    expert_column_sums_kernel(RowSource src, const std::int64_t* __restrict__ expert_offsets,
+                              std::int64_t cols, T* __restrict__ db, std::int64_t db_expert_stride,
+                              std::int64_t db_stride) {
+  const int e = blockIdx.y;
+  const std::int64_t c = static_cast<std::int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (c >= cols) return;
+  const std::int64_t begin = e ? expert_offsets[e - 1] : 0;
+  const std::int64_t end = expert_offsets[e];
+  const T* base = static_cast<const T*>(src.ptr);
+  float acc = 0.0f;
+  for (std::int64_t i = begin; i < end; ++i) acc += to_float(base[src.row(i) * src.ld + c]);
+  db[e * db_expert_stride + c * db_stride] = T(acc);
+}
+
+template <class T>
+__global__ void __launch_bounds__(kThreads)
+    activation_forward_kernel(Activation act, bool glu, const T* __restrict__ hidden,
+                              std::int64_t ld_hidden, std::int64_t h, T* __restrict__ a,
+                              std::int64_t ld_a) {
+  const std::int64_t i = blockIdx.x;
+  const T* row = hidden + i * ld_hidden;
+  for (std::int64_t c = threadIdx.x; c < h; c += blockDim.x) {
+    const float v = glu ? activate(act, to_float(row[h + c])) * to_float(row[c])
+                        : activate(act, to_float(row[c]));
+    a[i * ld_a + c] = T(v);
+  }
+}
+
+template <class T>
+__global__ void __launch_bounds__(kThreads)
+    activation_backward_kernel(Activation act, bool glu, const T* __restrict__ hidden,
+                               std::int64_t ld_hidden, const T* __restrict__ d_a,
+                               std::int64_t ld_d_a, FlatFloats scale, bool has_scale,
+                               const std::int64_t* __restrict__ scale_index, std::int64_t h,
+                               T* __restrict__ d_hidden, std::int64_t ld_d_hidden) {
+  const std::int64_t i = blockIdx.x;
+  const T* row = hidden + i * ld_hidden;
+  T* out = d_hidden + i * ld_d_hidden;
+  float s = 1.0f;
+  if (has_scale) {
+    const std::int64_t p = scale_index ? scale_index[i] : i;
+    s = load_float(scale.ptr, scale.dtype, flat_offset(scale, p));
+  }
+  for (std::int64_t c = threadIdx.x; c < h; c += blockDim.x) {
+    const float g = to_float(d_a[i * ld_d_a + c]) * s;
+    if (glu) {
+      const float up = to_float(row[c]);
+      const float gate = to_float(row[h + c]);
+      out[c] = T(g * activate(act, gate));
+      out[h + c] = T(g * up * activate_grad(act, gate));
+    } else {
+      out[c] = T(g * activate_grad(act, to_float(row[c])));
+    }
+  }
+}
+
+}  // namespace
+
+FlatFloats flat_floats(const TensorView& v) {
+  FlatFloats f;
+  f.ptr = v.data();
+  f.dtype = v.dtype();
+  if (v.rank() == 2) {
+    f.cols = v.size(1);
+    f.stride0 = v.stride(0);
+    f.stride1 = v.stride(1);
+  } else {
+    f.cols = 1;
+    f.stride0 = v.stride(0);
+    f.stride1 = 0;
+  }
+  if (f.cols == 0) f.cols = 1;
+  return f;
+}
+
+void gather_rows(DType dtype, RowSource src, void* out, std::int64_t ld_out, std::int64_t rows,
+                 std::int64_t cols, const FlatFloats* coeff, const std::int64_t* coeff_index,
+                 cudaStream_t stream) {
+  if (rows == 0 || cols == 0) return;
+  dispatch_float(dtype, [&](auto element) {
+    using T = decltype(element);
+    gather_rows_kernel<T><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
+        src, static_cast<T*>(out), ld_out, cols, coeff ? *coeff : FlatFloats{}, coeff != nullptr,
+        coeff_index);
+  });
+  check_launch("gather rows");
+}
+
+void gate_combine(DType dtype, const void* y, std::int64_t ld_y, const FlatFloats& gates,
+                  std::int64_t tokens, void* out, std::int64_t ld_out, std::int64_t cols,
+                  cudaStream_t stream) {
+  if (tokens == 0 || cols == 0) return;
+  dispatch_float(dtype, [&](auto element) {
+    using T = decltype(element);
+    gate_combine_kernel<T><<<static_cast<unsigned>(tokens), kThreads, 0, stream>>>(
+        static_cast<const T*>(y), ld_y, gates, static_cast<T*>(out), ld_out, cols);
+  });
+  check_launch("gate combine");
+}
+
+void sum_k_rows(DType dtype, const void* src, std::int64_t ld_src, std::int64_t k,
+                std::int64_t tokens, void* out, std::int64_t ld_out, std::int64_t cols,
+                cudaStream_t stream) {
+  if (tokens == 0 || cols == 0) return;
+  dispatch_float(dtype, [&](auto element) {
+    using T = decltype(element);
+    sum_k_rows_kernel<T><<<static_cast<unsigned>(tokens), kThreads, 0, stream>>>(
+        static_cast<const T*>(src), ld_src, k, static_cast<T*>(out), ld_out, cols);
+  });
+  check_launch("sum over k");
+}
+
+void row_dot(DType dtype, const RowDot& r, cudaStream_t stream) {
+  if (r.rows == 0) return;
+  dispatch_float(dtype, [&](auto element) {
+    using T = decltype(element);
+    row_dot_kernel<T><<<ceil_div(r.rows, kThreads / 32), kThreads, 0, stream>>>(r);
+  });
+  check_launch("row dot");
+}
+
+void expert_column_sums(DType dtype, RowSource src, const std::int64_t* expert_offsets,
+                        int num_experts, std::int64_t cols, void* db, std::int64_t db_expert_stride,
+                        std::int64_t db_stride, cudaStream_t stream) {
+  if (num_experts == 0 || cols == 0) return;
+  dispatch_float(dtype, [&](auto element) {
+    using T = decltype(element);
+    const dim3 grid(ceil_div(cols, kThreads), static_cast<unsigned>(num_experts));
+    expert_column_sums_kernel<T><<<grid, kThreads, 0, stream>>>(
+        src, expert_offsets, cols, static_cast<T*>(db), db_expert_stride, db_stride);
+  });
+  check_launch("expert column sums");
+}
+
+void activation_forward(DType dtype, Activation act, bool glu, const void* hidden,
+                        std::int64_t ld_hidden, std::int64_t rows, std::int64_t h, void* a,
+                        std::int64_t ld_a, cudaStream_t stream) {
+  if (rows == 0 || h == 0) return;
+  dispatch_float(dtype, [&](auto element) {
+    using T = decltype(element);
+    activation_forward_kernel<T><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
+        act, glu, static_cast<const T*>(hidden), ld_hidden, h, static_cast<T*>(a), ld_a);
+  });
+  check_launch("activation forward");
+}
+
+void activation_backward(DType dtype, Activation act, bool glu, const void* hidden,
+                         std::int64_t ld_hidden, const void* d_a, std::int64_t ld_d_a,
+                         const FlatFloats* scale, const std::int64_t* scale_index,
+                         std::int64_t rows, std::int64_t h, void* d_hidden,
+                         std::int64_t ld_d_hidden, cudaStream_t stream) {
+  if (rows == 0 || h == 0) return;
+  dispatch_float(dtype, [&](auto element) {
+    using T = decltype(element);
+    activation_backward_kernel<T><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
+        act, glu, static_cast<const T*>(hidden), ld_hidden, static_cast<const T*>(d_a), ld_d_a,
+        scale ? *scale : FlatFloats{}, scale != nullptr, scale_index, h, static_cast<T*>(d_hidden),
+        ld_d_hidden);
+  });
+  check_launch("activation backward");
+}
+
+}  // namespace scattermoe::cuda

@@ -1,0 +1,77 @@
+// Host side of the grouped GEMMs: the device-built tile list and the choice of instantiation.
+#include <cub/block/block_scan.cuh>
+
+#include "cuda/gemm.hpp"
+
+namespace scattermoe::cuda {
+
+namespace {
+
+constexpr int kScanThreads = 256;
+
+// tile_prefix[e] = sum over e' <= e of ceil(rows(e') / tile_rows); one block, any E.
+__global__ void __launch_bounds__(kScanThreads)
+    build_tile_prefix_kernel(const std::int64_t* __restrict__ expert_offsets, int num_experts,
+                             int tile_rows, int* __restrict__ tile_prefix) {
+  using BlockScan = cub::BlockScan<int, kScanThreads>;
+  __shared__ typename BlockScan::TempStorage temp;
+  __shared__ int carry;
+  if (threadIdx.x == 0) carry = 0;
+  __syncthreads();
+  for (int base = 0; base < num_experts; base += kScanThreads) {
+    const int e = base + static_cast<int>(threadIdx.x);
+    int tiles = 0;
+    if (e < num_experts) {
+      const std::int64_t rows = expert_offsets[e] - (e ? expert_offsets[e - 1] : 0);
+      tiles = static_cast<int>((rows + tile_rows - 1) / tile_rows);
+    }
+    int inclusive = 0;
+    int total = 0;
+    BlockScan(temp).InclusiveSum(tiles, inclusive, total);
+    if (e < num_experts) tile_prefix[e] = carry + inclusive;
+    __syncthreads();
+    if (threadIdx.x == 0) carry += total;
+    __syncthreads();
+  }
+}
+
+}  // namespace
+
+std::size_t varlen_m_gemm_workspace_size(int num_experts) {
+  return static_cast<std::size_t>(num_experts) * sizeof(int);
+}
+
+void run_varlen_m_gemm(DType dtype, const VarlenMGemm& g, void* workspace, cudaStream_t stream) {
+  if (g.rows == 0 || g.n == 0 || g.num_experts == 0) return;
+  if (g.b_stride_k != 1 && g.b_stride_n != 1) {
+    throw InvalidArgument("grouped GEMM: argument 'w' has strides (k " + std::to_string(g.b_stride_k) +
+                          ", n " + std::to_string(g.b_stride_n) +
+                          "); expected unit stride along d_in or d_out on CUDA");
+  }
+  if (g.a.ld < 0 || g.ldc < 0) {
+    throw InvalidArgument("grouped GEMM: row strides must be non-negative on CUDA");
+  }
+  auto* tile_prefix = static_cast<int*>(workspace);
+  dispatch_float(dtype, [&](auto element) {
+    using T = decltype(element);
+    build_tile_prefix_kernel<<<1, kScanThreads, 0, stream>>>(g.expert_offsets, g.num_experts,
+                                                            varlen_m_tile_rows<T>(), tile_prefix);
+    check_launch("grouped GEMM tile list");
+    // Unit stride along k: both operands K-major (the TN case). Otherwise B is N-major.
+    if (g.b_stride_k == 1) {
+      launch_varlen_m_gemm<T, true>(g, tile_prefix, stream);
+    } else {
+      launch_varlen_m_gemm<T, false>(g, tile_prefix, stream);
+    }
+  });
+}
+
+void run_varlen_k_gemm(DType dtype, const VarlenKGemm& g, cudaStream_t stream) {
+  if (g.m == 0 || g.n == 0 || g.num_experts == 0) return;
+  dispatch_float(dtype, [&](auto element) {
+    using T = decltype(element);
+    launch_varlen_k_gemm<T>(g, stream);
+  });
+}
+
+}  // namespace scattermoe::cuda

@@ -1,0 +1,66 @@
+// Grouped GEMMs of the CUDA backend (declarations; kernels in sm80_grouped_gemm.cuh).
+//
+// varlen-M: for every expert e and its grouped rows i in [off[e-1], off[e]):
+//   C[c_row(i), n] = sum_k A[a.row(i), k] * B[e](k, n) + bias[e](n)
+//   A is K-contiguous; B[e] has unit stride along k ("K-major") or along n ("N-major").
+// varlen-K: for every expert e, over its grouped rows i:
+//   C[e](m, n) = sum_i A[a.row(i), m] * B[b.row(i), n]      (C[e] row-major, zeros if no rows)
+// Work runs over (expert, row tile, column tile) from a tile list built on the device, so no
+// tile straddles two experts, nothing is padded and the host never waits.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "cuda/common.cuh"
+#include "scattermoe/tensor.hpp"
+
+namespace scattermoe::cuda {
+
+struct VarlenMGemm {
+  RowSource a;                          // (rows, K), K-contiguous
+  const void* b = nullptr;              // expert e at b + e*b_expert_stride
+  std::int64_t b_expert_stride = 0;
+  std::int64_t b_stride_k = 0;
+  std::int64_t b_stride_n = 0;          // one of b_stride_k, b_stride_n is 1
+  const void* bias = nullptr;           // optional (E, N)
+  std::int64_t bias_expert_stride = 0;
+  std::int64_t bias_stride_n = 1;
+  void* c = nullptr;
+  std::int64_t ldc = 0;
+  const std::int64_t* c_index = nullptr;  // c_row(i) = c_index ? c_index[i] : i
+  std::int64_t rows = 0;                // L
+  std::int64_t n = 0;
+  std::int64_t k = 0;
+  const std::int64_t* expert_offsets = nullptr;
+  int num_experts = 0;
+};
+
+struct VarlenKGemm {
+  RowSource a;                          // (rows, M), M-contiguous
+  RowSource b;                          // (rows, N), N-contiguous
+  void* c = nullptr;                    // C[e] at c + e*c_expert_stride, row-major with ldc
+  std::int64_t c_expert_stride = 0;
+  std::int64_t ldc = 0;
+  std::int64_t m = 0;
+  std::int64_t n = 0;
+  const std::int64_t* expert_offsets = nullptr;
+  int num_experts = 0;
+};
+
+// Scratch of run_varlen_m_gemm: the device-built tile list.
+std::size_t varlen_m_gemm_workspace_size(int num_experts);
+void run_varlen_m_gemm(DType dtype, const VarlenMGemm& g, void* workspace, cudaStream_t stream);
+void run_varlen_k_gemm(DType dtype, const VarlenKGemm& g, cudaStream_t stream);
+
+// ---- per-instantiation entry points (one translation unit each) ----
+template <class T, bool kBKMajor>
+void launch_varlen_m_gemm(const VarlenMGemm& g, const int* tile_prefix, cudaStream_t stream);
+template <class T>
+void launch_varlen_k_gemm(const VarlenKGemm& g, cudaStream_t stream);
+template <class T>
+int varlen_m_tile_rows();
+
+}  // namespace scattermoe::cuda

@@ -1,0 +1,83 @@
+// Memory-bound kernels of the CUDA backend: the routing plan, gathers, gate combine, k-sums,
+// row-dots, per-expert column sums and activations. All take a stream, none synchronises.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "cuda/common.cuh"
+#include "scattermoe/modules.hpp"
+#include "scattermoe/tensor.hpp"
+
+namespace scattermoe::cuda {
+
+// A (rows, cols) float view of any float dtype read or written at flat position p as
+// (p / cols, p % cols) through strides: gates, coefficients, d_gates.
+struct FlatFloats {
+  void* ptr = nullptr;
+  DType dtype = DType::kFloat32;
+  std::int64_t cols = 1;
+  std::int64_t stride0 = 1;
+  std::int64_t stride1 = 1;
+};
+FlatFloats flat_floats(const TensorView& v);  // rank 1 (n) or rank 2 (rows, cols)
+
+// ---- routing plan ----
+std::size_t plan_workspace_size(std::int64_t rows, int num_experts);
+void build_plan(const TensorView& expert_idxs, int num_experts, std::int64_t* sorted_expert,
+                std::int64_t* sorted_scattered, std::int64_t* expert_offsets,
+                std::int64_t offsets_stride, void* workspace, std::size_t workspace_bytes,
+                cudaStream_t stream);
+
+// out[i, :] = src[src.row(i), :] * (coeff ? coeff[coeff_index[i]] : 1), i in [0, rows); dtype T
+// for src and out. coeff_index null means coeff[i].
+void gather_rows(DType dtype, RowSource src, void* out, std::int64_t ld_out, std::int64_t rows,
+                 std::int64_t cols, const FlatFloats* coeff, const std::int64_t* coeff_index,
+                 cudaStream_t stream);
+
+// out[t, :] = sum_j gates[t, j] * y[t*kg + j, :]
+void gate_combine(DType dtype, const void* y, std::int64_t ld_y, const FlatFloats& gates,
+                  std::int64_t tokens, void* out, std::int64_t ld_out, std::int64_t cols,
+                  cudaStream_t stream);
+
+// out[t, :] = sum_j src[t*k + j, :]
+void sum_k_rows(DType dtype, const void* src, std::int64_t ld_src, std::int64_t k,
+                std::int64_t tokens, void* out, std::int64_t ld_out, std::int64_t cols,
+                cudaStream_t stream);
+
+// out[out_index ? out_index[i] : i] = <a[a.row(i)], b[b.row(i)]>            (cols columns)
+//                                     + (bias ? <c[c.row(i)], bias[expert[i]]> : 0)  (bias_cols)
+// i in [0, rows). a, b, c, bias of dtype T; out any float dtype.
+struct RowDot {
+  RowSource a, b, c;
+  const void* bias = nullptr;
+  std::int64_t bias_expert_stride = 0;
+  std::int64_t bias_stride = 1;
+  std::int64_t bias_cols = 0;
+  const std::int64_t* expert = nullptr;
+  const std::int64_t* out_index = nullptr;
+  FlatFloats out;
+  std::int64_t rows = 0;
+  std::int64_t cols = 0;
+};
+void row_dot(DType dtype, const RowDot& r, cudaStream_t stream);
+
+// db[e, n] = sum over expert e's grouped rows i of src[src.row(i), n], in row order.
+void expert_column_sums(DType dtype, RowSource src, const std::int64_t* expert_offsets,
+                        int num_experts, std::int64_t cols, void* db, std::int64_t db_expert_stride,
+                        std::int64_t db_stride, cudaStream_t stream);
+
+// a (rows, h) = act(hidden) or act(hidden[:, h:]) * hidden[:, :h] (glu)
+void activation_forward(DType dtype, Activation act, bool glu, const void* hidden,
+                        std::int64_t ld_hidden, std::int64_t rows, std::int64_t h, void* a,
+                        std::int64_t ld_a, cudaStream_t stream);
+// d_hidden from d_a scaled per row by scale[scale_index[i]] (scale optional)
+void activation_backward(DType dtype, Activation act, bool glu, const void* hidden,
+                         std::int64_t ld_hidden, const void* d_a, std::int64_t ld_d_a,
+                         const FlatFloats* scale, const std::int64_t* scale_index,
+                         std::int64_t rows, std::int64_t h, void* d_hidden,
+                         std::int64_t ld_d_hidden, cudaStream_t stream);
+
+}  // namespace scattermoe::cuda

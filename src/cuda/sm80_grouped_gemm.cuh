@@ -1,0 +1,410 @@
+// Grouped GEMM kernels on the mma.sync path (sm_80 and later), written with CuTe.
+//
+// One mainloop serves both shapes: operand tiles are copied global -> shared by cp.async
+// (16-byte chunks; rows gathered through an index list, so no grouped copy of the input is
+// ever made), multi-stage pipelined, read shared -> registers with ldmatrix (tensor-op types) or
+// plain loads (fp32, on FMA units for full fp32 accuracy), and accumulated in fp32.
+// Included only by the sm80_*.cu instantiation files.
+#pragma once
+
+#include <cute/tensor.hpp>
+
+#include "cuda/gemm.hpp"
+
+namespace scattermoe::cuda {
+
+// ---------------------------------------------------------------------------------------------
+// Tile configurations: one per element type.
+template <class T>
+struct Sm80GemmConfig;
+
+template <class T16, class MmaAtom>
+struct Sm80TensorOpConfig {
+  using Element = T16;
+  static constexpr int kBM = 128;
+  static constexpr int kBN = 128;
+  static constexpr int kBK = 64;
+  static constexpr int kStages = 3;
+  static constexpr int kThreads = 256;
+  static constexpr int kVec = 8;  // elements per 16-byte chunk
+  // 2x4 warps, each 64x32 of the 128x128 tile (64 fp32 accumulators per thread).
+  using TiledMma = cute::TiledMMA<cute::MMA_Atom<MmaAtom>, cute::Layout<cute::Shape<cute::_2, cute::_4, cute::_1>>,
+                                  cute::Tile<cute::_32, cute::_64, cute::_16>>;
+
+  template <bool kKMajor>
+  using S2RAtom = std::conditional_t<kKMajor, cute::Copy_Atom<cute::SM75_U32x4_LDSM_N, T16>,
+                                     cute::Copy_Atom<cute::SM75_U16x8_LDSM_T, T16>>;
+
+  // (MN, BK, STAGES), swizzled so that ldmatrix reads are free of bank conflicts.
+  template <bool kKMajor, int kMN>
+  static constexpr auto smem_layout() {
+    using namespace cute;
+    if constexpr (kKMajor) {
+      auto atom = composition(Swizzle<3, 3, 3>{}, Layout<Shape<_8, _64>, Stride<_64, _1>>{});
+      return tile_to_shape(atom, make_shape(Int<kMN>{}, Int<kBK>{}, Int<kStages>{}));
+    } else {
+      auto atom = composition(Swizzle<3, 3, 3>{}, Layout<Shape<_64, _8>, Stride<_1, _64>>{});
+      return tile_to_shape(atom, make_shape(Int<kMN>{}, Int<kBK>{}, Int<kStages>{}));
+    }
+  }
+};
+
+template <>
+struct Sm80GemmConfig<cute::half_t>
+    : Sm80TensorOpConfig<cute::half_t, cute::SM80_16x8x16_F32F16F16F32_TN> {};
+template <>
+struct Sm80GemmConfig<cute::bfloat16_t>
+    : Sm80TensorOpConfig<cute::bfloat16_t, cute::SM80_16x8x16_F32BF16BF16F32_TN> {};
+
+template <>
+struct Sm80GemmConfig<float> {
+  using Element = float;
+  static constexpr int kBM = 64;
+  static constexpr int kBN = 64;
+  static constexpr int kBK = 16;
+  static constexpr int kStages = 3;
+  static constexpr int kThreads = 256;
+  static constexpr int kVec = 4;
+  using TiledMma = cute::TiledMMA<cute::MMA_Atom<cute::UniversalFMA<float, float, float, float>>,
+                                  cute::Layout<cute::Shape<cute::_16, cute::_16, cute::_1>>>;
+  template <bool kKMajor>
+  using S2RAtom = cute::Copy_Atom<cute::UniversalCopy<float>, float>;
+
+  // Padded by one 16-byte chunk per line against bank conflicts.
+  template <bool kKMajor, int kMN>
+  static constexpr auto smem_layout() {
+    using namespace cute;
+    if constexpr (kKMajor) {
+      return make_layout(make_shape(Int<kMN>{}, Int<kBK>{}, Int<kStages>{}),
+                         make_stride(Int<kBK + 4>{}, _1{}, Int<kMN * (kBK + 4)>{}));
+    } else {
+      return make_layout(make_shape(Int<kMN>{}, Int<kBK>{}, Int<kStages>{}),
+                         make_stride(_1{}, Int<kMN + 4>{}, Int<(kMN + 4) * kBK>{}));
+    }
+  }
+};
+
+template <class Config, bool kAKMajor, bool kBKMajor>
+constexpr int gemm_smem_bytes() {
+  using T = typename Config::Element;
+  return static_cast<int>(
+      (cute::cosize(Config::template smem_layout<kAKMajor, Config::kBM>()) +
+       cute::cosize(Config::template smem_layout<kBKMajor, Config::kBN>())) * sizeof(T));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Copies one operand tile (kMN x kBK) into stage `stage` of s (kMN, kBK, STAGES).
+// K-major: a line is one mn index, contiguous along k. MN-major: a line is one k index,
+// contiguous along mn. line_ptr(j, line) gives the global address of the line's first element
+// in this tile (nullptr: the line lies outside the operand, zero-filled); `extent` is how many
+// contiguous elements from there are inside the operand. Aligned mode issues 16-byte cp.async
+// (extent, addresses and strides are multiples of a chunk); otherwise plain element loads.
+template <class Config, bool kKMajor, int kMN, class SmemTensor, class LinePtr>
+__device__ __forceinline__ void load_tile(SmemTensor& s, int stage, LinePtr&& line_ptr,
+                                          std::int64_t extent, bool aligned,
+                                          const typename Config::Element* any_valid) {
+  using T = typename Config::Element;
+  constexpr int kVec = Config::kVec;
+  constexpr int kContig = kKMajor ? Config::kBK : kMN;
+  constexpr int kLines = kKMajor ? kMN : Config::kBK;
+  constexpr int kChunksPerLine = kContig / kVec;
+  constexpr int kChunks = kLines * kChunksPerLine;
+  static_assert(kChunks % Config::kThreads == 0, "tile chunks must divide evenly over threads");
+  CUTE_UNROLL
+  for (int j = 0; j < kChunks / Config::kThreads; ++j) {
+    const int c = static_cast<int>(threadIdx.x) + j * Config::kThreads;
+    const int line = c / kChunksPerLine;
+    const int off = (c % kChunksPerLine) * kVec;
+    const T* src = line_ptr(j, line);
+    T* dst = kKMajor ? &s(line, off, stage) : &s(off, line, stage);
+    if (aligned) {
+      const bool pred = src != nullptr && off < extent;
+      cute::SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t>::copy(
+          *reinterpret_cast<const cute::uint128_t*>(pred ? src + off : any_valid),
+          *reinterpret_cast<cute::uint128_t*>(dst), pred);
+    } else {
+      CUTE_UNROLL
+      for (int v = 0; v < kVec; ++v) {
+        dst[v] = (src != nullptr && off + v < extent) ? src[off + v] : T(0);
+      }
+    }
+  }
+}
+
+// The pipelined mainloop (after the CuTe sm80 tutorial): k_tiles tiles of kBK along K, each
+// loaded by load_a(stage, k_tile) / load_b(stage, k_tile), accumulated into acc.
+template <class Config, bool kAKMajor, bool kBKMajor, class TensorA, class TensorB, class LoadA,
+          class LoadB, class Accum>
+__device__ __forceinline__ void gemm_mainloop(TensorA& sA, TensorB& sB, int k_tiles, LoadA&& load_a,
+                                              LoadB&& load_b, Accum& acc) {
+  using namespace cute;
+  constexpr int kStages = Config::kStages;
+  typename Config::TiledMma mma;
+  ThrMMA thr_mma = mma.get_slice(threadIdx.x);
+  Tensor tCrA = thr_mma.partition_fragment_A(sA(_, _, 0));  // (MMA,MMA_M,MMA_K)
+  Tensor tCrB = thr_mma.partition_fragment_B(sB(_, _, 0));  // (MMA,MMA_N,MMA_K)
+
+  auto s2r_copy_a = make_tiled_copy_A(typename Config::template S2RAtom<kAKMajor>{}, mma);
+  ThrCopy s2r_thr_a = s2r_copy_a.get_slice(threadIdx.x);
+  Tensor tXsA = s2r_thr_a.partition_S(sA);  // (CPY,MMA_M,MMA_K,STAGES)
+  Tensor tXrA = s2r_thr_a.retile_D(tCrA);   // (CPY,MMA_M,MMA_K)
+  auto s2r_copy_b = make_tiled_copy_B(typename Config::template S2RAtom<kBKMajor>{}, mma);
+  ThrCopy s2r_thr_b = s2r_copy_b.get_slice(threadIdx.x);
+  Tensor tXsB = s2r_thr_b.partition_S(sB);  // (CPY,MMA_N,MMA_K,STAGES)
+  Tensor tXrB = s2r_thr_b.retile_D(tCrB);   // (CPY,MMA_N,MMA_K)
+
+  int k_tile_count = k_tiles;
+  int k_tile_next = 0;
+  CUTE_UNROLL
+  for (int stage = 0; stage < kStages - 1; ++stage) {
+    load_a(stage, k_tile_next);
+    load_b(stage, k_tile_next);
+    cp_async_fence();
+    --k_tile_count;
+    if (k_tile_count > 0) ++k_tile_next;
+  }
+
+  int smem_pipe_read = 0;
+  int smem_pipe_write = kStages - 1;
+  Tensor tXsA_p = tXsA(_, _, _, smem_pipe_read);
+  Tensor tXsB_p = tXsB(_, _, _, smem_pipe_read);
+  constexpr int kBlocks = decltype(size<2>(tCrA))::value;
+
+  if (kBlocks > 1) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();
+    copy(s2r_copy_a, tXsA_p(_, _, Int<0>{}), tXrA(_, _, Int<0>{}));
+    copy(s2r_copy_b, tXsB_p(_, _, Int<0>{}), tXrB(_, _, Int<0>{}));
+  }
+
+  CUTE_NO_UNROLL
+  while (k_tile_count > -(kStages - 1)) {
+    CUTE_UNROLL
+    for (int k_block = 0; k_block < kBlocks; ++k_block) {
+      if (k_block == kBlocks - 1) {
+        tXsA_p = tXsA(_, _, _, smem_pipe_read);
+        tXsB_p = tXsB(_, _, _, smem_pipe_read);
+        cp_async_wait<kStages - 2>();
+        __syncthreads();
+      }
+      const int k_block_next = (k_block + 1) % kBlocks;
+      copy(s2r_copy_a, tXsA_p(_, _, k_block_next), tXrA(_, _, k_block_next));
+      copy(s2r_copy_b, tXsB_p(_, _, k_block_next), tXrB(_, _, k_block_next));
+      if (k_block == 0) {
+        load_a(smem_pipe_write, k_tile_next);
+        load_b(smem_pipe_write, k_tile_next);
+        cp_async_fence();
+        --k_tile_count;
+        if (k_tile_count > 0) ++k_tile_next;
+        smem_pipe_write = smem_pipe_read;
+        smem_pipe_read = (smem_pipe_read == kStages - 1) ? 0 : smem_pipe_read + 1;
+      }
+      gemm(mma, tCrA(_, _, k_block), tCrB(_, _, k_block), acc);
+    }
+  }
+  cp_async_wait<0>();
+}
+
+// ---------------------------------------------------------------------------------------------
+// varlen-M: blockIdx.x walks the device-built tile list (tile_prefix[e] = inclusive count of
+// kBM-row tiles of experts 0..e), blockIdx.y the column tiles.
+template <class T, bool kBKMajor>
+__global__ void __launch_bounds__(Sm80GemmConfig<T>::kThreads)
+    sm80_varlen_m_gemm_kernel(VarlenMGemm p, const int* __restrict__ tile_prefix, bool a_aligned,
+                              bool b_aligned) {
+  using namespace cute;
+  using Config = Sm80GemmConfig<T>;
+  constexpr int kBM = Config::kBM;
+  constexpr int kBN = Config::kBN;
+  constexpr int kBK = Config::kBK;
+  constexpr int kAChunks = kBM * kBK / Config::kVec / Config::kThreads;
+
+  const int tile = static_cast<int>(blockIdx.x);
+  if (p.num_experts == 0 || tile >= tile_prefix[p.num_experts - 1]) return;
+  int lo = 0;
+  int hi = p.num_experts - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi) / 2;
+    if (tile_prefix[mid] > tile) hi = mid; else lo = mid + 1;
+  }
+  const int e = lo;
+  const std::int64_t expert_begin = e ? p.expert_offsets[e - 1] : 0;
+  const std::int64_t row0 = expert_begin + static_cast<std::int64_t>(tile - (e ? tile_prefix[e - 1] : 0)) * kBM;
+  const std::int64_t row_end = min(p.expert_offsets[e], row0 + kBM);
+  const std::int64_t n0 = static_cast<std::int64_t>(blockIdx.y) * kBN;
+
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  constexpr auto layout_a = Config::template smem_layout<true, kBM>();
+  constexpr auto layout_b = Config::template smem_layout<kBKMajor, kBN>();
+  T* smem_a = reinterpret_cast<T*>(smem_raw);
+  T* smem_b = smem_a + cosize(layout_a);
+  Tensor sA = make_tensor(make_smem_ptr(smem_a), layout_a);  // (BM,BK,STAGES)
+  Tensor sB = make_tensor(make_smem_ptr(smem_b), layout_b);  // (BN,BK,STAGES)
+
+  // The gathered A rows this thread copies, resolved once for all k tiles.
+  const T* a_base = static_cast<const T*>(p.a.ptr);
+  const T* a_rows[kAChunks];
+  CUTE_UNROLL
+  for (int j = 0; j < kAChunks; ++j) {
+    const int line = (static_cast<int>(threadIdx.x) + j * Config::kThreads) / (kBK / Config::kVec);
+    const std::int64_t i = row0 + line;
+    a_rows[j] = i < row_end ? a_base + p.a.row(i) * p.a.ld : nullptr;
+  }
+  const T* b_base = static_cast<const T*>(p.b) + e * p.b_expert_stride;
+
+  auto load_a = [&](int stage, int k_tile) {
+    const std::int64_t k0 = static_cast<std::int64_t>(k_tile) * kBK;
+    load_tile<Config, true, kBM>(
+        sA, stage, [&](int j, int) { return a_rows[j] ? a_rows[j] + k0 : nullptr; }, p.k - k0,
+        a_aligned, a_base);
+  };
+  auto load_b = [&](int stage, int k_tile) {
+    const std::int64_t k0 = static_cast<std::int64_t>(k_tile) * kBK;
+    if constexpr (kBKMajor) {
+      load_tile<Config, true, kBN>(
+          sB, stage,
+          [&](int, int line) -> const T* {
+            return n0 + line < p.n ? b_base + (n0 + line) * p.b_stride_n + k0 : nullptr;
+          },
+          p.k - k0, b_aligned, b_base);
+    } else {
+      load_tile<Config, false, kBN>(
+          sB, stage,
+          [&](int, int line) -> const T* {
+            return k0 + line < p.k ? b_base + (k0 + line) * p.b_stride_k + n0 : nullptr;
+          },
+          p.n - n0, b_aligned, b_base);
+    }
+  };
+
+  typename Config::TiledMma mma;
+  Tensor acc = partition_fragment_C(mma, make_shape(Int<kBM>{}, Int<kBN>{}));  // (MMA,MMA_M,MMA_N)
+  clear(acc);
+  const int k_tiles = static_cast<int>((p.k + kBK - 1) / kBK);
+  gemm_mainloop<Config, true, kBKMajor>(sA, sB, k_tiles, load_a, load_b, acc);
+
+  // Epilogue: bias, convert, scatter rows to their destination.
+  Tensor coord = mma.get_slice(threadIdx.x).partition_C(make_identity_tensor(make_shape(Int<kBM>{}, Int<kBN>{})));
+  const T* bias = static_cast<const T*>(p.bias);
+  T* c = static_cast<T*>(p.c);
+  CUTE_UNROLL
+  for (int v = 0; v < size(acc); ++v) {
+    const std::int64_t i = row0 + get<0>(coord(v));
+    const std::int64_t n = n0 + get<1>(coord(v));
+    if (i < row_end && n < p.n) {
+      float value = acc(v);
+      if (bias) value += to_float(bias[e * p.bias_expert_stride + n * p.bias_stride_n]);
+      const std::int64_t out_row = p.c_index ? p.c_index[i] : i;
+      c[out_row * p.ldc + n] = T(value);
+    }
+  }
+}
+
+template <class T, bool kBKMajor>
+void launch_varlen_m_gemm(const VarlenMGemm& g, const int* tile_prefix, cudaStream_t stream) {
+  using Config = Sm80GemmConfig<T>;
+  constexpr int kVec = Config::kVec;
+  auto aligned = [](const void* ptr, std::int64_t a, std::int64_t b, std::int64_t c) {
+    return reinterpret_cast<std::uintptr_t>(ptr) % 16 == 0 && a % kVec == 0 && b % kVec == 0 &&
+           c % kVec == 0;
+  };
+  const bool a_aligned = aligned(g.a.ptr, g.a.ld, g.k, 0);
+  const bool b_aligned = kBKMajor ? aligned(g.b, g.b_stride_n, g.b_expert_stride, g.k)
+                                  : aligned(g.b, g.b_stride_k, g.b_expert_stride, g.n);
+  constexpr int smem = gemm_smem_bytes<Config, true, kBKMajor>();
+  auto kernel = sm80_varlen_m_gemm_kernel<T, kBKMajor>;
+  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
+             "varlen-M GEMM: shared memory size");
+  // At most ceil(L / BM) + E row tiles exist; the blocks past the device-built count return.
+  const dim3 grid(ceil_div(g.rows, Config::kBM) + static_cast<unsigned>(g.num_experts),
+                  ceil_div(g.n, Config::kBN));
+  kernel<<<grid, Config::kThreads, smem, stream>>>(g, tile_prefix, a_aligned, b_aligned);
+  check_launch("varlen-M GEMM");
+}
+
+template <class T>
+int varlen_m_tile_rows() {
+  return Sm80GemmConfig<T>::kBM;
+}
+
+// ---------------------------------------------------------------------------------------------
+// varlen-K: grid (M tiles, N tiles, experts); each block reduces over its expert's rows.
+template <class T>
+__global__ void __launch_bounds__(Sm80GemmConfig<T>::kThreads)
+    sm80_varlen_k_gemm_kernel(VarlenKGemm p, bool a_aligned, bool b_aligned) {
+  using namespace cute;
+  using Config = Sm80GemmConfig<T>;
+  constexpr int kBM = Config::kBM;
+  constexpr int kBN = Config::kBN;
+  constexpr int kBK = Config::kBK;
+
+  const int e = static_cast<int>(blockIdx.z);
+  const std::int64_t r0 = e ? p.expert_offsets[e - 1] : 0;
+  const std::int64_t r1 = p.expert_offsets[e];
+  const std::int64_t m0 = static_cast<std::int64_t>(blockIdx.x) * kBM;
+  const std::int64_t n0 = static_cast<std::int64_t>(blockIdx.y) * kBN;
+
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  constexpr auto layout_a = Config::template smem_layout<false, kBM>();
+  constexpr auto layout_b = Config::template smem_layout<false, kBN>();
+  T* smem_a = reinterpret_cast<T*>(smem_raw);
+  T* smem_b = smem_a + cosize(layout_a);
+  Tensor sA = make_tensor(make_smem_ptr(smem_a), layout_a);  // (BM,BK,STAGES)
+  Tensor sB = make_tensor(make_smem_ptr(smem_b), layout_b);  // (BN,BK,STAGES)
+
+  const T* a_base = static_cast<const T*>(p.a.ptr);
+  const T* b_base = static_cast<const T*>(p.b.ptr);
+  auto load_a = [&](int stage, int k_tile) {
+    const std::int64_t k0 = r0 + static_cast<std::int64_t>(k_tile) * kBK;
+    load_tile<Config, false, kBM>(
+        sA, stage,
+        [&](int, int line) -> const T* {
+          return k0 + line < r1 ? a_base + p.a.row(k0 + line) * p.a.ld + m0 : nullptr;
+        },
+        p.m - m0, a_aligned, a_base);
+  };
+  auto load_b = [&](int stage, int k_tile) {
+    const std::int64_t k0 = r0 + static_cast<std::int64_t>(k_tile) * kBK;
+    load_tile<Config, false, kBN>(
+        sB, stage,
+        [&](int, int line) -> const T* {
+          return k0 + line < r1 ? b_base + p.b.row(k0 + line) * p.b.ld + n0 : nullptr;
+        },
+        p.n - n0, b_aligned, b_base);
+  };
+
+  typename Config::TiledMma mma;
+  Tensor acc = partition_fragment_C(mma, make_shape(Int<kBM>{}, Int<kBN>{}));
+  clear(acc);
+  const int k_tiles = static_cast<int>((r1 - r0 + kBK - 1) / kBK);
+  gemm_mainloop<Config, false, false>(sA, sB, k_tiles, load_a, load_b, acc);
+
+  Tensor coord = mma.get_slice(threadIdx.x).partition_C(make_identity_tensor(make_shape(Int<kBM>{}, Int<kBN>{})));
+  T* c = static_cast<T*>(p.c) + e * p.c_expert_stride;
+  CUTE_UNROLL
+  for (int v = 0; v < size(acc); ++v) {
+    const std::int64_t m = m0 + get<0>(coord(v));
+    const std::int64_t n = n0 + get<1>(coord(v));
+    if (m < p.m && n < p.n) c[m * p.ldc + n] = T(acc(v));
+  }
+}
+
+template <class T>
+void launch_varlen_k_gemm(const VarlenKGemm& g, cudaStream_t stream) {
+  using Config = Sm80GemmConfig<T>;
+  constexpr int kVec = Config::kVec;
+  auto aligned = [](const void* ptr, std::int64_t ld, std::int64_t width) {
+    return reinterpret_cast<std::uintptr_t>(ptr) % 16 == 0 && ld % kVec == 0 && width % kVec == 0;
+  };
+  constexpr int smem = gemm_smem_bytes<Config, false, false>();
+  auto kernel = sm80_varlen_k_gemm_kernel<T>;
+  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
+             "varlen-K GEMM: shared memory size");
+  const dim3 grid(ceil_div(g.m, Config::kBM), ceil_div(g.n, Config::kBN),
+                  static_cast<unsigned>(g.num_experts));
+  kernel<<<grid, Config::kThreads, smem, stream>>>(g, aligned(g.a.ptr, g.a.ld, g.m),
+                                                   aligned(g.b.ptr, g.b.ld, g.n));
+  check_launch("varlen-K GEMM");
+}
+
+}  // namespace scattermoe::cuda

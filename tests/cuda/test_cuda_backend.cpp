@@ -1,0 +1,552 @@
+// The CUDA backend against the CPU oracle: every op and module on the same inputs, exactly on
+// small-integer data and within the dtype's tolerance on random data, with every device output
+// poisoned (NaN) before the run; plus determinism, CUDA-graph replay with new routing and
+// 64-bit addressing. Skips with the reason when no GPU is present.
+#include <cuda_runtime.h>
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "check/host_tensor.hpp"
+#include "check/reference_f64.hpp"
+#include "device_tensor.hpp"
+#include "scattermoe/scattermoe.hpp"
+
+namespace scattermoe {
+namespace {
+
+using check::HostPlan;
+using check::HostTensor;
+using testing::DeviceBuffer;
+using testing::DeviceTensor;
+
+const DType kFloatTypes[] = {DType::kFloat32, DType::kBFloat16, DType::kFloat16};
+
+struct Case {
+  std::int64_t tokens = 37;
+  int k = 2;
+  int experts = 5;
+  std::int64_t d_in = 24;
+  std::int64_t d_out = 40;
+  int skip = -1;            // an expert left empty
+  bool one_expert = false;  // expert 0 takes every token
+  std::string name() const {
+    return "T" + std::to_string(tokens) + "k" + std::to_string(k) + "E" + std::to_string(experts) +
+           "d" + std::to_string(d_in) + "x" + std::to_string(d_out) + (skip >= 0 ? "-empty" : "") +
+           (one_expert ? "-one" : "");
+  }
+};
+
+// The awkward shapes: T = 1, k = 1 and 4, sizes that are not multiples of 8, an empty expert,
+// one expert taking every token, more rows than a tile, T = 0.
+std::vector<Case> cases() {
+  return {
+      {37, 2, 5, 24, 40, -1, false},  {1, 1, 3, 16, 8, -1, false},    {50, 4, 6, 13, 7, 2, false},
+      {64, 1, 4, 32, 48, -1, true},   {300, 2, 8, 72, 136, 3, false}, {0, 2, 4, 16, 16, -1, false},
+      {129, 4, 16, 40, 24, -1, true},
+  };
+}
+
+std::vector<std::int64_t> route(const Case& c, std::mt19937_64& rng) {
+  std::vector<std::int64_t> idx = check::draw_routing(rng, c.tokens, c.k, c.experts, c.skip);
+  if (c.one_expert) {
+    for (std::int64_t t = 0; t < c.tokens; ++t) {
+      // put expert 0 first among this token's picks, keeping them distinct
+      for (int j = 0; j < c.k; ++j) {
+        if (idx[t * c.k + j] == 0) std::swap(idx[t * c.k + j], idx[t * c.k]);
+      }
+      if (idx[t * c.k] != 0) idx[t * c.k] = 0;
+    }
+  }
+  return idx;
+}
+
+void fill(const HostTensor& t, bool ints, std::mt19937_64& rng) {
+  if (ints)
+    check::fill_ints(t.view(), rng, -2, 2);
+  else
+    check::fill_normal(t.view(), rng, 0.5);
+}
+
+// Routing plan on both devices from the same ids.
+struct Plans {
+  HostPlan host;
+  HostTensor host_ids;
+  DeviceTensor dev_ids, dev_sorted_expert, dev_sorted_scattered, dev_offsets;
+  RoutingPlan dev;
+  DeviceBuffer dev_ws;
+
+  Plans(const std::vector<std::int64_t>& idx, std::int64_t tokens, int k, int experts,
+        DType id_dtype = DType::kInt64)
+      : host(tokens * k, experts), host_ids(check::make_expert_idxs(idx, tokens, k, id_dtype)) {
+    const std::size_t ws = routing_plan_workspace_size(tokens, k, experts, Device::cpu());
+    check::Scratch scratch(ws);
+    build_routing_plan(host_ids.view(), experts, host.plan(), scratch.context());
+    dev_ids = DeviceTensor(host_ids);
+    dev_sorted_expert = DeviceTensor(host.sorted_expert_idxs());
+    dev_sorted_scattered = DeviceTensor(host.sorted_scattered_idxs());
+    dev_offsets = DeviceTensor(host.expert_offsets());
+    dev_sorted_expert.poison();
+    dev_sorted_scattered.poison();
+    dev_offsets.poison();
+    dev = RoutingPlan{dev_sorted_expert.view(), dev_sorted_scattered.view(), dev_offsets.view()};
+    dev_ws = DeviceBuffer(routing_plan_workspace_size(tokens, k, experts, Device::cuda(0)));
+    build_routing_plan(dev_ids.view(), experts, dev,
+                       Context{nullptr, {dev_ws.data(), dev_ws.bytes()}});
+  }
+};
+
+// A host tensor and its device mirror; `out` ones are poisoned on both sides.
+struct Pair {
+  HostTensor host;
+  DeviceTensor dev;
+  Pair() = default;
+  Pair(DType dtype, std::vector<std::int64_t> shape, bool transposed = false)
+      : host(dtype, std::move(shape), transposed), dev(host) {}
+  void fill_and_upload(bool ints, std::mt19937_64& rng) {
+    fill(host, ints, rng);
+    dev.upload(host);
+  }
+  void poison() {
+    host.poison();
+    dev.poison();
+  }
+};
+
+// Compares the device result with the CPU oracle's: bitwise-equal values for integer inputs,
+// the dtype's tolerance for random ones; NaN (an unwritten element) never passes.
+void expect_match(const Pair& p, bool exact, DType dtype, const std::string& what) {
+  HostTensor got = p.host;  // same shape and layout
+  p.dev.download(got);
+  const TensorView want_v = p.host.view();
+  const TensorView got_v = got.view();
+  if (want_v.rank() == 3) {
+    const auto want = check::to_matrices(want_v);
+    const auto have = check::to_matrices(got_v);
+    const double err = check::relative_error(have, want);
+    EXPECT_LE(err, exact ? 0.0 : check::tolerance_for(dtype)) << what;
+  } else {
+    const check::Matrix want = check::to_matrix(want_v);
+    const check::Matrix have = check::to_matrix(got_v);
+    for (std::size_t i = 0; i < have.v.size(); ++i) {
+      ASSERT_FALSE(std::isnan(have.v[i])) << what << ": element " << i << " was not written";
+    }
+    if (exact) {
+      for (std::size_t i = 0; i < have.v.size(); ++i) {
+        ASSERT_EQ(have.v[i], want.v[i]) << what << ": element " << i;
+      }
+    } else {
+      EXPECT_LE(check::relative_error(have, want), check::tolerance_for(dtype)) << what;
+    }
+  }
+}
+
+Context device_context(DeviceBuffer& ws) {
+  return Context{nullptr, Workspace{ws.data(), ws.bytes()}};
+}
+
+TEST(CudaPlan, MatchesCpuBitwise) {
+  SCATTERMOE_REQUIRE_GPU();
+  std::mt19937_64 rng(7);
+  for (const Case& c : cases()) {
+    for (DType id_dtype : {DType::kInt32, DType::kInt64}) {
+      const auto idx = route(c, rng);
+      Plans plans(idx, c.tokens, c.k, c.experts, id_dtype);
+      SCATTERMOE_CUDA_OK(cudaDeviceSynchronize());
+      HostTensor got_se = plans.host.sorted_expert_idxs();
+      HostTensor got_ss = plans.host.sorted_scattered_idxs();
+      HostTensor got_off = plans.host.expert_offsets();
+      plans.dev_sorted_expert.download(got_se);
+      plans.dev_sorted_scattered.download(got_ss);
+      plans.dev_offsets.download(got_off);
+      EXPECT_TRUE(got_se.same_bytes(plans.host.sorted_expert_idxs())) << c.name();
+      EXPECT_TRUE(got_ss.same_bytes(plans.host.sorted_scattered_idxs())) << c.name();
+      EXPECT_TRUE(got_off.same_bytes(plans.host.expert_offsets())) << c.name();
+    }
+  }
+}
+
+TEST(CudaScatter2Scatter, AllModesMatchCpu) {
+  SCATTERMOE_REQUIRE_GPU();
+  std::mt19937_64 rng(11);
+  for (const Case& c : cases()) {
+    const auto idx = route(c, rng);
+    Plans plans(idx, c.tokens, c.k, c.experts);
+    const std::int64_t L = c.tokens * c.k;
+    for (DType dtype : kFloatTypes) {
+      for (bool ints : {true, false}) {
+        for (int mode = 0; mode < 4; ++mode) {
+          const bool xg = mode & 1, yg = mode & 2;
+          const bool bias_on = mode != 1, transposed = mode >= 2;
+          Pair x(dtype, {xg ? L : c.tokens, c.d_in});
+          Pair w(dtype, {c.experts, c.d_in, c.d_out}, transposed);
+          Pair b(dtype, {c.experts, c.d_out});
+          Pair y(dtype, {L, c.d_out});
+          x.fill_and_upload(ints, rng);
+          w.fill_and_upload(ints, rng);
+          b.fill_and_upload(ints, rng);
+          y.poison();
+          Scatter2ScatterArgs host_args{
+              x.host.view(), w.host.view(), bias_on ? b.host.view() : TensorView{}, c.k, xg, yg};
+          scatter2scatter(host_args, plans.host.plan(), y.host.view());
+          Scatter2ScatterArgs dev_args{
+              x.dev.view(), w.dev.view(), bias_on ? b.dev.view() : TensorView{}, c.k, xg, yg};
+          DeviceBuffer ws(scatter2scatter_workspace_size(dev_args, plans.dev));
+          scatter2scatter(dev_args, plans.dev, y.dev.view(), device_context(ws));
+          SCATTERMOE_CUDA_OK(cudaDeviceSynchronize());
+          expect_match(y, ints, dtype,
+                       "scatter2scatter " + c.name() + " " + dtype_name(dtype) + " mode " +
+                           std::to_string(mode) + (ints ? " exact" : " random"));
+        }
+      }
+    }
+  }
+}
+
+TEST(CudaGroup, MatchesCpu) {
+  SCATTERMOE_REQUIRE_GPU();
+  std::mt19937_64 rng(12);
+  for (const Case& c : cases()) {
+    const auto idx = route(c, rng);
+    Plans plans(idx, c.tokens, c.k, c.experts);
+    const std::int64_t L = c.tokens * c.k;
+    for (DType dtype : kFloatTypes) {
+      for (bool with_coeff : {false, true}) {
+        Pair a(dtype, {c.tokens, c.d_in});
+        Pair coeff(DType::kFloat32, {c.tokens, c.k});
+        Pair g(dtype, {L, c.d_in});
+        a.fill_and_upload(true, rng);
+        coeff.fill_and_upload(true, rng);
+        g.poison();
+        group(a.host.view(), plans.host.plan(), c.k, with_coeff ? coeff.host.view() : TensorView{},
+              g.host.view());
+        group(a.dev.view(), plans.dev, c.k, with_coeff ? coeff.dev.view() : TensorView{},
+              g.dev.view());
+        SCATTERMOE_CUDA_OK(cudaDeviceSynchronize());
+        expect_match(g, true, dtype, "group " + c.name());
+      }
+    }
+  }
+}
+
+TEST(CudaGroupXty, MatchesCpuInBothWeightLayouts) {
+  SCATTERMOE_REQUIRE_GPU();
+  std::mt19937_64 rng(13);
+  for (const Case& c : cases()) {
+    const auto idx = route(c, rng);
+    Plans plans(idx, c.tokens, c.k, c.experts);
+    const std::int64_t L = c.tokens * c.k;
+    for (DType dtype : kFloatTypes) {
+      for (bool ints : {true, false}) {
+        for (bool transposed : {false, true}) {
+          Pair dy(dtype, {L, c.d_out});
+          Pair x(dtype, {L, c.d_in});
+          Pair dw(dtype, {c.experts, c.d_in, c.d_out}, transposed);
+          Pair db(dtype, {c.experts, c.d_out});
+          dy.fill_and_upload(ints, rng);
+          x.fill_and_upload(ints, rng);
+          dw.poison();
+          db.poison();
+          group_xty(dy.host.view(), x.host.view(), plans.host.plan(), dw.host.view(),
+                    db.host.view());
+          group_xty(dy.dev.view(), x.dev.view(), plans.dev, dw.dev.view(), db.dev.view());
+          SCATTERMOE_CUDA_OK(cudaDeviceSynchronize());
+          const std::string what =
+              "group_xty " + c.name() + " " + dtype_name(dtype) + (transposed ? " transposed" : "");
+          expect_match(dw, ints, dtype, what + " dw");
+          expect_match(db, ints, dtype, what + " db");
+        }
+      }
+    }
+  }
+}
+
+TEST(CudaParallelLinear, ForwardBackwardMatchCpu) {
+  SCATTERMOE_REQUIRE_GPU();
+  std::mt19937_64 rng(14);
+  for (const Case& c : cases()) {
+    const auto idx = route(c, rng);
+    Plans plans(idx, c.tokens, c.k, c.experts);
+    const std::int64_t L = c.tokens * c.k;
+    for (DType dtype : kFloatTypes) {
+      for (bool ints : {true, false}) {
+        for (int mode = 0; mode < 5;
+             ++mode) {  // 0-3: the four modes; 4: scattered in/out with gates
+          const bool gin = mode == 1 || mode == 3, gout = mode == 2 || mode == 3, gated = mode == 4;
+          const bool bias_on = mode % 2 == 0;
+          Pair x(dtype, {gin ? L : c.tokens, c.d_in});
+          Pair w(dtype, {c.experts, c.d_in, c.d_out}, /*transposed=*/mode >= 2);
+          Pair b(dtype, {c.experts, c.d_out});
+          Pair gates(DType::kFloat32, {c.tokens, c.k});
+          const std::int64_t out_rows = gated ? c.tokens : L;
+          Pair out(dtype, {out_rows, c.d_out});
+          Pair d_out(dtype, {out_rows, c.d_out});
+          Pair dx(dtype, {gin ? L : c.tokens, c.d_in});
+          Pair dw(dtype, {c.experts, c.d_in, c.d_out}, mode >= 2);
+          Pair db(dtype, {c.experts, c.d_out});
+          Pair dg(DType::kFloat32, {c.tokens, c.k});
+          for (Pair* p : {&x, &w, &b, &gates, &d_out}) p->fill_and_upload(ints, rng);
+          for (Pair* p : {&out, &dx, &dw, &db, &dg}) p->poison();
+          auto args_on = [&](bool dev) {
+            auto v = [&](const Pair& p) { return dev ? p.dev.view() : p.host.view(); };
+            return ParallelLinearArgs{
+                v(x), v(w), bias_on ? v(b) : TensorView{}, gated ? v(gates) : TensorView{}, c.k,
+                gin,  gout};
+          };
+          auto grads_on = [&](bool dev) {
+            auto v = [&](const Pair& p) { return dev ? p.dev.view() : p.host.view(); };
+            return ParallelLinearGrads{v(dx), v(dw), bias_on ? v(db) : TensorView{},
+                                       gated ? v(dg) : TensorView{}};
+          };
+          {
+            check::Scratch f(
+                parallel_linear_forward_workspace_size(args_on(false), plans.host.plan()));
+            parallel_linear_forward(args_on(false), plans.host.plan(), out.host.view(),
+                                    f.context());
+            check::Scratch bw(parallel_linear_backward_workspace_size(
+                args_on(false), plans.host.plan(), grads_on(false)));
+            parallel_linear_backward(args_on(false), plans.host.plan(), d_out.host.view(),
+                                     grads_on(false), bw.context());
+          }
+          DeviceBuffer fws(parallel_linear_forward_workspace_size(args_on(true), plans.dev));
+          parallel_linear_forward(args_on(true), plans.dev, out.dev.view(), device_context(fws));
+          DeviceBuffer bws(
+              parallel_linear_backward_workspace_size(args_on(true), plans.dev, grads_on(true)));
+          parallel_linear_backward(args_on(true), plans.dev, d_out.dev.view(), grads_on(true),
+                                   device_context(bws));
+          SCATTERMOE_CUDA_OK(cudaDeviceSynchronize());
+          const std::string what = "parallel_linear " + c.name() + " " + dtype_name(dtype) +
+                                   " mode " + std::to_string(mode) + (ints ? " exact" : " random");
+          // Gated outputs mix in f32 gates: exact only without gates.
+          const bool exact = ints && !gated;
+          expect_match(out, exact, dtype, what + " out");
+          expect_match(dx, exact, dtype, what + " dx");
+          expect_match(dw, exact, dtype, what + " dw");
+          if (bias_on) expect_match(db, exact, dtype, what + " db");
+          if (gated) expect_match(dg, false, dtype, what + " d_gates");
+        }
+      }
+    }
+  }
+}
+
+struct MlpPairs {
+  Pair x, w1, b1, w2, b2, gates, out, hidden, d_out, dx, dw1, db1, dw2, db2, dg;
+  MlpPairs(const Case& c, DType dtype, bool glu, std::int64_t h) {
+    const std::int64_t d = c.d_in, L = c.tokens * c.k, h1 = glu ? 2 * h : h;
+    x = Pair(dtype, {c.tokens, d});
+    w1 = Pair(dtype, {c.experts, d, h1}, true);
+    b1 = Pair(dtype, {c.experts, h1});
+    w2 = Pair(dtype, {c.experts, h, d}, true);
+    b2 = Pair(dtype, {c.experts, d});
+    gates = Pair(DType::kFloat32, {c.tokens, c.k});
+    out = Pair(dtype, {c.tokens, d});
+    hidden = Pair(dtype, {L, h1});
+    d_out = Pair(dtype, {c.tokens, d});
+    dx = Pair(dtype, {c.tokens, d});
+    dw1 = Pair(dtype, {c.experts, d, h1}, true);
+    db1 = Pair(dtype, {c.experts, h1});
+    dw2 = Pair(dtype, {c.experts, h, d}, true);
+    db2 = Pair(dtype, {c.experts, d});
+    dg = Pair(DType::kFloat32, {c.tokens, c.k});
+  }
+  MlpArgs args(bool dev, Activation act, bool glu, bool bias) const {
+    auto v = [&](const Pair& p) { return dev ? p.dev.view() : p.host.view(); };
+    return MlpArgs{
+        v(x), v(w1), bias ? v(b1) : TensorView{}, v(w2), bias ? v(b2) : TensorView{}, v(gates),
+        act,  glu};
+  }
+  MlpGrads grads(bool dev, bool bias) const {
+    auto v = [&](const Pair& p) { return dev ? p.dev.view() : p.host.view(); };
+    return MlpGrads{
+        v(dx), v(dw1), bias ? v(db1) : TensorView{}, v(dw2), bias ? v(db2) : TensorView{}, v(dg)};
+  }
+};
+
+void run_mlp_device(const MlpPairs& m, const RoutingPlan& plan, Activation act, bool glu,
+                    bool bias) {
+  const MlpArgs args = m.args(true, act, glu, bias);
+  DeviceBuffer fws(mlp_forward_workspace_size(args, plan));
+  mlp_forward(args, plan, m.out.dev.view(), m.hidden.dev.view(), device_context(fws));
+  DeviceBuffer bws(mlp_backward_workspace_size(args, plan));
+  mlp_backward(args, plan, m.hidden.dev.view(), m.d_out.dev.view(), m.grads(true, bias),
+               device_context(bws));
+}
+
+TEST(CudaMlp, ForwardBackwardMatchCpu) {
+  SCATTERMOE_REQUIRE_GPU();
+  std::mt19937_64 rng(15);
+  for (const Case& c : cases()) {
+    const auto idx = route(c, rng);
+    Plans plans(idx, c.tokens, c.k, c.experts);
+    for (DType dtype : kFloatTypes) {
+      for (int variant = 0; variant < 4; ++variant) {
+        const bool glu = variant % 2 == 0;
+        const bool bias = variant < 2;
+        const Activation act = variant == 0   ? Activation::kSilu
+                               : variant == 1 ? Activation::kGelu
+                               : variant == 2 ? Activation::kGeluTanh
+                                              : Activation::kRelu;
+        MlpPairs m(c, dtype, glu, c.d_out);
+        for (Pair* p : {&m.x, &m.w1, &m.b1, &m.w2, &m.b2, &m.gates, &m.d_out})
+          p->fill_and_upload(false, rng);
+        for (Pair* p : {&m.out, &m.hidden, &m.dx, &m.dw1, &m.db1, &m.dw2, &m.db2, &m.dg})
+          p->poison();
+        {
+          const MlpArgs args = m.args(false, act, glu, bias);
+          check::Scratch f(mlp_forward_workspace_size(args, plans.host.plan()));
+          mlp_forward(args, plans.host.plan(), m.out.host.view(), m.hidden.host.view(),
+                      f.context());
+          check::Scratch b(mlp_backward_workspace_size(args, plans.host.plan()));
+          mlp_backward(args, plans.host.plan(), m.hidden.host.view(), m.d_out.host.view(),
+                       m.grads(false, bias), b.context());
+        }
+        run_mlp_device(m, plans.dev, act, glu, bias);
+        SCATTERMOE_CUDA_OK(cudaDeviceSynchronize());
+        const std::string what = "mlp " + c.name() + " " + dtype_name(dtype) + " " +
+                                 activation_name(act) + (glu ? " glu" : "") + (bias ? " bias" : "");
+        expect_match(m.out, false, dtype, what + " out");
+        expect_match(m.hidden, false, dtype, what + " hidden");
+        expect_match(m.dx, false, dtype, what + " dx");
+        expect_match(m.dw1, false, dtype, what + " dw1");
+        expect_match(m.dw2, false, dtype, what + " dw2");
+        if (bias) {
+          expect_match(m.db1, false, dtype, what + " db1");
+          expect_match(m.db2, false, dtype, what + " db2");
+        }
+        expect_match(m.dg, false, dtype, what + " d_gates");
+      }
+    }
+  }
+}
+
+TEST(CudaMlp, RerunsAreBitwiseEqual) {
+  SCATTERMOE_REQUIRE_GPU();
+  std::mt19937_64 rng(16);
+  const Case c{300, 4, 8, 64, 96, -1, false};
+  Plans plans(route(c, rng), c.tokens, c.k, c.experts);
+  MlpPairs m(c, DType::kBFloat16, true, c.d_out);
+  for (Pair* p : {&m.x, &m.w1, &m.b1, &m.w2, &m.b2, &m.gates, &m.d_out})
+    p->fill_and_upload(false, rng);
+  run_mlp_device(m, plans.dev, Activation::kSilu, true, true);
+  SCATTERMOE_CUDA_OK(cudaDeviceSynchronize());
+  std::vector<HostTensor> first;
+  for (Pair* p : {&m.out, &m.hidden, &m.dx, &m.dw1, &m.db1, &m.dw2, &m.db2, &m.dg}) {
+    first.push_back(p->host);
+    p->dev.download(first.back());
+    p->dev.poison();
+  }
+  run_mlp_device(m, plans.dev, Activation::kSilu, true, true);
+  SCATTERMOE_CUDA_OK(cudaDeviceSynchronize());
+  int i = 0;
+  for (Pair* p : {&m.out, &m.hidden, &m.dx, &m.dw1, &m.db1, &m.dw2, &m.db2, &m.dg}) {
+    HostTensor again = p->host;
+    p->dev.download(again);
+    EXPECT_TRUE(again.same_bytes(first[i])) << "output " << i;
+    ++i;
+  }
+}
+
+// The whole layer (plan, forward, backward) captured once in a CUDA graph, replayed after new
+// routing and new gates were copied into the same buffers: same bytes as an eager run.
+TEST(CudaMlp, GraphReplayWithNewRouting) {
+  SCATTERMOE_REQUIRE_GPU();
+  std::mt19937_64 rng(17);
+  const Case c{200, 2, 8, 48, 64, -1, false};
+  Plans plans(route(c, rng), c.tokens, c.k, c.experts);
+  MlpPairs m(c, DType::kBFloat16, true, c.d_out);
+  for (Pair* p : {&m.x, &m.w1, &m.b1, &m.w2, &m.b2, &m.gates, &m.d_out})
+    p->fill_and_upload(false, rng);
+  const MlpArgs args = m.args(true, Activation::kSilu, true, true);
+  DeviceBuffer fws(mlp_forward_workspace_size(args, plans.dev));
+  DeviceBuffer bws(mlp_backward_workspace_size(args, plans.dev));
+  cudaStream_t stream;
+  SCATTERMOE_CUDA_OK(cudaStreamCreate(&stream));
+  auto layer = [&]() {
+    build_routing_plan(plans.dev_ids.view(), c.experts, plans.dev,
+                       Context{stream, {plans.dev_ws.data(), plans.dev_ws.bytes()}});
+    mlp_forward(args, plans.dev, m.out.dev.view(), m.hidden.dev.view(),
+                Context{stream, {fws.data(), fws.bytes()}});
+    mlp_backward(args, plans.dev, m.hidden.dev.view(), m.d_out.dev.view(), m.grads(true, true),
+                 Context{stream, {bws.data(), bws.bytes()}});
+  };
+  cudaGraph_t graph;
+  SCATTERMOE_CUDA_OK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+  layer();
+  SCATTERMOE_CUDA_OK(cudaStreamEndCapture(stream, &graph));
+  cudaGraphExec_t exec;
+  SCATTERMOE_CUDA_OK(cudaGraphInstantiate(&exec, graph, 0));
+
+  for (int round = 0; round < 2; ++round) {
+    // New routing and gates in the same device buffers.
+    const auto idx = route(c, rng);
+    HostTensor ids = check::make_expert_idxs(idx, c.tokens, c.k);
+    plans.dev_ids.upload(ids);
+    m.gates.fill_and_upload(false, rng);
+    for (Pair* p : {&m.out, &m.dx, &m.dw1, &m.dg}) p->dev.poison();
+    SCATTERMOE_CUDA_OK(cudaGraphLaunch(exec, stream));
+    SCATTERMOE_CUDA_OK(cudaStreamSynchronize(stream));
+    std::vector<HostTensor> replayed;
+    for (Pair* p : {&m.out, &m.dx, &m.dw1, &m.dg}) {
+      replayed.push_back(p->host);
+      p->dev.download(replayed.back());
+      p->dev.poison();
+    }
+    layer();
+    SCATTERMOE_CUDA_OK(cudaStreamSynchronize(stream));
+    int i = 0;
+    for (Pair* p : {&m.out, &m.dx, &m.dw1, &m.dg}) {
+      HostTensor eager = p->host;
+      p->dev.download(eager);
+      EXPECT_TRUE(eager.same_bytes(replayed[i])) << "round " << round << " output " << i;
+      ++i;
+    }
+  }
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  cudaStreamDestroy(stream);
+}
+
+// L * d_out beyond 2^31 elements: rows far into the output are addressed with 64-bit offsets.
+TEST(CudaScatter2Scatter, AddressesBeyondTwoToThe31Elements) {
+  SCATTERMOE_REQUIRE_GPU();
+  std::mt19937_64 rng(18);
+  const std::int64_t tokens = 1 << 18, d_in = 32, d_out = 2112;
+  const int k = 4, experts = 8;
+  const std::int64_t L = tokens * k;
+  ASSERT_GT(L * d_out, std::int64_t{1} << 31);
+  Plans plans(check::draw_routing(rng, tokens, k, experts), tokens, k, experts);
+  Pair x(DType::kBFloat16, {tokens, d_in});
+  Pair w(DType::kBFloat16, {experts, d_in, d_out});
+  x.fill_and_upload(true, rng);
+  w.fill_and_upload(true, rng);
+  HostTensor y_host(DType::kBFloat16, {L, d_out});
+  DeviceTensor y(y_host);
+  y.poison();
+  Scatter2ScatterArgs args{x.dev.view(), w.dev.view(), TensorView{}, k, false, false};
+  DeviceBuffer ws(scatter2scatter_workspace_size(args, plans.dev));
+  scatter2scatter(args, plans.dev, y.view(), device_context(ws));
+  SCATTERMOE_CUDA_OK(cudaDeviceSynchronize());
+  y.download(y_host);
+  // Exact integer check of sampled rows, the last ones included, against float64 on the host
+  // (read element by element: the whole output is 4.5 GB).
+  const check::Matrix xm = check::to_matrix(x.host.view());
+  const auto wm = check::to_matrices(w.host.view());
+  const check::Matrix ids = check::to_matrix(plans.host_ids.view());
+  const auto* y_bits = reinterpret_cast<const std::uint16_t*>(y_host.bytes());
+  for (std::int64_t p : {std::int64_t{0}, L / 2, L - 3, L - 2, L - 1}) {
+    const std::int64_t t = p / k;
+    const auto e = static_cast<std::int64_t>(ids(t, p % k));
+    for (std::int64_t n : {std::int64_t{0}, std::int64_t{1}, d_out / 2, d_out - 2, d_out - 1}) {
+      double want = 0;
+      for (std::int64_t a = 0; a < d_in; ++a) want += xm(t, a) * wm[e](a, n);
+      ASSERT_EQ(detail::bf16_to_float(y_bits[p * d_out + n]), want) << "row " << p << " col " << n;
+    }
+  }
+}
+
+}  // namespace
+}  // namespace scattermoe
