@@ -51,7 +51,9 @@ class HostTensor {
 
   // Fills every byte: 0xff makes every f32 / f16 / bf16 element a NaN and every integer -1.
   void poison(unsigned char byte = 0xff) { std::memset(words_.data(), byte, bytes_); }
-  const unsigned char* bytes() const { return reinterpret_cast<const unsigned char*>(words_.data()); }
+  const unsigned char* bytes() const {
+    return reinterpret_cast<const unsigned char*>(words_.data());
+  }
   std::size_t byte_size() const { return bytes_; }
   bool same_bytes(const HostTensor& other) const {
     return bytes_ == other.bytes_ && std::memcmp(bytes(), other.bytes(), bytes_) == 0;
@@ -70,10 +72,13 @@ class HostTensor {
 inline void write_element(const TensorView& v, const std::int64_t* index, double value) {
   std::int64_t offset = 0;
   for (int d = 0; d < v.rank(); ++d) offset += index[d] * v.stride(d);
-  char* p = static_cast<char*>(v.data()) + offset * static_cast<std::int64_t>(dtype_size(v.dtype()));
+  char* p =
+      static_cast<char*>(v.data()) + offset * static_cast<std::int64_t>(dtype_size(v.dtype()));
   const float f = static_cast<float>(value);
   switch (v.dtype()) {
-    case DType::kFloat32: std::memcpy(p, &f, 4); break;
+    case DType::kFloat32:
+      std::memcpy(p, &f, 4);
+      break;
     case DType::kFloat16: {
       const std::uint16_t h = detail::float_to_f16(f);
       std::memcpy(p, &h, 2);
@@ -135,7 +140,8 @@ inline void fill_ints(const TensorView& v, std::mt19937_64& rng, int lo = -2, in
 // 0xff so an op that reads scratch it never wrote sees NaNs.
 class Scratch {
  public:
-  explicit Scratch(std::size_t bytes) : bytes_(bytes), storage_(bytes + kWorkspaceAlignment, 0xff) {}
+  explicit Scratch(std::size_t bytes)
+      : bytes_(bytes), storage_(bytes + kWorkspaceAlignment, 0xff) {}
   Context context() {
     void* p = storage_.data();
     std::size_t space = storage_.size();
@@ -160,7 +166,8 @@ inline std::vector<std::int64_t> draw_routing(std::mt19937_64& rng, std::int64_t
   idx.reserve(static_cast<std::size_t>(tokens * k));
   for (std::int64_t t = 0; t < tokens; ++t) {
     for (int j = 0; j < k; ++j) {  // partial Fisher-Yates: k distinct picks
-      std::uniform_int_distribution<std::size_t> pick(static_cast<std::size_t>(j), allowed.size() - 1);
+      std::uniform_int_distribution<std::size_t> pick(static_cast<std::size_t>(j),
+                                                      allowed.size() - 1);
       std::swap(allowed[static_cast<std::size_t>(j)], allowed[pick(rng)]);
       idx.push_back(allowed[static_cast<std::size_t>(j)]);
     }
@@ -195,8 +202,8 @@ class HostPlan {
 };
 
 // expert_idxs (T*k token-major values) as a (T, k) host tensor of `dtype` (i32 or i64).
-inline HostTensor make_expert_idxs(const std::vector<std::int64_t>& idx, std::int64_t tokens,
-                                   int k, DType dtype = DType::kInt64) {
+inline HostTensor make_expert_idxs(const std::vector<std::int64_t>& idx, std::int64_t tokens, int k,
+                                   DType dtype = DType::kInt64) {
   HostTensor t(dtype, {tokens, k});
   const TensorView v = t.view();
   for (std::int64_t p = 0; p < tokens * k; ++p) {

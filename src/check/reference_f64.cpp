@@ -104,11 +104,15 @@ double read_element(const TensorView& v, const std::int64_t* index) {
 double round_to(DType dtype, double value) {
   const float f = static_cast<float>(value);
   switch (dtype) {
-    case DType::kFloat32: return f;
-    case DType::kFloat16: return detail::f16_to_float(detail::float_to_f16(f));
-    case DType::kBFloat16: return detail::bf16_to_float(detail::float_to_bf16(f));
+    case DType::kFloat32:
+      return f;
+    case DType::kFloat16:
+      return detail::f16_to_float(detail::float_to_f16(f));
+    case DType::kBFloat16:
+      return detail::bf16_to_float(detail::float_to_bf16(f));
     case DType::kInt32:
-    case DType::kInt64: return std::nearbyint(value);
+    case DType::kInt64:
+      return std::nearbyint(value);
   }
   return value;
 }
@@ -202,8 +206,8 @@ void reference_group_xty(const Matrix& dy, const Matrix& x, const Plan64& plan, 
   }
   if (db) *db = Matrix(num_experts, dy.cols);
   for (std::int64_t e = 0; e < num_experts; ++e) {
-    for (std::int64_t i = expert_begin(plan, e); i < plan.expert_offsets[static_cast<std::size_t>(e)];
-         ++i) {
+    for (std::int64_t i = expert_begin(plan, e);
+         i < plan.expert_offsets[static_cast<std::size_t>(e)]; ++i) {
       if (dw) {
         Matrix& m = (*dw)[static_cast<std::size_t>(e)];
         for (std::int64_t a = 0; a < x.cols; ++a) {
@@ -219,13 +223,16 @@ void reference_group_xty(const Matrix& dy, const Matrix& x, const Plan64& plan, 
 
 double reference_activation(Activation act, double x) {
   switch (act) {
-    case Activation::kGelu: return 0.5 * x * (1.0 + std::erf(x / std::sqrt(2.0)));
+    case Activation::kGelu:
+      return 0.5 * x * (1.0 + std::erf(x / std::sqrt(2.0)));
     case Activation::kGeluTanh: {
       const double c = std::sqrt(2.0 / kPi);
       return 0.5 * x * (1.0 + std::tanh(c * (x + 0.044715 * x * x * x)));
     }
-    case Activation::kSilu: return x / (1.0 + std::exp(-x));
-    case Activation::kRelu: return x > 0.0 ? x : 0.0;
+    case Activation::kSilu:
+      return x / (1.0 + std::exp(-x));
+    case Activation::kRelu:
+      return x > 0.0 ? x : 0.0;
   }
   return x;
 }
@@ -249,7 +256,8 @@ double reference_activation_grad(Activation act, double x) {
       const double s = 1.0 / (1.0 + std::exp(-x));
       return s * (1.0 + x * (1.0 - s));
     }
-    case Activation::kRelu: return x > 0.0 ? 1.0 : 0.0;
+    case Activation::kRelu:
+      return x > 0.0 ? 1.0 : 0.0;
   }
   return 1.0;
 }
@@ -434,10 +442,14 @@ double tolerance_for(DType dtype) {
   //   bf16 2e-2 (~10 u), f16 4e-3 (~16 u); f32 1e-5 covers fp32 accumulation over reduction
   //   lengths of a few hundred (~sqrt(n) u growth, far below) plus the compounding above.
   switch (dtype) {
-    case DType::kBFloat16: return 2e-2;
-    case DType::kFloat16: return 4e-3;
-    case DType::kFloat32: return 1e-5;
-    default: return 0.0;
+    case DType::kBFloat16:
+      return 2e-2;
+    case DType::kFloat16:
+      return 4e-3;
+    case DType::kFloat32:
+      return 1e-5;
+    default:
+      return 0.0;
   }
 }
 

@@ -2,9 +2,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <cstdio>
 #include <exception>
 #include <functional>
 #include <initializer_list>
@@ -112,9 +112,9 @@ class Suite {
           Matrix got = stack({to_matrix(plan.sorted_expert_idxs().view()),
                               to_matrix(plan.sorted_scattered_idxs().view()),
                               to_matrix(plan.expert_offsets().view())});
-          Matrix expected = stack({as_matrix(want.sorted_expert_idxs),
-                                   as_matrix(want.sorted_scattered_idxs),
-                                   as_matrix(want.expert_offsets)});
+          Matrix expected =
+              stack({as_matrix(want.sorted_expert_idxs), as_matrix(want.sorted_scattered_idxs),
+                     as_matrix(want.expert_offsets)});
           compare(name, got, expected, DType::kInt64, true);
         });
       }
@@ -183,11 +183,14 @@ class Suite {
       for (std::size_t n = 0; n < got.v.size() && r.detail.empty(); ++n) {
         const double expected = round_to(dtype, want.v[n]);
         if (!(got.v[n] == expected)) {
-          const std::int64_t row = static_cast<std::int64_t>(n) / std::max<std::int64_t>(got.cols, 1);
-          const std::int64_t col = static_cast<std::int64_t>(n) % std::max<std::int64_t>(got.cols, 1);
+          const std::int64_t row =
+              static_cast<std::int64_t>(n) / std::max<std::int64_t>(got.cols, 1);
+          const std::int64_t col =
+              static_cast<std::int64_t>(n) % std::max<std::int64_t>(got.cols, 1);
           r.detail = "element [" + std::to_string(row) + ", " + std::to_string(col) + "] is " +
                      fmt(got.v[n]) + "; expected exactly " + fmt(expected);
-          r.error = std::isnan(got.v[n]) ? std::numeric_limits<double>::infinity() : std::fabs(got.v[n] - expected);
+          r.error = std::isnan(got.v[n]) ? std::numeric_limits<double>::infinity()
+                                         : std::fabs(got.v[n] - expected);
         }
       }
     } else {
@@ -211,7 +214,8 @@ class Suite {
     }
     run();
     for (std::size_t n = 0; n < outputs.size(); ++n) {
-      if (!outputs[n]->same_bytes(first[n])) return "a second run on the same inputs changed output bits";
+      if (!outputs[n]->same_bytes(first[n]))
+        return "a second run on the same inputs changed output bits";
     }
     return "";
   }
@@ -246,8 +250,8 @@ class Suite {
             return fits_exactly(want);
           });
           if (!drawn) return no_draw(name);
-          const Scatter2ScatterArgs args{x.view(), w.view(), bias ? b.view() : TensorView{}, kTopK,
-                                         xg, yg};
+          const Scatter2ScatterArgs args{x.view(), w.view(), bias ? b.view() : TensorView{},
+                                         kTopK,    xg,       yg};
           const auto run = [&] { scatter2scatter(args, plan_.plan(), y.view()); };
           y.poison();
           run();
@@ -267,8 +271,8 @@ class Suite {
             prefix("group") + "fan-out-" + std::to_string(fan_out) + kCoeff[coeff_kind] + suffix();
         guarded(name, [&] {
           HostTensor a(dtype_, {kRows / fan_out, kDIn});
-          HostTensor coeff = coeff_kind == 1 ? HostTensor(dtype_, {kRows})
-                                             : HostTensor(dtype_, {kTokens, kTopK});
+          HostTensor coeff =
+              coeff_kind == 1 ? HostTensor(dtype_, {kRows}) : HostTensor(dtype_, {kTokens, kTopK});
           HostTensor g(dtype_, {kRows, kDIn});
           Matrix want;
           const bool drawn = draw_inputs([&] {
@@ -312,7 +316,8 @@ class Suite {
         });
         if (!drawn) return no_draw(name);
         const auto run = [&] {
-          group_xty(dy.view(), x.view(), plan_.plan(), dw.view(), with_db ? db.view() : TensorView{});
+          group_xty(dy.view(), x.view(), plan_.plan(), dw.view(),
+                    with_db ? db.view() : TensorView{});
         };
         dw.poison();
         db.poison();
@@ -335,9 +340,9 @@ class Suite {
     struct Mode {
       bool gi, go, gates;
     };
-    for (const Mode m : {Mode{false, false, false}, Mode{false, true, false},
-                         Mode{true, false, false}, Mode{true, true, false},
-                         Mode{false, false, true}, Mode{true, false, true}}) {
+    for (const Mode m :
+         {Mode{false, false, false}, Mode{false, true, false}, Mode{true, false, false},
+          Mode{true, true, false}, Mode{false, false, true}, Mode{true, false, true}}) {
       for (bool bias : {false, true}) {
         const bool transposed = bias == m.gates;
         const std::string what = mode_name(m.gi, m.go) + (m.gates ? "/gates" : "/no-gates") +
@@ -387,8 +392,7 @@ class Suite {
           const RoutingPlan plan = plan_.plan();
 
           const auto forward = [&] {
-            parallel_linear_forward(args, plan,
-                                    out.view(),
+            parallel_linear_forward(args, plan, out.view(),
                                     context(parallel_linear_forward_workspace_size(args, plan)));
           };
           out.poison();
@@ -440,19 +444,21 @@ class Suite {
     std::vector<Config> configs;
     if (exact_) {
       // ReLU is the activation that keeps small integers integers.
-      configs = {{false, true, Activation::kRelu}, {false, false, Activation::kRelu},
-                 {true, true, Activation::kRelu}, {true, false, Activation::kRelu}};
+      configs = {{false, true, Activation::kRelu},
+                 {false, false, Activation::kRelu},
+                 {true, true, Activation::kRelu},
+                 {true, false, Activation::kRelu}};
     } else {
-      configs = {{false, true, Activation::kGelu},     {false, false, Activation::kGeluTanh},
-                 {false, true, Activation::kSilu},     {false, true, Activation::kRelu},
-                 {true, false, Activation::kSilu},     {true, true, Activation::kGelu},
+      configs = {{false, true, Activation::kGelu},   {false, false, Activation::kGeluTanh},
+                 {false, true, Activation::kSilu},   {false, true, Activation::kRelu},
+                 {true, false, Activation::kSilu},   {true, true, Activation::kGelu},
                  {true, true, Activation::kGeluTanh}};
     }
     for (const Config& c : configs) {
       const std::int64_t h1 = c.glu ? 2 * kMlpH : kMlpH;
       const bool transposed = c.glu;  // GLU weights in the (E, out, in) parameter layout
-      const std::string what = std::string(c.glu ? "glu" : "mlp") + "/" +
-                               activation_name(c.act) + (c.bias ? "/bias" : "/no-bias") +
+      const std::string what = std::string(c.glu ? "glu" : "mlp") + "/" + activation_name(c.act) +
+                               (c.bias ? "/bias" : "/no-bias") +
                                (transposed ? "/w-transposed" : "") + suffix();
       const std::string fwd_name = prefix("mlp_forward") + what;
       const std::string bwd_name = prefix("mlp_backward") + what;
@@ -512,7 +518,8 @@ class Suite {
         out.poison();
         hidden.poison();
         forward();
-        compare(fwd_name, read(out.view()), want.out, dtype_, exact_, exact_ ? "" : rerun_differs(forward, {&out, &hidden}));
+        compare(fwd_name, read(out.view()), want.out, dtype_, exact_,
+                exact_ ? "" : rerun_differs(forward, {&out, &hidden}));
         compare(fwd_name + "/hidden", read(hidden.view()), want.hidden, dtype_, exact_);
 
         guarded(bwd_name, [&] {
@@ -624,7 +631,8 @@ void expert_matvec(const TensorView& w, std::int64_t e, const std::vector<double
     for (std::int64_t c = 0; c < n_out; ++c) {
       read_strided(w, base + c * w.stride(2), w.stride(1), n_in, buf.data());
       double acc = 0.0;
-      for (std::int64_t q = 0; q < n_in; ++q) acc += x[static_cast<std::size_t>(q)] * buf[static_cast<std::size_t>(q)];
+      for (std::int64_t q = 0; q < n_in; ++q)
+        acc += x[static_cast<std::size_t>(q)] * buf[static_cast<std::size_t>(q)];
       y[static_cast<std::size_t>(c)] = acc;
     }
   } else {
@@ -632,7 +640,8 @@ void expert_matvec(const TensorView& w, std::int64_t e, const std::vector<double
     for (std::int64_t q = 0; q < n_in; ++q) {
       read_strided(w, base + q * w.stride(1), w.stride(2), n_out, buf.data());
       const double xq = x[static_cast<std::size_t>(q)];
-      for (std::int64_t c = 0; c < n_out; ++c) y[static_cast<std::size_t>(c)] += xq * buf[static_cast<std::size_t>(c)];
+      for (std::int64_t c = 0; c < n_out; ++c)
+        y[static_cast<std::size_t>(c)] += xq * buf[static_cast<std::size_t>(c)];
     }
   }
 }
@@ -669,7 +678,8 @@ SliceCheck check_mlp_forward_rows(const MlpArgs& args, const TensorView& expert_
   const auto expect_shape = [](const char* name, const TensorView& v,
                                std::initializer_list<std::int64_t> shape) {
     bool ok = v.rank() == static_cast<int>(shape.size());
-    for (int i = 0; ok && i < v.rank(); ++i) ok = shape.begin()[i] < 0 || v.size(i) == shape.begin()[i];
+    for (int i = 0; ok && i < v.rank(); ++i)
+      ok = shape.begin()[i] < 0 || v.size(i) == shape.begin()[i];
     if (!ok) {
       throw InvalidArgument(std::string("check_mlp_forward_rows: argument '") + name + "' is " +
                             v.describe() + "; expected a shape consistent with the MLP's");
@@ -721,8 +731,10 @@ SliceCheck check_mlp_forward_rows(const MlpArgs& args, const TensorView& expert_
         for (std::size_t c = 0; c < hid.size(); ++c) hid[c] += bias[c];
       }
       for (std::size_t c = 0; c < act.size(); ++c) {
-        act[c] = args.glu ? reference_activation(args.activation, hid[static_cast<std::size_t>(h) + c]) * hid[c]
-                          : reference_activation(args.activation, hid[c]);
+        act[c] = args.glu
+                     ? reference_activation(args.activation, hid[static_cast<std::size_t>(h) + c]) *
+                           hid[c]
+                     : reference_activation(args.activation, hid[c]);
       }
       expert_matvec(args.w2, e, act, h, d, z, buf);
       if (args.b2.defined()) {

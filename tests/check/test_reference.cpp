@@ -63,7 +63,8 @@ TEST(ReferenceGroup, HandWorkedExample) {
   const Plan64 plan = check::reference_plan({1, 0, 0, 1}, 2);  // grouped p: 1, 2, 0, 3
   const Matrix a = mat(2, 1, {10, 20});
   EXPECT_EQ(check::reference_group(a, plan, 2, {}).v, (std::vector<double>{10, 20, 10, 20}));
-  EXPECT_EQ(check::reference_group(a, plan, 2, {1, 2, 3, 4}).v, (std::vector<double>{20, 60, 10, 80}));
+  EXPECT_EQ(check::reference_group(a, plan, 2, {1, 2, 3, 4}).v,
+            (std::vector<double>{20, 60, 10, 80}));
   const Matrix rows = mat(4, 1, {1, 2, 3, 4});
   EXPECT_EQ(check::reference_group(rows, plan, 1, {}).v, (std::vector<double>{2, 3, 1, 4}));
 }
@@ -90,13 +91,15 @@ TEST(ReferenceActivation, KnownValues) {
   EXPECT_NEAR(reference_activation(Activation::kSilu, -2.0), -0.2384058440442351, 1e-15);
   EXPECT_EQ(reference_activation(Activation::kRelu, -3.0), 0.0);
   EXPECT_EQ(reference_activation(Activation::kRelu, 2.5), 2.5);
-  for (Activation a : {Activation::kGelu, Activation::kGeluTanh, Activation::kSilu, Activation::kRelu}) {
+  for (Activation a :
+       {Activation::kGelu, Activation::kGeluTanh, Activation::kSilu, Activation::kRelu}) {
     EXPECT_EQ(reference_activation(a, 0.0), 0.0) << activation_name(a);
   }
 }
 
 TEST(ReferenceActivation, GradientsMatchFiniteDifferences) {
-  for (Activation a : {Activation::kGelu, Activation::kGeluTanh, Activation::kSilu, Activation::kRelu}) {
+  for (Activation a :
+       {Activation::kGelu, Activation::kGeluTanh, Activation::kSilu, Activation::kRelu}) {
     for (double x : {-4.0, -1.3, -0.2, 0.1, 0.7, 2.0, 5.5}) {
       const double h = 1e-6;
       const double fd = (reference_activation(a, x + h) - reference_activation(a, x - h)) / (2 * h);
@@ -156,10 +159,12 @@ TEST(ReferenceMlp, GluUsesFirstHalfAsUpAndSecondAsGate) {
   const Matrix x = mat(1, 1, {1}), g = mat(1, 1, {1});
   const std::vector<Matrix> w2 = {mat(1, 1, {1})};
   EXPECT_EQ(check::reference_mlp(x, {mat(1, 2, {3, -2})}, Matrix(), w2, Matrix(), g, plan,
-                                 Activation::kRelu, true, nullptr).out.v,
+                                 Activation::kRelu, true, nullptr)
+                .out.v,
             (std::vector<double>{0}));
   EXPECT_EQ(check::reference_mlp(x, {mat(1, 2, {3, 2})}, Matrix(), w2, Matrix(), g, plan,
-                                 Activation::kRelu, true, nullptr).out.v,
+                                 Activation::kRelu, true, nullptr)
+                .out.v,
             (std::vector<double>{6}));
 }
 
@@ -177,14 +182,16 @@ TEST(ReferenceMlp, GradientsMatchFloat64FiniteDifferences) {
     for (Activation act : {Activation::kGelu, Activation::kGeluTanh, Activation::kSilu}) {
       SCOPED_TRACE(std::string(glu ? "glu/" : "mlp/") + activation_name(act));
       const std::int64_t d = 3, h = 4, h1 = glu ? 2 * h : h;
-      Matrix x = random(6, d), b1 = random(4, h1), b2 = random(4, d), g = random(6, 2), R = random(6, d);
+      Matrix x = random(6, d), b1 = random(4, h1), b2 = random(4, d), g = random(6, 2),
+             R = random(6, d);
       std::vector<Matrix> w1, w2;
       for (int e = 0; e < 4; ++e) {
         w1.push_back(random(d, h1));
         w2.push_back(random(h, d));
       }
       const auto loss = [&] {
-        return weighted_sum(check::reference_mlp(x, w1, b1, w2, b2, g, plan, act, glu, nullptr).out, R);
+        return weighted_sum(check::reference_mlp(x, w1, b1, w2, b2, g, plan, act, glu, nullptr).out,
+                            R);
       };
       const check::ReferenceMlp r = check::reference_mlp(x, w1, b1, w2, b2, g, plan, act, glu, &R);
       EXPECT_TRUE(close_to(r.dx, finite_difference(x, 1e-6, loss), 1e-7));

@@ -1,7 +1,6 @@
 // The correctness suite behind `scattermoe check`, run on the CPU backend, and the row-slice
 // MLP check used by the benchmark.
 #include "check/suite.hpp"
-
 #include "common/test_util.hpp"
 
 namespace scattermoe::testing {
@@ -25,13 +24,14 @@ TEST(CorrectnessSuite, NamesAreUniqueAndCoverEveryOpAndDtype) {
   const std::vector<check::CheckResult> results = check::run_suite(check::SuiteOptions{});
   std::set<std::string> names;
   for (const check::CheckResult& r : results) EXPECT_TRUE(names.insert(r.name).second) << r.name;
-  for (const char* op : {"plan/", "scatter2scatter/", "group/", "group_xty/", "parallel_linear_forward/",
-                         "parallel_linear_backward/", "mlp_forward/", "mlp_backward/"}) {
+  for (const char* op :
+       {"plan/", "scatter2scatter/", "group/", "group_xty/", "parallel_linear_forward/",
+        "parallel_linear_backward/", "mlp_forward/", "mlp_backward/"}) {
     for (const char* dt : {"f32/", "bf16/", "f16/"}) {
       const std::string prefix = std::string(op) + (std::string(op) == "plan/" ? "" : dt);
-      const bool found = std::any_of(results.begin(), results.end(), [&](const check::CheckResult& r) {
-        return r.name.rfind(prefix, 0) == 0;
-      });
+      const bool found =
+          std::any_of(results.begin(), results.end(),
+                      [&](const check::CheckResult& r) { return r.name.rfind(prefix, 0) == 0; });
       EXPECT_TRUE(found) << prefix;
     }
   }
@@ -110,7 +110,8 @@ TEST(MlpRowSliceCheck, PassesOnLibraryOutput) {
       SCOPED_TRACE(std::string(dtype_name(dt)) + (glu ? "/glu" : "/mlp"));
       const SliceProblem p = make_slice_problem(dt, glu);
       for (std::int64_t rows : {std::int64_t{1}, std::int64_t{7}, std::int64_t{40}}) {
-        const check::SliceCheck c = check::check_mlp_forward_rows(p.args, p.ids.view(), p.out.view(), rows);
+        const check::SliceCheck c =
+            check::check_mlp_forward_rows(p.args, p.ids.view(), p.out.view(), rows);
         EXPECT_TRUE(c.passed) << rows << " rows: error " << c.error << " tolerance " << c.tolerance;
         EXPECT_EQ(c.tolerance, check::tolerance_for(dt));
       }
@@ -122,10 +123,10 @@ TEST(MlpRowSliceCheck, AgreesWithTheFullOracle) {
   // The token-by-token slice oracle and reference_mlp compute the same function: feed the
   // full oracle's output (rounded to f32) and expect an error near f32 rounding.
   SliceProblem p = make_slice_problem(DType::kFloat32, true);
-  const check::ReferenceMlp full = check::reference_mlp(
-      read(p.x.view()), check::to_matrices(p.w1.view()), read(p.b1.view()),
-      check::to_matrices(p.w2.view()), read(p.b2.view()), read(p.gates.view()), p.routing.ref,
-      Activation::kSilu, true, nullptr);
+  const check::ReferenceMlp full =
+      check::reference_mlp(read(p.x.view()), check::to_matrices(p.w1.view()), read(p.b1.view()),
+                           check::to_matrices(p.w2.view()), read(p.b2.view()), read(p.gates.view()),
+                           p.routing.ref, Activation::kSilu, true, nullptr);
   check::for_each_index(p.out.view(), [&](const std::int64_t* i) {
     check::write_element(p.out.view(), i, full.out(i[0], i[1]));
   });
@@ -154,10 +155,13 @@ TEST(MlpRowSliceCheck, DetectsAWrongRow) {
 
 TEST(MlpRowSliceCheck, RejectsBadArguments) {
   const SliceProblem p = make_slice_problem(DType::kFloat32, false, 4);
-  EXPECT_THROW(check::check_mlp_forward_rows(p.args, p.ids.view(), p.out.view(), 5), InvalidArgument);
-  EXPECT_THROW(check::check_mlp_forward_rows(p.args, p.ids.view(), p.out.view(), -1), InvalidArgument);
+  EXPECT_THROW(check::check_mlp_forward_rows(p.args, p.ids.view(), p.out.view(), 5),
+               InvalidArgument);
+  EXPECT_THROW(check::check_mlp_forward_rows(p.args, p.ids.view(), p.out.view(), -1),
+               InvalidArgument);
   const HostTensor bad_ids = check::make_expert_idxs({0, 1, 2, 9, 0, 1, 2, 3}, 4, 2);
-  EXPECT_THROW(check::check_mlp_forward_rows(p.args, bad_ids.view(), p.out.view(), 4), InvalidArgument);
+  EXPECT_THROW(check::check_mlp_forward_rows(p.args, bad_ids.view(), p.out.view(), 4),
+               InvalidArgument);
 }
 
 }  // namespace

@@ -2,7 +2,6 @@
 // the float64 oracle (exact and with tolerance), error-message matching and finite differences.
 #pragma once
 
-#include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -17,6 +16,7 @@
 
 #include "check/host_tensor.hpp"
 #include "check/reference_f64.hpp"
+#include "common/contains.hpp"
 #include "scattermoe/scattermoe.hpp"
 
 namespace scattermoe::testing {
@@ -66,7 +66,8 @@ inline Routing make_routing(std::string name, std::vector<std::int64_t> idx, std
 inline std::vector<Routing> awkward_routings(std::uint64_t seed, bool with_empty = true) {
   std::mt19937_64 rng(seed);
   std::vector<Routing> rs;
-  rs.push_back(make_routing("mixed-k2-empty-expert", check::draw_routing(rng, 11, 2, 5, 2), 11, 2, 5));
+  rs.push_back(
+      make_routing("mixed-k2-empty-expert", check::draw_routing(rng, 11, 2, 5, 2), 11, 2, 5));
   rs.push_back(make_routing("one-expert-takes-all-k1", std::vector<std::int64_t>(9, 3), 9, 1, 4));
   {
     std::vector<std::int64_t> idx;  // expert 0 in every token, the second choice rotates
@@ -107,11 +108,13 @@ inline std::string fmt(double v) {
 }
 
 // Bitwise: every element equals the oracle's value rounded to `dtype` (NaN never equals).
-inline ::testing::AssertionResult exactly_equal(const Matrix& got, const Matrix& want, DType dtype) {
+inline ::testing::AssertionResult exactly_equal(const Matrix& got, const Matrix& want,
+                                                DType dtype) {
   if (got.v.empty() && want.v.empty()) return ::testing::AssertionSuccess();
   if (got.rows != want.rows || got.cols != want.cols) {
-    return ::testing::AssertionFailure() << "shape (" << got.rows << ", " << got.cols
-                                         << ") vs oracle (" << want.rows << ", " << want.cols << ")";
+    return ::testing::AssertionFailure()
+           << "shape (" << got.rows << ", " << got.cols << ") vs oracle (" << want.rows << ", "
+           << want.cols << ")";
   }
   for (std::size_t n = 0; n < got.v.size(); ++n) {
     const double expected = check::round_to(dtype, want.v[n]);
@@ -130,11 +133,13 @@ inline ::testing::AssertionResult exactly_equal(const TensorView& got, const Mat
   return exactly_equal(read(got), want, got.dtype());
 }
 
-inline ::testing::AssertionResult close_to(const Matrix& got, const Matrix& want, double tolerance) {
+inline ::testing::AssertionResult close_to(const Matrix& got, const Matrix& want,
+                                           double tolerance) {
   if (got.v.empty() && want.v.empty()) return ::testing::AssertionSuccess();
   const double err = check::relative_error(got, want);
   if (err <= tolerance) return ::testing::AssertionSuccess();
-  return ::testing::AssertionFailure() << "relative error " << fmt(err) << " above " << fmt(tolerance);
+  return ::testing::AssertionFailure()
+         << "relative error " << fmt(err) << " above " << fmt(tolerance);
 }
 
 inline ::testing::AssertionResult close_to(const TensorView& got, const Matrix& want) {
@@ -165,11 +170,12 @@ std::string error_message(F&& f) {
 }
 
 // Throws InvalidArgument, and the message has the form "<op>: argument '<arg>' is ...".
-#define SCATTERMOE_EXPECT_INVALID_ARGUMENT(statement, op, arg)                              \
-  do {                                                                                      \
-    EXPECT_THROW(statement, ::scattermoe::InvalidArgument);                                 \
-    EXPECT_THAT(::scattermoe::testing::error_message([&] { statement; }),                   \
-                ::testing::HasSubstr(std::string(op) + ": argument '" + (arg) + "' is "));  \
+#define SCATTERMOE_EXPECT_INVALID_ARGUMENT(statement, op, arg)                                    \
+  do {                                                                                            \
+    EXPECT_THROW(statement, ::scattermoe::InvalidArgument);                                       \
+    EXPECT_TRUE(                                                                                  \
+        ::scattermoe::testing::contains(::scattermoe::testing::error_message([&] { statement; }), \
+                                        std::string(op) + ": argument '" + (arg) + "' is "));     \
   } while (0)
 
 // ---- finite differences --------------------------------------------------------------------

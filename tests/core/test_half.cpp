@@ -80,7 +80,8 @@ std::vector<float> sample_floats(std::uint64_t seed) {
 TEST(Bf16Conversion, RoundsToNearestEvenLikeABruteForceSearch) {
   const NearestSearch search(0x7f7fu, 0x7f80u, std::ldexp(1.0, 128), bf16_to_float);
   for (float f : sample_floats(7)) {
-    ASSERT_EQ(float_to_bf16(f), search.round(f)) << "f = " << f << " bits " << std::hex << float_bits(f);
+    ASSERT_EQ(float_to_bf16(f), search.round(f))
+        << "f = " << f << " bits " << std::hex << float_bits(f);
   }
 }
 
@@ -122,7 +123,8 @@ TEST(Bf16Conversion, Edges) {
 TEST(F16Conversion, RoundsToNearestEvenLikeABruteForceSearch) {
   const NearestSearch search(0x7bffu, 0x7c00u, 65536.0, f16_to_float);
   for (float f : sample_floats(11)) {
-    ASSERT_EQ(float_to_f16(f), search.round(f)) << "f = " << f << " bits " << std::hex << float_bits(f);
+    ASSERT_EQ(float_to_f16(f), search.round(f))
+        << "f = " << f << " bits " << std::hex << float_bits(f);
   }
 }
 
@@ -154,10 +156,10 @@ TEST(F16Conversion, Edges) {
   EXPECT_EQ(f16_to_float(0x0001u), 0x1p-24f);
   EXPECT_EQ(f16_to_float(0x8001u), -0x1p-24f);
   EXPECT_EQ(float_to_f16(0x1p-24f), 0x0001u);
-  EXPECT_EQ(float_to_f16(0x1p-25f), 0x0000u);          // tie with 0: even
-  EXPECT_EQ(float_to_f16(0x1.8p-24f), 0x0002u);        // tie between 1 and 2: even
+  EXPECT_EQ(float_to_f16(0x1p-25f), 0x0000u);    // tie with 0: even
+  EXPECT_EQ(float_to_f16(0x1.8p-24f), 0x0002u);  // tie between 1 and 2: even
   EXPECT_EQ(float_to_f16(0x1p-25f + 0x1p-40f), 0x0001u);
-  EXPECT_EQ(float_to_f16(0x1p-14f), 0x0400u);          // smallest normal
+  EXPECT_EQ(float_to_f16(0x1p-14f), 0x0400u);             // smallest normal
   EXPECT_EQ(float_to_f16(0x1p-14f - 0x1p-25f), 0x0400u);  // the largest subnormal's tie goes up
   EXPECT_EQ(float_to_f16(0x1p-14f - 0x1p-24f), 0x03ffu);
   // 1 + 2^-11 is halfway between 1 and 1 + 2^-10: even.

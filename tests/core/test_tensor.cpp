@@ -1,5 +1,4 @@
 // TensorView: shapes, strides, transposed and narrowed views, byte ranges, overlap.
-#include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
 #include <cstdint>
@@ -159,9 +158,11 @@ TEST(ViewsOverlap, EmptyUndefinedAndOtherDeviceNeverOverlap) {
   const TensorView v = TensorView::contiguous(buf.data(), DType::kFloat32, {8});
   EXPECT_FALSE(views_overlap(v, TensorView{}));
   EXPECT_FALSE(views_overlap(v, v.narrowed(0, 3, 3)));
-  const TensorView on_gpu = TensorView::contiguous(buf.data(), DType::kFloat32, {8}, Device::cuda(0));
+  const TensorView on_gpu =
+      TensorView::contiguous(buf.data(), DType::kFloat32, {8}, Device::cuda(0));
   EXPECT_FALSE(views_overlap(v, on_gpu));
-  const TensorView other_gpu = TensorView::contiguous(buf.data(), DType::kFloat32, {8}, Device::cuda(1));
+  const TensorView other_gpu =
+      TensorView::contiguous(buf.data(), DType::kFloat32, {8}, Device::cuda(1));
   EXPECT_FALSE(views_overlap(on_gpu, other_gpu));
   EXPECT_TRUE(views_overlap(on_gpu, on_gpu));
 }

@@ -46,20 +46,23 @@ class RoutingPlanErrors : public ::testing::Test {
 
 TEST_F(RoutingPlanErrors, NegativeExpertIndex) {
   set_id(3, 1, -1);  // the last id: all ids are checked before anything is written
-  SCATTERMOE_EXPECT_INVALID_ARGUMENT(build_routing_plan(ids_.view(), kE, plan_.plan(), scratch_->context()),
-                                     "build_routing_plan", "expert_idxs");
+  SCATTERMOE_EXPECT_INVALID_ARGUMENT(
+      build_routing_plan(ids_.view(), kE, plan_.plan(), scratch_->context()), "build_routing_plan",
+      "expert_idxs");
   expect_plan_untouched();
 }
 
 TEST_F(RoutingPlanErrors, ExpertIndexEqualToNumExperts) {
   set_id(3, 1, kE);
-  SCATTERMOE_EXPECT_INVALID_ARGUMENT(build_routing_plan(ids_.view(), kE, plan_.plan(), scratch_->context()),
-                                     "build_routing_plan", "expert_idxs");
+  SCATTERMOE_EXPECT_INVALID_ARGUMENT(
+      build_routing_plan(ids_.view(), kE, plan_.plan(), scratch_->context()), "build_routing_plan",
+      "expert_idxs");
   expect_plan_untouched();
   for (DType dt : {DType::kInt32, DType::kInt64}) {
     const HostTensor big = check::make_expert_idxs({0, 1, 2, 3, 1, 2, 0, 1000}, kT, kK, dt);
-    SCATTERMOE_EXPECT_INVALID_ARGUMENT(build_routing_plan(big.view(), kE, plan_.plan(), scratch_->context()),
-                                       "build_routing_plan", "expert_idxs");
+    SCATTERMOE_EXPECT_INVALID_ARGUMENT(
+        build_routing_plan(big.view(), kE, plan_.plan(), scratch_->context()), "build_routing_plan",
+        "expert_idxs");
     expect_plan_untouched();
   }
 }
@@ -68,8 +71,9 @@ TEST_F(RoutingPlanErrors, KBelowOne) {
   const HostTensor empty_k(DType::kInt64, {kT, 0});
   HostPlan plan(0, kE);
   plan.poison(kSentinel);
-  SCATTERMOE_EXPECT_INVALID_ARGUMENT(build_routing_plan(empty_k.view(), kE, plan.plan(), scratch_->context()),
-                                     "build_routing_plan", "expert_idxs");
+  SCATTERMOE_EXPECT_INVALID_ARGUMENT(
+      build_routing_plan(empty_k.view(), kE, plan.plan(), scratch_->context()),
+      "build_routing_plan", "expert_idxs");
   EXPECT_TRUE(untouched(plan.expert_offsets()));
 }
 
@@ -78,16 +82,18 @@ TEST_F(RoutingPlanErrors, KAboveNumExperts) {
   HostPlan plan(6, 2);
   plan.poison(kSentinel);
   Scratch scratch(routing_plan_workspace_size(2, 3, 3, Device::cpu()));
-  SCATTERMOE_EXPECT_INVALID_ARGUMENT(build_routing_plan(ids.view(), 2, plan.plan(), scratch.context()),
-                                     "build_routing_plan", "expert_idxs");
+  SCATTERMOE_EXPECT_INVALID_ARGUMENT(
+      build_routing_plan(ids.view(), 2, plan.plan(), scratch.context()), "build_routing_plan",
+      "expert_idxs");
   EXPECT_TRUE(untouched(plan.sorted_expert_idxs()));
   EXPECT_TRUE(untouched(plan.expert_offsets()));
 }
 
 TEST_F(RoutingPlanErrors, FloatExpertIndices) {
   const HostTensor ids(DType::kFloat32, {kT, kK});
-  SCATTERMOE_EXPECT_INVALID_ARGUMENT(build_routing_plan(ids.view(), kE, plan_.plan(), scratch_->context()),
-                                     "build_routing_plan", "expert_idxs");
+  SCATTERMOE_EXPECT_INVALID_ARGUMENT(
+      build_routing_plan(ids.view(), kE, plan_.plan(), scratch_->context()), "build_routing_plan",
+      "expert_idxs");
   expect_plan_untouched();
 }
 
@@ -115,8 +121,9 @@ TEST_F(RoutingPlanErrors, PlanOutputAliasingExpertIdxs) {
 
 TEST_F(RoutingPlanErrors, NullDataWithElements) {
   const TensorView null_ids = TensorView::contiguous(kNoData, DType::kInt64, {kT, kK});
-  SCATTERMOE_EXPECT_INVALID_ARGUMENT(build_routing_plan(null_ids, kE, plan_.plan(), scratch_->context()),
-                                     "build_routing_plan", "expert_idxs");
+  SCATTERMOE_EXPECT_INVALID_ARGUMENT(
+      build_routing_plan(null_ids, kE, plan_.plan(), scratch_->context()), "build_routing_plan",
+      "expert_idxs");
   expect_plan_untouched();
 }
 
@@ -165,7 +172,8 @@ TEST_F(OpErrors, Scatter2ScatterShapeMismatch) {
   HostTensor w_bad(DType::kFloat32, {kE, kDIn + 1, kDOut});
   Scatter2ScatterArgs args = s2s_args();
   args.w = w_bad.view();
-  SCATTERMOE_EXPECT_INVALID_ARGUMENT(scatter2scatter(args, routing_.plan(), y_.view()), "scatter2scatter", "w");
+  SCATTERMOE_EXPECT_INVALID_ARGUMENT(scatter2scatter(args, routing_.plan(), y_.view()),
+                                     "scatter2scatter", "w");
   EXPECT_TRUE(untouched(y_));
   HostTensor y_bad(DType::kFloat32, {kT * kK + 1, kDOut});
   y_bad.poison(kSentinel);
@@ -175,14 +183,17 @@ TEST_F(OpErrors, Scatter2ScatterShapeMismatch) {
   HostTensor b_bad(DType::kFloat32, {kE, kDOut + 1});
   args = s2s_args();
   args.bias = b_bad.view();
-  SCATTERMOE_EXPECT_INVALID_ARGUMENT(scatter2scatter(args, routing_.plan(), y_.view()), "scatter2scatter", "bias");
+  SCATTERMOE_EXPECT_INVALID_ARGUMENT(scatter2scatter(args, routing_.plan(), y_.view()),
+                                     "scatter2scatter", "bias");
   // Scattered x must have L / k rows; grouped x must have L rows.
   args = s2s_args();
   args.x = xg_.view();
-  SCATTERMOE_EXPECT_INVALID_ARGUMENT(scatter2scatter(args, routing_.plan(), y_.view()), "scatter2scatter", "x");
+  SCATTERMOE_EXPECT_INVALID_ARGUMENT(scatter2scatter(args, routing_.plan(), y_.view()),
+                                     "scatter2scatter", "x");
   args.x = x_.view();
   args.x_grouped = true;
-  SCATTERMOE_EXPECT_INVALID_ARGUMENT(scatter2scatter(args, routing_.plan(), y_.view()), "scatter2scatter", "x");
+  SCATTERMOE_EXPECT_INVALID_ARGUMENT(scatter2scatter(args, routing_.plan(), y_.view()),
+                                     "scatter2scatter", "x");
   EXPECT_TRUE(untouched(y_));
 }
 
@@ -190,7 +201,8 @@ TEST_F(OpErrors, Scatter2ScatterDtypeMismatch) {
   HostTensor w_bf16(DType::kBFloat16, {kE, kDIn, kDOut});
   Scatter2ScatterArgs args = s2s_args();
   args.w = w_bf16.view();
-  SCATTERMOE_EXPECT_INVALID_ARGUMENT(scatter2scatter(args, routing_.plan(), y_.view()), "scatter2scatter", "w");
+  SCATTERMOE_EXPECT_INVALID_ARGUMENT(scatter2scatter(args, routing_.plan(), y_.view()),
+                                     "scatter2scatter", "w");
   EXPECT_TRUE(untouched(y_));
   HostTensor y_f16(DType::kFloat16, {kT * kK, kDOut});
   y_f16.poison(kSentinel);
@@ -200,16 +212,19 @@ TEST_F(OpErrors, Scatter2ScatterDtypeMismatch) {
   HostTensor x_int(DType::kInt32, {kT, kDIn});
   args = s2s_args();
   args.x = x_int.view();
-  SCATTERMOE_EXPECT_INVALID_ARGUMENT(scatter2scatter(args, routing_.plan(), y_.view()), "scatter2scatter", "x");
+  SCATTERMOE_EXPECT_INVALID_ARGUMENT(scatter2scatter(args, routing_.plan(), y_.view()),
+                                     "scatter2scatter", "x");
   EXPECT_TRUE(untouched(y_));
 }
 
 TEST_F(OpErrors, Scatter2ScatterKBelowOne) {
   Scatter2ScatterArgs args = s2s_args();
   args.k = 0;
-  SCATTERMOE_EXPECT_INVALID_ARGUMENT(scatter2scatter(args, routing_.plan(), y_.view()), "scatter2scatter", "k");
+  SCATTERMOE_EXPECT_INVALID_ARGUMENT(scatter2scatter(args, routing_.plan(), y_.view()),
+                                     "scatter2scatter", "k");
   args.k = -2;
-  SCATTERMOE_EXPECT_INVALID_ARGUMENT(scatter2scatter(args, routing_.plan(), y_.view()), "scatter2scatter", "k");
+  SCATTERMOE_EXPECT_INVALID_ARGUMENT(scatter2scatter(args, routing_.plan(), y_.view()),
+                                     "scatter2scatter", "k");
   EXPECT_TRUE(untouched(y_));
 }
 
@@ -220,21 +235,26 @@ TEST_F(OpErrors, Scatter2ScatterOutputAliasingAnInput) {
   Scatter2ScatterArgs args = s2s_args();
   args.x = TensorView::contiguous(shared.view().data(), DType::kFloat32, {kT, kDIn});
   const HostTensor before = shared;
-  SCATTERMOE_EXPECT_INVALID_ARGUMENT(scatter2scatter(args, routing_.plan(), shared.view()), "scatter2scatter", "y");
+  SCATTERMOE_EXPECT_INVALID_ARGUMENT(scatter2scatter(args, routing_.plan(), shared.view()),
+                                     "scatter2scatter", "y");
   EXPECT_TRUE(shared.same_bytes(before));
   const HostTensor w_before = w_;
-  const TensorView y_in_w = TensorView::contiguous(w_.view().data(), DType::kFloat32, {kT * kK, kDOut});
-  SCATTERMOE_EXPECT_INVALID_ARGUMENT(scatter2scatter(s2s_args(), routing_.plan(), y_in_w), "scatter2scatter", "y");
+  const TensorView y_in_w =
+      TensorView::contiguous(w_.view().data(), DType::kFloat32, {kT * kK, kDOut});
+  SCATTERMOE_EXPECT_INVALID_ARGUMENT(scatter2scatter(s2s_args(), routing_.plan(), y_in_w),
+                                     "scatter2scatter", "y");
   EXPECT_TRUE(w_.same_bytes(w_before));
 }
 
 TEST_F(OpErrors, Scatter2ScatterNullDataWithElements) {
   Scatter2ScatterArgs args = s2s_args();
   args.x = TensorView::contiguous(kNoData, DType::kFloat32, {kT, kDIn});
-  SCATTERMOE_EXPECT_INVALID_ARGUMENT(scatter2scatter(args, routing_.plan(), y_.view()), "scatter2scatter", "x");
+  SCATTERMOE_EXPECT_INVALID_ARGUMENT(scatter2scatter(args, routing_.plan(), y_.view()),
+                                     "scatter2scatter", "x");
   args = s2s_args();
   args.w = TensorView::contiguous(kNoData, DType::kFloat32, {kE, kDIn, kDOut});
-  SCATTERMOE_EXPECT_INVALID_ARGUMENT(scatter2scatter(args, routing_.plan(), y_.view()), "scatter2scatter", "w");
+  SCATTERMOE_EXPECT_INVALID_ARGUMENT(scatter2scatter(args, routing_.plan(), y_.view()),
+                                     "scatter2scatter", "w");
   EXPECT_TRUE(untouched(y_));
   SCATTERMOE_EXPECT_INVALID_ARGUMENT(
       scatter2scatter(s2s_args(), routing_.plan(),
@@ -248,11 +268,12 @@ TEST_F(OpErrors, Scatter2ScatterBadPlanContents) {
   const std::int64_t last[1] = {kT * kK - 1};
   check::write_element(bad.sorted_expert_idxs().view(), last, kE);
   EXPECT_THROW(scatter2scatter(s2s_args(), bad.plan(), y_.view()), InvalidArgument);
-  EXPECT_THAT(error_message([&] { scatter2scatter(s2s_args(), bad.plan(), y_.view()); }),
-              ::testing::HasSubstr("scatter2scatter: argument 'plan."));
+  EXPECT_TRUE(contains(error_message([&] { scatter2scatter(s2s_args(), bad.plan(), y_.view()); }),
+                       "scatter2scatter: argument 'plan."));
   EXPECT_TRUE(untouched(y_));
   // A plan for another number of experts than w has.
-  const Routing other = make_routing("other", std::vector<std::int64_t>(kT * kK, 0), kT, kK, kE + 1);
+  const Routing other =
+      make_routing("other", std::vector<std::int64_t>(kT * kK, 0), kT, kK, kE + 1);
   EXPECT_THROW(scatter2scatter(s2s_args(), other.plan(), y_.view()), InvalidArgument);
   EXPECT_TRUE(untouched(y_));
 }
@@ -260,25 +281,28 @@ TEST_F(OpErrors, Scatter2ScatterBadPlanContents) {
 TEST_F(OpErrors, GroupBadArguments) {
   HostTensor g(DType::kFloat32, {kT * kK, kDIn});
   g.poison(kSentinel);
-  SCATTERMOE_EXPECT_INVALID_ARGUMENT(group(x_.view(), routing_.plan(), 0, TensorView{}, g.view()), "group", "fan_out");
-  SCATTERMOE_EXPECT_INVALID_ARGUMENT(group(x_.view(), routing_.plan(), 1, TensorView{}, g.view()), "group", "a");
+  SCATTERMOE_EXPECT_INVALID_ARGUMENT(group(x_.view(), routing_.plan(), 0, TensorView{}, g.view()),
+                                     "group", "fan_out");
+  SCATTERMOE_EXPECT_INVALID_ARGUMENT(group(x_.view(), routing_.plan(), 1, TensorView{}, g.view()),
+                                     "group", "a");
   HostTensor coeff_bad(DType::kFloat32, {kT * kK + 1});
-  SCATTERMOE_EXPECT_INVALID_ARGUMENT(group(x_.view(), routing_.plan(), kK, coeff_bad.view(), g.view()), "group",
-                                     "coeff");
+  SCATTERMOE_EXPECT_INVALID_ARGUMENT(
+      group(x_.view(), routing_.plan(), kK, coeff_bad.view(), g.view()), "group", "coeff");
   HostTensor g_bf16(DType::kBFloat16, {kT * kK, kDIn});
   g_bf16.poison(kSentinel);
-  SCATTERMOE_EXPECT_INVALID_ARGUMENT(group(x_.view(), routing_.plan(), kK, TensorView{}, g_bf16.view()), "group",
-                                     "g");
+  SCATTERMOE_EXPECT_INVALID_ARGUMENT(
+      group(x_.view(), routing_.plan(), kK, TensorView{}, g_bf16.view()), "group", "g");
   EXPECT_TRUE(untouched(g_bf16));
   HostTensor g_bad(DType::kFloat32, {kT * kK, kDIn + 1});
   g_bad.poison(kSentinel);
-  SCATTERMOE_EXPECT_INVALID_ARGUMENT(group(x_.view(), routing_.plan(), kK, TensorView{}, g_bad.view()), "group",
-                                     "g");
+  SCATTERMOE_EXPECT_INVALID_ARGUMENT(
+      group(x_.view(), routing_.plan(), kK, TensorView{}, g_bad.view()), "group", "g");
   EXPECT_TRUE(untouched(g_bad));
   // g over a's own memory.
   HostTensor big(DType::kFloat32, {kT * kK, kDIn});
   const TensorView a_in_big = big.view().narrowed(0, 0, kT);
-  SCATTERMOE_EXPECT_INVALID_ARGUMENT(group(a_in_big, routing_.plan(), kK, TensorView{}, big.view()), "group", "g");
+  SCATTERMOE_EXPECT_INVALID_ARGUMENT(group(a_in_big, routing_.plan(), kK, TensorView{}, big.view()),
+                                     "group", "g");
   SCATTERMOE_EXPECT_INVALID_ARGUMENT(
       group(x_.view(), routing_.plan(), kK, TensorView{},
             TensorView::contiguous(kNoData, DType::kFloat32, {kT * kK, kDIn})),
@@ -294,25 +318,29 @@ TEST_F(OpErrors, GroupXtyBadArguments) {
   db.poison(kSentinel);
   HostTensor dw_bad(DType::kFloat32, {kE, kDOut, kDIn});  // the parameter layout, not transposed
   dw_bad.poison(kSentinel);
-  SCATTERMOE_EXPECT_INVALID_ARGUMENT(group_xty(dy.view(), xg_.view(), routing_.plan(), dw_bad.view(), db.view()),
-                                     "group_xty", "dw");
+  SCATTERMOE_EXPECT_INVALID_ARGUMENT(
+      group_xty(dy.view(), xg_.view(), routing_.plan(), dw_bad.view(), db.view()), "group_xty",
+      "dw");
   EXPECT_TRUE(untouched(dw_bad));
   HostTensor x_bf16(DType::kBFloat16, {kT * kK, kDIn});
-  SCATTERMOE_EXPECT_INVALID_ARGUMENT(group_xty(dy.view(), x_bf16.view(), routing_.plan(), dw.view(), db.view()),
-                                     "group_xty", "x");
-  SCATTERMOE_EXPECT_INVALID_ARGUMENT(group_xty(dy.view(), x_.view(), routing_.plan(), dw.view(), db.view()),
-                                     "group_xty", "x");
-  const TensorView db_over_dy = TensorView::contiguous(dy.view().data(), DType::kFloat32, {kE, kDOut});
-  SCATTERMOE_EXPECT_INVALID_ARGUMENT(group_xty(dy.view(), xg_.view(), routing_.plan(), dw.view(), db_over_dy),
-                                     "group_xty", "db");
-  const TensorView dw_over_x = TensorView::contiguous(xg_.view().data(), DType::kFloat32, {kE, kDIn, kDOut});
-  SCATTERMOE_EXPECT_INVALID_ARGUMENT(group_xty(dy.view(), xg_.view(), routing_.plan(), dw_over_x, db.view()),
-                                     "group_xty", "dw");
+  SCATTERMOE_EXPECT_INVALID_ARGUMENT(
+      group_xty(dy.view(), x_bf16.view(), routing_.plan(), dw.view(), db.view()), "group_xty", "x");
+  SCATTERMOE_EXPECT_INVALID_ARGUMENT(
+      group_xty(dy.view(), x_.view(), routing_.plan(), dw.view(), db.view()), "group_xty", "x");
+  const TensorView db_over_dy =
+      TensorView::contiguous(dy.view().data(), DType::kFloat32, {kE, kDOut});
+  SCATTERMOE_EXPECT_INVALID_ARGUMENT(
+      group_xty(dy.view(), xg_.view(), routing_.plan(), dw.view(), db_over_dy), "group_xty", "db");
+  const TensorView dw_over_x =
+      TensorView::contiguous(xg_.view().data(), DType::kFloat32, {kE, kDIn, kDOut});
+  SCATTERMOE_EXPECT_INVALID_ARGUMENT(
+      group_xty(dy.view(), xg_.view(), routing_.plan(), dw_over_x, db.view()), "group_xty", "dw");
   EXPECT_TRUE(untouched(dw));
   EXPECT_TRUE(untouched(db));
 }
 
-// ---- ParallelLinear and MLP ----------------------------------------------------------------------
+// ---- ParallelLinear and MLP
+// ----------------------------------------------------------------------
 
 TEST_F(OpErrors, ParallelLinearGatesWithGroupedOutput) {
   ParallelLinearArgs args;
@@ -329,8 +357,9 @@ TEST_F(OpErrors, ParallelLinearGatesWithGroupedOutput) {
   dx.poison(kSentinel);
   ParallelLinearGrads grads;
   grads.dx = dx.view();
-  SCATTERMOE_EXPECT_INVALID_ARGUMENT(parallel_linear_backward(args, routing_.plan(), d_out.view(), grads),
-                                     "parallel_linear_backward", "gates");
+  SCATTERMOE_EXPECT_INVALID_ARGUMENT(
+      parallel_linear_backward(args, routing_.plan(), d_out.view(), grads),
+      "parallel_linear_backward", "gates");
   EXPECT_TRUE(untouched(dx));
 }
 
@@ -347,8 +376,9 @@ TEST_F(OpErrors, ParallelLinearForwardBadArguments) {
   ASSERT_GT(need, 0u) << "a gated forward combines rows through scratch";
   std::vector<unsigned char> mem(need);
   const Context small{nullptr, Workspace{mem.data(), need - 1}};
-  SCATTERMOE_EXPECT_INVALID_ARGUMENT(parallel_linear_forward(args, routing_.plan(), out.view(), small),
-                                     "parallel_linear_forward", "ctx.workspace");
+  SCATTERMOE_EXPECT_INVALID_ARGUMENT(
+      parallel_linear_forward(args, routing_.plan(), out.view(), small), "parallel_linear_forward",
+      "ctx.workspace");
   SCATTERMOE_EXPECT_INVALID_ARGUMENT(parallel_linear_forward(args, routing_.plan(), out.view()),
                                      "parallel_linear_forward", "ctx.workspace");
   const Context ok{nullptr, Workspace{mem.data(), need}};
@@ -368,10 +398,12 @@ TEST_F(OpErrors, ParallelLinearForwardBadArguments) {
                                      "parallel_linear_forward", "gates");
   HostTensor out_bad(DType::kFloat32, {kT * kK, kDOut});  // ungated shape with gates given
   out_bad.poison(kSentinel);
-  SCATTERMOE_EXPECT_INVALID_ARGUMENT(parallel_linear_forward(args, routing_.plan(), out_bad.view(), ok),
-                                     "parallel_linear_forward", "out");
+  SCATTERMOE_EXPECT_INVALID_ARGUMENT(
+      parallel_linear_forward(args, routing_.plan(), out_bad.view(), ok), "parallel_linear_forward",
+      "out");
   EXPECT_TRUE(untouched(out_bad));
-  const TensorView out_over_x = TensorView::contiguous(x_.view().data(), DType::kFloat32, {kT, kDOut});
+  const TensorView out_over_x =
+      TensorView::contiguous(x_.view().data(), DType::kFloat32, {kT, kDOut});
   const HostTensor x_before = x_;
   SCATTERMOE_EXPECT_INVALID_ARGUMENT(parallel_linear_forward(args, routing_.plan(), out_over_x, ok),
                                      "parallel_linear_forward", "out");
@@ -398,14 +430,16 @@ TEST_F(OpErrors, ParallelLinearBackwardBadArguments) {
   const Context ok{nullptr, Workspace{mem.data(), need}};
   if (need > 0) {
     const Context small{nullptr, Workspace{mem.data(), need - 1}};
-    SCATTERMOE_EXPECT_INVALID_ARGUMENT(parallel_linear_backward(args, routing_.plan(), d_out.view(), grads, small),
-                                       "parallel_linear_backward", "ctx.workspace");
+    SCATTERMOE_EXPECT_INVALID_ARGUMENT(
+        parallel_linear_backward(args, routing_.plan(), d_out.view(), grads, small),
+        "parallel_linear_backward", "ctx.workspace");
   }
   HostTensor dw_bad(DType::kFloat32, {kE, kDOut, kDIn});
   ParallelLinearGrads bad = grads;
   bad.dw = dw_bad.view();
-  SCATTERMOE_EXPECT_INVALID_ARGUMENT(parallel_linear_backward(args, routing_.plan(), d_out.view(), bad, ok),
-                                     "parallel_linear_backward", "grads.dw");
+  SCATTERMOE_EXPECT_INVALID_ARGUMENT(
+      parallel_linear_backward(args, routing_.plan(), d_out.view(), bad, ok),
+      "parallel_linear_backward", "grads.dw");
   ParallelLinearArgs no_gates = args;
   no_gates.gates = TensorView{};
   HostTensor d_out_rows(DType::kFloat32, {kT * kK, kDOut});
@@ -413,15 +447,18 @@ TEST_F(OpErrors, ParallelLinearBackwardBadArguments) {
       parallel_linear_backward(no_gates, routing_.plan(), d_out_rows.view(), grads, ok),
       "parallel_linear_backward", "grads.d_gates");
   HostTensor d_out_bf16(DType::kBFloat16, {kT, kDOut});
-  SCATTERMOE_EXPECT_INVALID_ARGUMENT(parallel_linear_backward(args, routing_.plan(), d_out_bf16.view(), grads, ok),
-                                     "parallel_linear_backward", "d_out");
+  SCATTERMOE_EXPECT_INVALID_ARGUMENT(
+      parallel_linear_backward(args, routing_.plan(), d_out_bf16.view(), grads, ok),
+      "parallel_linear_backward", "d_out");
   bad = grads;
   bad.dx = x_.view();  // the gradient written over the input it belongs to
-  SCATTERMOE_EXPECT_INVALID_ARGUMENT(parallel_linear_backward(args, routing_.plan(), d_out.view(), bad, ok),
-                                     "parallel_linear_backward", "grads.dx");
+  SCATTERMOE_EXPECT_INVALID_ARGUMENT(
+      parallel_linear_backward(args, routing_.plan(), d_out.view(), bad, ok),
+      "parallel_linear_backward", "grads.dx");
   bad = grads;
   bad.db = TensorView::contiguous(dw.view().data(), DType::kFloat32, {kE, kDOut});  // over dw
-  EXPECT_THROW(parallel_linear_backward(args, routing_.plan(), d_out.view(), bad, ok), InvalidArgument);
+  EXPECT_THROW(parallel_linear_backward(args, routing_.plan(), d_out.view(), bad, ok),
+               InvalidArgument);
   for (HostTensor* t : {&dx, &dw, &db, &dg}) EXPECT_TRUE(untouched(*t));
 }
 
@@ -461,31 +498,37 @@ TEST_F(MlpErrors, ForwardShapeAndDtypeMismatch) {
   MlpArgs bad = args_;
   HostTensor w1_bad(DType::kFloat32, {kE, kD, kH + 1});
   bad.w1 = w1_bad.view();
-  SCATTERMOE_EXPECT_INVALID_ARGUMENT(mlp_forward(bad, routing_.plan(), out_.view(), hidden_.view(), ws_->context()),
-                                     "mlp_forward", "w1");
+  SCATTERMOE_EXPECT_INVALID_ARGUMENT(
+      mlp_forward(bad, routing_.plan(), out_.view(), hidden_.view(), ws_->context()), "mlp_forward",
+      "w1");
   bad = args_;
   bad.glu = true;  // w1 must then be (E, d, 2h)
-  SCATTERMOE_EXPECT_INVALID_ARGUMENT(mlp_forward(bad, routing_.plan(), out_.view(), hidden_.view(), ws_->context()),
-                                     "mlp_forward", "w1");
+  SCATTERMOE_EXPECT_INVALID_ARGUMENT(
+      mlp_forward(bad, routing_.plan(), out_.view(), hidden_.view(), ws_->context()), "mlp_forward",
+      "w1");
   bad = args_;
   HostTensor w2_bf16(DType::kBFloat16, {kE, kH, kD});
   bad.w2 = w2_bf16.view();
-  SCATTERMOE_EXPECT_INVALID_ARGUMENT(mlp_forward(bad, routing_.plan(), out_.view(), hidden_.view(), ws_->context()),
-                                     "mlp_forward", "w2");
+  SCATTERMOE_EXPECT_INVALID_ARGUMENT(
+      mlp_forward(bad, routing_.plan(), out_.view(), hidden_.view(), ws_->context()), "mlp_forward",
+      "w2");
   bad = args_;
   HostTensor gates_bad(DType::kFloat32, {kT, kK + 1});
   bad.gates = gates_bad.view();
-  SCATTERMOE_EXPECT_INVALID_ARGUMENT(mlp_forward(bad, routing_.plan(), out_.view(), hidden_.view(), ws_->context()),
-                                     "mlp_forward", "gates");
+  SCATTERMOE_EXPECT_INVALID_ARGUMENT(
+      mlp_forward(bad, routing_.plan(), out_.view(), hidden_.view(), ws_->context()), "mlp_forward",
+      "gates");
   bad = args_;
   HostTensor b1_bad(DType::kFloat32, {kE, kH + 1});
   bad.b1 = b1_bad.view();
-  SCATTERMOE_EXPECT_INVALID_ARGUMENT(mlp_forward(bad, routing_.plan(), out_.view(), hidden_.view(), ws_->context()),
-                                     "mlp_forward", "b1");
+  SCATTERMOE_EXPECT_INVALID_ARGUMENT(
+      mlp_forward(bad, routing_.plan(), out_.view(), hidden_.view(), ws_->context()), "mlp_forward",
+      "b1");
   HostTensor hidden_bad(DType::kFloat32, {kT * kK, kH + 1});
   hidden_bad.poison(kSentinel);
   SCATTERMOE_EXPECT_INVALID_ARGUMENT(
-      mlp_forward(args_, routing_.plan(), out_.view(), hidden_bad.view(), ws_->context()), "mlp_forward", "hidden");
+      mlp_forward(args_, routing_.plan(), out_.view(), hidden_bad.view(), ws_->context()),
+      "mlp_forward", "hidden");
   EXPECT_TRUE(untouched(hidden_bad));
   expect_forward_outputs_untouched();
 }
@@ -493,15 +536,20 @@ TEST_F(MlpErrors, ForwardShapeAndDtypeMismatch) {
 TEST_F(MlpErrors, ForwardOutputAliasing) {
   const TensorView out_over_x = xm_.view();
   const HostTensor before = xm_;
-  SCATTERMOE_EXPECT_INVALID_ARGUMENT(mlp_forward(args_, routing_.plan(), out_over_x, hidden_.view(), ws_->context()),
-                                     "mlp_forward", "out");
+  SCATTERMOE_EXPECT_INVALID_ARGUMENT(
+      mlp_forward(args_, routing_.plan(), out_over_x, hidden_.view(), ws_->context()),
+      "mlp_forward", "out");
   EXPECT_TRUE(xm_.same_bytes(before));
-  HostTensor both(DType::kFloat32, {kT * kK, kH + kD});  // hidden and out in one buffer, overlapping
+  HostTensor both(DType::kFloat32,
+                  {kT * kK, kH + kD});  // hidden and out in one buffer, overlapping
   both.poison(kSentinel);
-  const TensorView hidden_in_both = TensorView::contiguous(both.view().data(), DType::kFloat32, {kT * kK, kH});
-  const TensorView out_in_both = TensorView::contiguous(both.view().data(), DType::kFloat32, {kT, kD});
-  SCATTERMOE_EXPECT_INVALID_ARGUMENT(mlp_forward(args_, routing_.plan(), out_in_both, hidden_in_both, ws_->context()),
-                                     "mlp_forward", "hidden");
+  const TensorView hidden_in_both =
+      TensorView::contiguous(both.view().data(), DType::kFloat32, {kT * kK, kH});
+  const TensorView out_in_both =
+      TensorView::contiguous(both.view().data(), DType::kFloat32, {kT, kD});
+  SCATTERMOE_EXPECT_INVALID_ARGUMENT(
+      mlp_forward(args_, routing_.plan(), out_in_both, hidden_in_both, ws_->context()),
+      "mlp_forward", "hidden");
   EXPECT_TRUE(untouched(both));
   expect_forward_outputs_untouched();
 }
@@ -511,19 +559,23 @@ TEST_F(MlpErrors, ForwardTooSmallWorkspaceAndNullData) {
   if (need > 0) {
     std::vector<unsigned char> mem(need);
     SCATTERMOE_EXPECT_INVALID_ARGUMENT(
-        mlp_forward(args_, routing_.plan(), out_.view(), hidden_.view(), Context{nullptr, Workspace{mem.data(), need - 1}}),
+        mlp_forward(args_, routing_.plan(), out_.view(), hidden_.view(),
+                    Context{nullptr, Workspace{mem.data(), need - 1}}),
         "mlp_forward", "ctx.workspace");
-    SCATTERMOE_EXPECT_INVALID_ARGUMENT(mlp_forward(args_, routing_.plan(), out_.view(), hidden_.view()),
-                                       "mlp_forward", "ctx.workspace");
+    SCATTERMOE_EXPECT_INVALID_ARGUMENT(
+        mlp_forward(args_, routing_.plan(), out_.view(), hidden_.view()), "mlp_forward",
+        "ctx.workspace");
   }
   MlpArgs bad = args_;
   bad.x = TensorView::contiguous(kNoData, DType::kFloat32, {kT, kD});
-  SCATTERMOE_EXPECT_INVALID_ARGUMENT(mlp_forward(bad, routing_.plan(), out_.view(), hidden_.view(), ws_->context()),
-                                     "mlp_forward", "x");
+  SCATTERMOE_EXPECT_INVALID_ARGUMENT(
+      mlp_forward(bad, routing_.plan(), out_.view(), hidden_.view(), ws_->context()), "mlp_forward",
+      "x");
   bad = args_;
   bad.gates = TensorView{};
-  SCATTERMOE_EXPECT_INVALID_ARGUMENT(mlp_forward(bad, routing_.plan(), out_.view(), hidden_.view(), ws_->context()),
-                                     "mlp_forward", "gates");
+  SCATTERMOE_EXPECT_INVALID_ARGUMENT(
+      mlp_forward(bad, routing_.plan(), out_.view(), hidden_.view(), ws_->context()), "mlp_forward",
+      "gates");
   expect_forward_outputs_untouched();
 }
 
@@ -531,7 +583,8 @@ TEST_F(MlpErrors, BackwardBadArguments) {
   HostTensor hidden(DType::kFloat32, {kT * kK, kH});
   HostTensor d_out(DType::kFloat32, {kT, kD});
   HostTensor dx(DType::kFloat32, {kT, kD}), dw1(DType::kFloat32, {kE, kD, kH}),
-      db1(DType::kFloat32, {kE, kH}), dw2(DType::kFloat32, {kE, kH, kD}), dg(DType::kFloat32, {kT, kK});
+      db1(DType::kFloat32, {kE, kH}), dw2(DType::kFloat32, {kE, kH, kD}),
+      dg(DType::kFloat32, {kT, kK});
   for (HostTensor* t : {&dx, &dw1, &db1, &dw2, &dg}) t->poison(kSentinel);
   MlpGrads grads;
   grads.dx = dx.view();
@@ -554,26 +607,29 @@ TEST_F(MlpErrors, BackwardBadArguments) {
   bad = grads;
   HostTensor dg_bf16(DType::kBFloat16, {kT, kK});
   bad.d_gates = dg_bf16.view();
-  SCATTERMOE_EXPECT_INVALID_ARGUMENT(call(args_, bad, ws_->context()), "mlp_backward", "grads.d_gates");
+  SCATTERMOE_EXPECT_INVALID_ARGUMENT(call(args_, bad, ws_->context()), "mlp_backward",
+                                     "grads.d_gates");
   HostTensor hidden_bad(DType::kFloat32, {kT * kK, kH + 1});
   SCATTERMOE_EXPECT_INVALID_ARGUMENT(
-      mlp_backward(args_, routing_.plan(), hidden_bad.view(), d_out.view(), grads, ws_->context()), "mlp_backward",
-      "hidden");
+      mlp_backward(args_, routing_.plan(), hidden_bad.view(), d_out.view(), grads, ws_->context()),
+      "mlp_backward", "hidden");
   HostTensor d_out_bad(DType::kFloat32, {kT * kK, kD});
   SCATTERMOE_EXPECT_INVALID_ARGUMENT(
-      mlp_backward(args_, routing_.plan(), hidden.view(), d_out_bad.view(), grads, ws_->context()), "mlp_backward",
-      "d_out");
+      mlp_backward(args_, routing_.plan(), hidden.view(), d_out_bad.view(), grads, ws_->context()),
+      "mlp_backward", "d_out");
   const std::size_t need = mlp_backward_workspace_size(args_, routing_.plan());
   if (need > 0) {
     std::vector<unsigned char> mem(need);
-    SCATTERMOE_EXPECT_INVALID_ARGUMENT(call(args_, grads, Context{nullptr, Workspace{mem.data(), need - 1}}),
-                                       "mlp_backward", "ctx.workspace");
+    SCATTERMOE_EXPECT_INVALID_ARGUMENT(
+        call(args_, grads, Context{nullptr, Workspace{mem.data(), need - 1}}), "mlp_backward",
+        "ctx.workspace");
   }
   for (HostTensor* t : {&dx, &dw1, &db1, &dw2, &dg}) EXPECT_TRUE(untouched(*t));
 }
 
 TEST(ActivationNames, ParseAndNameRoundTrip) {
-  for (Activation a : {Activation::kGelu, Activation::kGeluTanh, Activation::kSilu, Activation::kRelu}) {
+  for (Activation a :
+       {Activation::kGelu, Activation::kGeluTanh, Activation::kSilu, Activation::kRelu}) {
     EXPECT_EQ(parse_activation(activation_name(a)), a);
   }
   EXPECT_STREQ(activation_name(Activation::kGelu), "gelu");

@@ -9,9 +9,12 @@ enum class Coeff { kNone, kFlat, kTokenByChoice };
 
 const char* coeff_name(Coeff c) {
   switch (c) {
-    case Coeff::kNone: return "no-coeff";
-    case Coeff::kFlat: return "coeff-flat";
-    case Coeff::kTokenByChoice: return "coeff-(T,k)";
+    case Coeff::kNone:
+      return "no-coeff";
+    case Coeff::kFlat:
+      return "coeff-flat";
+    case Coeff::kTokenByChoice:
+      return "coeff-(T,k)";
   }
   return "?";
 }
@@ -89,8 +92,8 @@ TEST(Group, CoeffInAnotherFloatDtype) {
   check::fill_ints(coeff.view(), rng);
   g.poison();
   group(a.view(), r.plan(), r.k, coeff.view(), g.view());
-  EXPECT_TRUE(exactly_equal(g.view(), check::reference_group(read(a.view()), r.ref, r.k,
-                                                             read(coeff.view()).v)));
+  EXPECT_TRUE(exactly_equal(
+      g.view(), check::reference_group(read(a.view()), r.ref, r.k, read(coeff.view()).v)));
 }
 
 TEST(Group, DeterministicReruns) {

@@ -45,7 +45,8 @@ void run_all(DType dt, bool exact) {
         if (exact) {
           ASSERT_TRUE(fits_exactly(stack(p.want_dw)) && fits_exactly(p.want_db));
         }
-        group_xty(p.dy.view(), p.x.view(), r.plan(), p.dw.view(), with_db ? p.db.view() : TensorView{});
+        group_xty(p.dy.view(), p.x.view(), r.plan(), p.dw.view(),
+                  with_db ? p.db.view() : TensorView{});
         if (exact) {
           EXPECT_TRUE(exactly_equal(p.dw.view(), stack(p.want_dw)));
           if (with_db) {

@@ -26,7 +26,8 @@ struct Problem {
 };
 
 bool all_fit(const check::ReferenceMlp& w) {
-  for (const Matrix* m : {&w.out, &w.hidden, &w.act, &w.y2, &w.dh, &w.dx, &w.db1, &w.db2, &w.d_gates}) {
+  for (const Matrix* m :
+       {&w.out, &w.hidden, &w.act, &w.y2, &w.dh, &w.dx, &w.db1, &w.db2, &w.d_gates}) {
     if (!fits_exactly(*m)) return false;
   }
   return fits_exactly(stack(w.dw1)) && fits_exactly(stack(w.dw2));
@@ -56,7 +57,8 @@ Problem make_problem(const Routing& r, const Config& c, DType dt, bool exact, st
   p.dg = HostTensor(dt, {r.tokens, r.k});
   for (int attempt = 0; attempt < 200; ++attempt) {
     if (exact) {
-      for (const HostTensor* t : {&p.x, &p.w1, &p.b1, &p.w2, &p.b2}) check::fill_ints(t->view(), rng, -1, 1);
+      for (const HostTensor* t : {&p.x, &p.w1, &p.b1, &p.w2, &p.b2})
+        check::fill_ints(t->view(), rng, -1, 1);
       check::fill_ints(p.gates.view(), rng);
       check::fill_ints(p.d_out.view(), rng);
     } else {
@@ -69,11 +71,10 @@ Problem make_problem(const Routing& r, const Config& c, DType dt, bool exact, st
       check::fill_normal(p.d_out.view(), rng);
     }
     const Matrix dout = read(p.d_out.view());
-    p.want = check::reference_mlp(read(p.x.view()), check::to_matrices(p.w1.view()),
-                                  c.bias ? read(p.b1.view()) : Matrix(),
-                                  check::to_matrices(p.w2.view()),
-                                  c.bias ? read(p.b2.view()) : Matrix(), read(p.gates.view()),
-                                  r.ref, c.act, c.glu, &dout);
+    p.want = check::reference_mlp(
+        read(p.x.view()), check::to_matrices(p.w1.view()), c.bias ? read(p.b1.view()) : Matrix(),
+        check::to_matrices(p.w2.view()), c.bias ? read(p.b2.view()) : Matrix(),
+        read(p.gates.view()), r.ref, c.act, c.glu, &dout);
     if (!exact || all_fit(p.want)) break;
   }
   p.args.x = p.x.view();
@@ -90,7 +91,8 @@ Problem make_problem(const Routing& r, const Config& c, DType dt, bool exact, st
   p.grads.dw2 = p.dw2.view();
   p.grads.db2 = c.bias ? p.db2.view() : TensorView{};
   p.grads.d_gates = p.dg.view();
-  for (HostTensor* t : {&p.out, &p.hidden, &p.dx, &p.dw1, &p.db1, &p.dw2, &p.db2, &p.dg}) t->poison();
+  for (HostTensor* t : {&p.out, &p.hidden, &p.dx, &p.dw1, &p.db1, &p.dw2, &p.db2, &p.dg})
+    t->poison();
   return p;
 }
 
@@ -140,7 +142,8 @@ void random_all_activations(DType dt) {
   std::mt19937_64 rng(63);
   for (const Routing& r : awkward_routings(64)) {
     for (bool glu : {false, true}) {
-      for (Activation act : {Activation::kGelu, Activation::kGeluTanh, Activation::kSilu, Activation::kRelu}) {
+      for (Activation act :
+           {Activation::kGelu, Activation::kGeluTanh, Activation::kSilu, Activation::kRelu}) {
         const Config c{glu, act != Activation::kSilu, act, glu};
         SCOPED_TRACE(r.name + "/" + c.name());
         Problem p = make_problem(r, c, dt, false, rng, 13, 7);
@@ -183,31 +186,49 @@ void finite_difference_check(const Routing& r, const Config& c) {
     return weighted_sum(read(p.out.view()), R);
   };
   const double eps = 1e-2, tol_fd = 2e-3;
-  EXPECT_TRUE(close_to(read(p.dx.view()), finite_difference(p.x.view(), eps, library_loss), tol_fd)) << "dx";
-  EXPECT_TRUE(close_to(read(p.dw1.view()), finite_difference(p.w1.view(), eps, library_loss), tol_fd)) << "dw1";
-  EXPECT_TRUE(close_to(read(p.dw2.view()), finite_difference(p.w2.view(), eps, library_loss), tol_fd)) << "dw2";
+  EXPECT_TRUE(close_to(read(p.dx.view()), finite_difference(p.x.view(), eps, library_loss), tol_fd))
+      << "dx";
+  EXPECT_TRUE(
+      close_to(read(p.dw1.view()), finite_difference(p.w1.view(), eps, library_loss), tol_fd))
+      << "dw1";
+  EXPECT_TRUE(
+      close_to(read(p.dw2.view()), finite_difference(p.w2.view(), eps, library_loss), tol_fd))
+      << "dw2";
   if (c.bias) {
-    EXPECT_TRUE(close_to(read(p.db1.view()), finite_difference(p.b1.view(), eps, library_loss), tol_fd)) << "db1";
-    EXPECT_TRUE(close_to(read(p.db2.view()), finite_difference(p.b2.view(), eps, library_loss), tol_fd)) << "db2";
+    EXPECT_TRUE(
+        close_to(read(p.db1.view()), finite_difference(p.b1.view(), eps, library_loss), tol_fd))
+        << "db1";
+    EXPECT_TRUE(
+        close_to(read(p.db2.view()), finite_difference(p.b2.view(), eps, library_loss), tol_fd))
+        << "db2";
   }
-  EXPECT_TRUE(close_to(read(p.dg.view()), finite_difference(p.gates.view(), eps, library_loss), tol_fd)) << "d_gates";
+  EXPECT_TRUE(
+      close_to(read(p.dg.view()), finite_difference(p.gates.view(), eps, library_loss), tol_fd))
+      << "d_gates";
 
   Matrix x = read(p.x.view()), g = read(p.gates.view());
   Matrix b1 = c.bias ? read(p.b1.view()) : Matrix(), b2 = c.bias ? read(p.b2.view()) : Matrix();
   std::vector<Matrix> w1 = check::to_matrices(p.w1.view()), w2 = check::to_matrices(p.w2.view());
   const auto oracle_loss = [&] {
-    return weighted_sum(check::reference_mlp(x, w1, b1, w2, b2, g, r.ref, c.act, c.glu, nullptr).out, R);
+    return weighted_sum(
+        check::reference_mlp(x, w1, b1, w2, b2, g, r.ref, c.act, c.glu, nullptr).out, R);
   };
-  const check::ReferenceMlp ref = check::reference_mlp(x, w1, b1, w2, b2, g, r.ref, c.act, c.glu, &R);
+  const check::ReferenceMlp ref =
+      check::reference_mlp(x, w1, b1, w2, b2, g, r.ref, c.act, c.glu, &R);
   const double h = 1e-6, tol_oracle = 1e-6;
   EXPECT_TRUE(close_to(ref.dx, finite_difference(x, h, oracle_loss), tol_oracle)) << "oracle dx";
-  EXPECT_TRUE(close_to(stack(ref.dw1), finite_difference(w1, h, oracle_loss), tol_oracle)) << "oracle dw1";
-  EXPECT_TRUE(close_to(stack(ref.dw2), finite_difference(w2, h, oracle_loss), tol_oracle)) << "oracle dw2";
+  EXPECT_TRUE(close_to(stack(ref.dw1), finite_difference(w1, h, oracle_loss), tol_oracle))
+      << "oracle dw1";
+  EXPECT_TRUE(close_to(stack(ref.dw2), finite_difference(w2, h, oracle_loss), tol_oracle))
+      << "oracle dw2";
   if (c.bias) {
-    EXPECT_TRUE(close_to(ref.db1, finite_difference(b1, h, oracle_loss), tol_oracle)) << "oracle db1";
-    EXPECT_TRUE(close_to(ref.db2, finite_difference(b2, h, oracle_loss), tol_oracle)) << "oracle db2";
+    EXPECT_TRUE(close_to(ref.db1, finite_difference(b1, h, oracle_loss), tol_oracle))
+        << "oracle db1";
+    EXPECT_TRUE(close_to(ref.db2, finite_difference(b2, h, oracle_loss), tol_oracle))
+        << "oracle db2";
   }
-  EXPECT_TRUE(close_to(ref.d_gates, finite_difference(g, h, oracle_loss), tol_oracle)) << "oracle d_gates";
+  EXPECT_TRUE(close_to(ref.d_gates, finite_difference(g, h, oracle_loss), tol_oracle))
+      << "oracle d_gates";
 
   const double tol = check::tolerance_for(DType::kFloat32);
   EXPECT_TRUE(close_to(read(p.dx.view()), ref.dx, tol)) << "library dx vs oracle";
@@ -274,7 +295,8 @@ TEST(Mlp, ReluGradientIsZeroAtZero) {
   args.activation = Activation::kRelu;
   Scratch fw(mlp_forward_workspace_size(args, r.plan()));
   const TensorView hv = TensorView::contiguous(hidden.data(), DType::kFloat32, {1, 1});
-  mlp_forward(args, r.plan(), TensorView::contiguous(out.data(), DType::kFloat32, {1, 1}), hv, fw.context());
+  mlp_forward(args, r.plan(), TensorView::contiguous(out.data(), DType::kFloat32, {1, 1}), hv,
+              fw.context());
   MlpGrads grads;
   grads.dx = TensorView::contiguous(dx.data(), DType::kFloat32, {1, 1});
   grads.dw1 = TensorView::contiguous(dw1.data(), DType::kFloat32, {1, 1, 1});
@@ -282,8 +304,8 @@ TEST(Mlp, ReluGradientIsZeroAtZero) {
   grads.dw2 = TensorView::contiguous(dw2.data(), DType::kFloat32, {1, 1, 1});
   grads.d_gates = TensorView::contiguous(dg.data(), DType::kFloat32, {1, 1});
   Scratch bw(mlp_backward_workspace_size(args, r.plan()));
-  mlp_backward(args, r.plan(), hv, TensorView::contiguous(dout.data(), DType::kFloat32, {1, 1}), grads,
-               bw.context());
+  mlp_backward(args, r.plan(), hv, TensorView::contiguous(dout.data(), DType::kFloat32, {1, 1}),
+               grads, bw.context());
   EXPECT_EQ(out[0], 0.0f);
   EXPECT_EQ(dx[0], 0.0f);
   EXPECT_EQ(dw1[0], 0.0f);
@@ -320,13 +342,15 @@ TEST(Mlp, DeterministicRerunsForwardAndBackward) {
       Problem p = make_problem(r, c, DType::kBFloat16, false, rng, 13, 7);
       forward(p, r.plan());
       backward(p, r.plan());
-      std::vector<HostTensor*> outs{&p.out, &p.hidden, &p.dx, &p.dw1, &p.db1, &p.dw2, &p.db2, &p.dg};
+      std::vector<HostTensor*> outs{&p.out, &p.hidden, &p.dx,  &p.dw1,
+                                    &p.db1, &p.dw2,    &p.db2, &p.dg};
       std::vector<HostTensor> first;
       for (HostTensor* t : outs) first.push_back(*t);
       for (HostTensor* t : outs) t->poison();
       forward(p, r.plan());
       backward(p, r.plan());
-      for (std::size_t n = 0; n < outs.size(); ++n) EXPECT_TRUE(outs[n]->same_bytes(first[n])) << "output " << n;
+      for (std::size_t n = 0; n < outs.size(); ++n)
+        EXPECT_TRUE(outs[n]->same_bytes(first[n])) << "output " << n;
     }
   }
 }

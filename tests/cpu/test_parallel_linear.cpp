@@ -31,7 +31,8 @@ struct Problem {
 // k = 4, |d_gates| <= 3*30*2, |dW| <= rows * 8 <= 72, |dX| <= k*3*4*2 = 96: all exact in bf16.
 Problem make_problem(const Routing& r, const Mode& m, bool bias, bool transposed, DType dt,
                      bool exact, std::mt19937_64& rng, std::int64_t d_in = 7,
-                     std::int64_t d_out = 3, DType gate_dt = DType::kFloat32, bool same_gate_dt = true) {
+                     std::int64_t d_out = 3, DType gate_dt = DType::kFloat32,
+                     bool same_gate_dt = true) {
   Problem p;
   const std::int64_t x_rows = m.grouped_in ? r.rows() : r.tokens;
   const std::int64_t out_rows = m.gates ? r.tokens : r.rows();
@@ -167,11 +168,15 @@ void finite_difference_check(const Routing& r, const Mode& m) {
     return weighted_sum(read(p.out.view()), R);
   };
   const double eps = 1e-2;
-  EXPECT_TRUE(close_to(read(p.dx.view()), finite_difference(p.x.view(), eps, library_loss), 1e-3)) << "dx";
-  EXPECT_TRUE(close_to(read(p.dw.view()), finite_difference(p.w.view(), eps, library_loss), 1e-3)) << "dw";
-  EXPECT_TRUE(close_to(read(p.db.view()), finite_difference(p.b.view(), eps, library_loss), 1e-3)) << "db";
+  EXPECT_TRUE(close_to(read(p.dx.view()), finite_difference(p.x.view(), eps, library_loss), 1e-3))
+      << "dx";
+  EXPECT_TRUE(close_to(read(p.dw.view()), finite_difference(p.w.view(), eps, library_loss), 1e-3))
+      << "dw";
+  EXPECT_TRUE(close_to(read(p.db.view()), finite_difference(p.b.view(), eps, library_loss), 1e-3))
+      << "db";
   if (m.gates) {
-    EXPECT_TRUE(close_to(read(p.dg.view()), finite_difference(p.gates.view(), eps, library_loss), 1e-3))
+    EXPECT_TRUE(
+        close_to(read(p.dg.view()), finite_difference(p.gates.view(), eps, library_loss), 1e-3))
         << "d_gates";
   }
 
@@ -180,16 +185,19 @@ void finite_difference_check(const Routing& r, const Mode& m) {
   std::vector<Matrix> w = check::to_matrices(p.w.view());
   const auto oracle_loss = [&] {
     return weighted_sum(check::reference_parallel_linear(x, w, b, g, r.ref, r.k, m.grouped_in,
-                                                         m.grouped_out, nullptr).out, R);
+                                                         m.grouped_out, nullptr)
+                            .out,
+                        R);
   };
-  const check::ReferenceLinear ref = check::reference_parallel_linear(
-      x, w, b, g, r.ref, r.k, m.grouped_in, m.grouped_out, &R);
+  const check::ReferenceLinear ref =
+      check::reference_parallel_linear(x, w, b, g, r.ref, r.k, m.grouped_in, m.grouped_out, &R);
   const double h = 1e-6;
   EXPECT_TRUE(close_to(ref.dx, finite_difference(x, h, oracle_loss), 1e-7)) << "oracle dx";
   EXPECT_TRUE(close_to(stack(ref.dw), finite_difference(w, h, oracle_loss), 1e-7)) << "oracle dw";
   EXPECT_TRUE(close_to(ref.db, finite_difference(b, h, oracle_loss), 1e-7)) << "oracle db";
   if (m.gates) {
-    EXPECT_TRUE(close_to(ref.d_gates, finite_difference(g, h, oracle_loss), 1e-7)) << "oracle d_gates";
+    EXPECT_TRUE(close_to(ref.d_gates, finite_difference(g, h, oracle_loss), 1e-7))
+        << "oracle d_gates";
   }
   const double tol = check::tolerance_for(DType::kFloat32);
   EXPECT_TRUE(close_to(read(p.dx.view()), ref.dx, tol)) << "library dx vs oracle";
@@ -224,7 +232,8 @@ TEST(ParallelLinear, TransposedGradientLandsInParameterLayout) {
   std::mt19937_64 rng(49);
   const Routing r = awkward_routings(50)[0];
   const std::int64_t d_in = 7, d_out = 3;
-  Problem p = make_problem(r, {false, false, true}, true, true, DType::kBFloat16, true, rng, d_in, d_out);
+  Problem p =
+      make_problem(r, {false, false, true}, true, true, DType::kBFloat16, true, rng, d_in, d_out);
   backward(p, r.plan());
   const TensorView param =
       TensorView::contiguous(p.dw.view().data(), DType::kBFloat16, {r.experts, d_out, d_in});
@@ -242,8 +251,8 @@ TEST(ParallelLinear, GatesInF32WithBf16Data) {
   std::mt19937_64 rng(51);
   for (const Routing& r : awkward_routings(52)) {
     SCOPED_TRACE(r.name);
-    Problem p = make_problem(r, {false, false, true}, true, false, DType::kBFloat16, true, rng, 7, 3,
-                             DType::kFloat32, false);
+    Problem p = make_problem(r, {false, false, true}, true, false, DType::kBFloat16, true, rng, 7,
+                             3, DType::kFloat32, false);
     forward(p, r.plan());
     EXPECT_TRUE(exactly_equal(p.out.view(), p.want.out));
     backward(p, r.plan());

@@ -24,7 +24,8 @@ TEST(RoutingPlan, HandWorkedExampleWithAnEmptyExpert) {
     SCOPED_TRACE(dtype_name(dt));
     const HostPlan plan = check::build_host_plan(idx, 3, 2, 4, dt);
     EXPECT_EQ(as_vector(plan.sorted_expert_idxs()), (std::vector<std::int64_t>{0, 0, 1, 1, 2, 2}));
-    EXPECT_EQ(as_vector(plan.sorted_scattered_idxs()), (std::vector<std::int64_t>{1, 4, 2, 5, 0, 3}));
+    EXPECT_EQ(as_vector(plan.sorted_scattered_idxs()),
+              (std::vector<std::int64_t>{1, 4, 2, 5, 0, 3}));
     EXPECT_EQ(as_vector(plan.expert_offsets()), (std::vector<std::int64_t>{2, 4, 6, 6}));
   }
 }

@@ -22,7 +22,8 @@ std::vector<Case> all_cases() {
   std::vector<Case> cs;
   for (int m = 0; m < 4; ++m) {
     for (bool bias : {false, true}) {
-      for (bool transposed : {false, true}) cs.push_back({bool(m & 2), bool(m & 1), bias, transposed});
+      for (bool transposed : {false, true})
+        cs.push_back({bool(m & 2), bool(m & 1), bias, transposed});
     }
   }
   return cs;
@@ -49,8 +50,8 @@ Problem make_problem(const Routing& r, const Case& c, DType dt, bool exact, std:
       check::fill_normal(t->view(), rng, t == &p.w ? 1.0 / std::sqrt(double(d_in)) : 1.0);
     }
   }
-  p.args = Scatter2ScatterArgs{p.x.view(), p.w.view(), c.bias ? p.b.view() : TensorView{}, r.k,
-                               c.x_grouped, c.y_grouped};
+  p.args = Scatter2ScatterArgs{p.x.view(), p.w.view(),  c.bias ? p.b.view() : TensorView{},
+                               r.k,        c.x_grouped, c.y_grouped};
   p.want = check::reference_scatter2scatter(read(p.x.view()), check::to_matrices(p.w.view()),
                                             c.bias ? read(p.b.view()) : Matrix(), r.ref, r.k,
                                             c.x_grouped, c.y_grouped);
@@ -94,7 +95,8 @@ TEST(Scatter2Scatter, RandomAgainstFloat64F16) { random_all_modes(DType::kFloat1
 TEST(Scatter2Scatter, FeatureSizesNotMultipleOfEight) {
   std::mt19937_64 rng(3);
   const auto routings = awkward_routings(13, false);
-  for (auto [d_in, d_out] : {std::pair<std::int64_t, std::int64_t>{7, 13}, {1, 1}, {13, 13}, {33, 3}}) {
+  for (auto [d_in, d_out] :
+       {std::pair<std::int64_t, std::int64_t>{7, 13}, {1, 1}, {13, 13}, {33, 3}}) {
     for (const Case& c : all_cases()) {
       SCOPED_TRACE(std::to_string(d_in) + "x" + std::to_string(d_out) + "/" + c.name());
       Problem p = make_problem(routings[0], c, DType::kBFloat16, true, rng, d_in, d_out);
@@ -166,13 +168,17 @@ TEST(Scatter2Scatter, NoTokensIsValidAndWritesNothing) {
     SCOPED_TRACE(c.name());
     std::vector<float> w(3 * 5 * 4, 1.0f), b(3 * 4, 1.0f);
     const TensorView x = TensorView::contiguous(kNoData, DType::kFloat32, {0, 5});
-    const TensorView wv = c.transposed
-                              ? TensorView::contiguous(w.data(), DType::kFloat32, {3, 4, 5}).transposed(1, 2)
-                              : TensorView::contiguous(w.data(), DType::kFloat32, {3, 5, 4});
+    const TensorView wv =
+        c.transposed ? TensorView::contiguous(w.data(), DType::kFloat32, {3, 4, 5}).transposed(1, 2)
+                     : TensorView::contiguous(w.data(), DType::kFloat32, {3, 5, 4});
     const TensorView y = TensorView::contiguous(kNoData, DType::kFloat32, {0, 4});
-    const Scatter2ScatterArgs args{x, wv, c.bias ? TensorView::contiguous(b.data(), DType::kFloat32, {3, 4})
-                                                 : TensorView{},
-                                   2, c.x_grouped, c.y_grouped};
+    const Scatter2ScatterArgs args{
+        x,
+        wv,
+        c.bias ? TensorView::contiguous(b.data(), DType::kFloat32, {3, 4}) : TensorView{},
+        2,
+        c.x_grouped,
+        c.y_grouped};
     EXPECT_NO_THROW(scatter2scatter(args, r.plan(), y));
   }
 }
