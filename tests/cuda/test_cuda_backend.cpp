@@ -118,7 +118,8 @@ struct Pair {
 
 // Compares the device result with the CPU oracle's: bitwise-equal values for integer inputs,
 // the dtype's tolerance for random ones; NaN (an unwritten element) never passes.
-void expect_match(const Pair& p, bool exact, DType dtype, const std::string& what) {
+void expect_match(const Pair& p, bool exact, DType dtype, const std::string& what,
+                  double tolerance_scale = 1.0) {
   HostTensor got = p.host;  // same shape and layout
   p.dev.download(got);
   const TensorView want_v = p.host.view();
@@ -139,7 +140,7 @@ void expect_match(const Pair& p, bool exact, DType dtype, const std::string& wha
         ASSERT_EQ(have.v[i], want.v[i]) << what << ": element " << i;
       }
     } else {
-      EXPECT_LE(check::relative_error(have, want), check::tolerance_for(dtype)) << what;
+      EXPECT_LE(check::relative_error(have, want), tolerance_scale * check::tolerance_for(dtype)) << what;
     }
   }
 }
@@ -417,7 +418,10 @@ TEST(CudaMlp, ForwardBackwardMatchCpu) {
           expect_match(m.db1, false, dtype, what + " db1");
           expect_match(m.db2, false, dtype, what + " db2");
         }
-        expect_match(m.dg, false, dtype, what + " d_gates");
+        // d_gates is a dot product over h that the GPU takes from dtype-rounded intermediates
+        // (dA', A) and the oracle from fp32 ones; cancellation in such a sum amplifies the
+        // rounding by up to sum|a_i b_i| / |sum a_i b_i|, about sqrt(h) for random data.
+        expect_match(m.dg, false, dtype, what + " d_gates", 4.0);
       }
     }
   }
