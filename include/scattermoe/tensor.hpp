@@ -61,6 +61,13 @@ class TensorView {
                                Device device = Device::cpu()) {
     return contiguous(const_cast<void*>(data), dtype, shape, device);
   }
+  // contiguous(nullptr, ...) (an empty tensor without memory); without it the call would be
+  // ambiguous between the two overloads above.
+  static TensorView contiguous(std::nullptr_t, DType dtype,
+                               std::initializer_list<std::int64_t> shape,
+                               Device device = Device::cpu()) {
+    return contiguous(static_cast<void*>(nullptr), dtype, shape, device);
+  }
 
   bool defined() const { return rank_ >= 0; }
   void* data() const { return data_; }

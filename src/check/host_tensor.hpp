@@ -54,6 +54,7 @@ class HostTensor {
   const unsigned char* bytes() const {
     return reinterpret_cast<const unsigned char*>(words_.data());
   }
+  unsigned char* bytes() { return reinterpret_cast<unsigned char*>(words_.data()); }
   std::size_t byte_size() const { return bytes_; }
   bool same_bytes(const HostTensor& other) const {
     return bytes_ == other.bytes_ && std::memcmp(bytes(), other.bytes(), bytes_) == 0;

@@ -27,10 +27,6 @@ using check::Matrix;
 using check::Plan64;
 using check::Scratch;
 
-// A typed null pointer: TensorView::contiguous(nullptr, ...) is ambiguous between its void* and
-// const void* overloads.
-inline constexpr void* kNoData = nullptr;
-
 inline const char* short_name(DType dtype) { return dtype_name(dtype); }
 
 // ---- routings ------------------------------------------------------------------------------

@@ -12,8 +12,6 @@
 namespace scattermoe::detail {
 namespace {
 
-constexpr void* kNoData = nullptr;  // contiguous(nullptr, ...) is ambiguous
-
 using ::scattermoe::testing::contains;
 
 template <class F>
@@ -40,12 +38,12 @@ TEST(Checks, ExpectDefinedAndData) {
   EXPECT_NO_THROW(expect_defined("op", "x", v));
   EXPECT_EQ(message_of([] { expect_defined("op", "x", TensorView{}); }),
             "op: argument 'x' is undefined; expected a tensor");
-  const TensorView null_data = TensorView::contiguous(kNoData, DType::kFloat32, {2, 3});
+  const TensorView null_data = TensorView::contiguous(nullptr, DType::kFloat32, {2, 3});
   EXPECT_TRUE(contains(message_of([&] { expect_defined("op", "x", null_data); }),
                        "op: argument 'x' is a null pointer with 6 elements"));
   // Null data is fine for an empty tensor.
   EXPECT_NO_THROW(
-      expect_defined("op", "x", TensorView::contiguous(kNoData, DType::kFloat32, {0, 3})));
+      expect_defined("op", "x", TensorView::contiguous(nullptr, DType::kFloat32, {0, 3})));
 }
 
 TEST(Checks, ExpectShapeWithWildcards) {

@@ -10,8 +10,6 @@
 namespace scattermoe {
 namespace {
 
-constexpr void* kNoData = nullptr;  // contiguous(nullptr, ...) is ambiguous
-
 TEST(TensorView, UndefinedByDefault) {
   const TensorView v;
   EXPECT_FALSE(v.defined());
@@ -38,7 +36,7 @@ TEST(TensorView, ContiguousRowMajorStrides) {
 }
 
 TEST(TensorView, ContiguousWithZeroSizedDimension) {
-  const TensorView v = TensorView::contiguous(kNoData, DType::kBFloat16, {0, 7});
+  const TensorView v = TensorView::contiguous(nullptr, DType::kBFloat16, {0, 7});
   EXPECT_EQ(v.numel(), 0);
   EXPECT_EQ(v.stride(0), 7);
   EXPECT_EQ(v.stride(1), 1);
@@ -128,7 +126,7 @@ TEST(TensorView, DescribeNamesDtypeShapeStridesAndDevice) {
   const TensorView v = TensorView::contiguous(buf.data(), DType::kBFloat16, {8, 32, 64});
   EXPECT_EQ(v.describe(), "bf16[8, 32, 64] on cpu");
   EXPECT_EQ(v.transposed(1, 2).describe(), "bf16[8, 64, 32] strides [2048, 1, 64] on cpu");
-  const TensorView g = TensorView::contiguous(kNoData, DType::kFloat32, {4}, Device::cuda(1));
+  const TensorView g = TensorView::contiguous(nullptr, DType::kFloat32, {4}, Device::cuda(1));
   EXPECT_EQ(g.describe(), "f32[4] on cuda:1");
 }
 

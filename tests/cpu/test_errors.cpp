@@ -120,7 +120,7 @@ TEST_F(RoutingPlanErrors, PlanOutputAliasingExpertIdxs) {
 }
 
 TEST_F(RoutingPlanErrors, NullDataWithElements) {
-  const TensorView null_ids = TensorView::contiguous(kNoData, DType::kInt64, {kT, kK});
+  const TensorView null_ids = TensorView::contiguous(nullptr, DType::kInt64, {kT, kK});
   SCATTERMOE_EXPECT_INVALID_ARGUMENT(
       build_routing_plan(null_ids, kE, plan_.plan(), scratch_->context()), "build_routing_plan",
       "expert_idxs");
@@ -248,17 +248,17 @@ TEST_F(OpErrors, Scatter2ScatterOutputAliasingAnInput) {
 
 TEST_F(OpErrors, Scatter2ScatterNullDataWithElements) {
   Scatter2ScatterArgs args = s2s_args();
-  args.x = TensorView::contiguous(kNoData, DType::kFloat32, {kT, kDIn});
+  args.x = TensorView::contiguous(nullptr, DType::kFloat32, {kT, kDIn});
   SCATTERMOE_EXPECT_INVALID_ARGUMENT(scatter2scatter(args, routing_.plan(), y_.view()),
                                      "scatter2scatter", "x");
   args = s2s_args();
-  args.w = TensorView::contiguous(kNoData, DType::kFloat32, {kE, kDIn, kDOut});
+  args.w = TensorView::contiguous(nullptr, DType::kFloat32, {kE, kDIn, kDOut});
   SCATTERMOE_EXPECT_INVALID_ARGUMENT(scatter2scatter(args, routing_.plan(), y_.view()),
                                      "scatter2scatter", "w");
   EXPECT_TRUE(untouched(y_));
   SCATTERMOE_EXPECT_INVALID_ARGUMENT(
       scatter2scatter(s2s_args(), routing_.plan(),
-                      TensorView::contiguous(kNoData, DType::kFloat32, {kT * kK, kDOut})),
+                      TensorView::contiguous(nullptr, DType::kFloat32, {kT * kK, kDOut})),
       "scatter2scatter", "y");
 }
 
@@ -305,7 +305,7 @@ TEST_F(OpErrors, GroupBadArguments) {
                                      "group", "g");
   SCATTERMOE_EXPECT_INVALID_ARGUMENT(
       group(x_.view(), routing_.plan(), kK, TensorView{},
-            TensorView::contiguous(kNoData, DType::kFloat32, {kT * kK, kDIn})),
+            TensorView::contiguous(nullptr, DType::kFloat32, {kT * kK, kDIn})),
       "group", "g");
   EXPECT_TRUE(untouched(g));
 }
@@ -567,7 +567,7 @@ TEST_F(MlpErrors, ForwardTooSmallWorkspaceAndNullData) {
         "ctx.workspace");
   }
   MlpArgs bad = args_;
-  bad.x = TensorView::contiguous(kNoData, DType::kFloat32, {kT, kD});
+  bad.x = TensorView::contiguous(nullptr, DType::kFloat32, {kT, kD});
   SCATTERMOE_EXPECT_INVALID_ARGUMENT(
       mlp_forward(bad, routing_.plan(), out_.view(), hidden_.view(), ws_->context()), "mlp_forward",
       "x");

@@ -111,10 +111,10 @@ TEST(Group, DeterministicReruns) {
 
 TEST(Group, NoTokensIsValid) {
   const Routing r = make_routing("empty", {}, 0, 2, 3);
-  const TensorView a = TensorView::contiguous(kNoData, DType::kFloat32, {0, 4});
-  const TensorView g = TensorView::contiguous(kNoData, DType::kFloat32, {0, 4});
+  const TensorView a = TensorView::contiguous(nullptr, DType::kFloat32, {0, 4});
+  const TensorView g = TensorView::contiguous(nullptr, DType::kFloat32, {0, 4});
   EXPECT_NO_THROW(group(a, r.plan(), 2, TensorView{}, g));
-  EXPECT_NO_THROW(group(a, r.plan(), 1, TensorView::contiguous(kNoData, DType::kFloat32, {0}), g));
+  EXPECT_NO_THROW(group(a, r.plan(), 1, TensorView::contiguous(nullptr, DType::kFloat32, {0}), g));
 }
 
 }  // namespace

@@ -144,8 +144,8 @@ TEST(GroupXty, NoTokensGivesZeroGradients) {
   HostTensor db(DType::kFloat32, {3, 5});
   dw.poison();
   db.poison();
-  const TensorView dy = TensorView::contiguous(kNoData, DType::kFloat32, {0, 5});
-  const TensorView x = TensorView::contiguous(kNoData, DType::kFloat32, {0, 4});
+  const TensorView dy = TensorView::contiguous(nullptr, DType::kFloat32, {0, 5});
+  const TensorView x = TensorView::contiguous(nullptr, DType::kFloat32, {0, 4});
   ASSERT_NO_THROW(group_xty(dy, x, r.plan(), dw.view(), db.view()));
   for (double v : read(dw.view()).v) EXPECT_EQ(v, 0.0);
   for (double v : read(db.view()).v) EXPECT_EQ(v, 0.0);

@@ -76,9 +76,9 @@ TEST(RoutingPlan, NoTokensGivesZeroOffsetsAndDoesNotThrow) {
 
 TEST(RoutingPlan, NoTokensWithNullDataIsValid) {
   HostPlan plan(0, 2);
-  const TensorView idx = TensorView::contiguous(kNoData, DType::kInt32, {0, 1});
-  const RoutingPlan p{TensorView::contiguous(kNoData, DType::kInt64, {0}),
-                      TensorView::contiguous(kNoData, DType::kInt64, {0}),
+  const TensorView idx = TensorView::contiguous(nullptr, DType::kInt32, {0, 1});
+  const RoutingPlan p{TensorView::contiguous(nullptr, DType::kInt64, {0}),
+                      TensorView::contiguous(nullptr, DType::kInt64, {0}),
                       plan.plan().expert_offsets};
   Scratch scratch(routing_plan_workspace_size(0, 1, 2, Device::cpu()));
   EXPECT_NO_THROW(build_routing_plan(idx, 2, p, scratch.context()));

@@ -167,11 +167,11 @@ TEST(Scatter2Scatter, NoTokensIsValidAndWritesNothing) {
   for (const Case& c : all_cases()) {
     SCOPED_TRACE(c.name());
     std::vector<float> w(3 * 5 * 4, 1.0f), b(3 * 4, 1.0f);
-    const TensorView x = TensorView::contiguous(kNoData, DType::kFloat32, {0, 5});
+    const TensorView x = TensorView::contiguous(nullptr, DType::kFloat32, {0, 5});
     const TensorView wv =
         c.transposed ? TensorView::contiguous(w.data(), DType::kFloat32, {3, 4, 5}).transposed(1, 2)
                      : TensorView::contiguous(w.data(), DType::kFloat32, {3, 5, 4});
-    const TensorView y = TensorView::contiguous(kNoData, DType::kFloat32, {0, 4});
+    const TensorView y = TensorView::contiguous(nullptr, DType::kFloat32, {0, 4});
     const Scatter2ScatterArgs args{
         x,
         wv,
