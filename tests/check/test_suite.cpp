@@ -1,5 +1,6 @@
 // The correctness suite behind `scattermoe check`, run on the CPU backend, and the row-slice
 // MLP check used by the benchmark.
+#include "scattermoe/build_info.hpp"
 #include "check/suite.hpp"
 #include "common/test_util.hpp"
 
@@ -50,10 +51,19 @@ TEST(CorrectnessSuite, SameSeedSameResults) {
   }
 }
 
-TEST(CorrectnessSuite, CudaDeviceIsUnsupportedUntilTheBackendExists) {
+// Without a CUDA backend or a GPU the suite refuses a CUDA device; with both it runs there
+// (tests/cuda covers that case in depth).
+TEST(CorrectnessSuite, CudaDeviceRunsOnlyWhereABackendAndAGpuExist) {
   check::SuiteOptions options;
   options.device = Device::cuda(0);
-  EXPECT_THROW(check::run_suite(options), Unsupported);
+  bool gpu = false;
+  for (const DeviceInfo& d : list_devices()) gpu = gpu || d.device.type == DeviceType::kCUDA;
+  if (!build_info().cuda_backend || !gpu) {
+    EXPECT_THROW(check::run_suite(options), Unsupported);
+    return;
+  }
+  options.dtypes = {DType::kBFloat16};
+  for (const check::CheckResult& r : check::run_suite(options)) EXPECT_TRUE(r.passed) << r.name << ": " << r.detail;
 }
 
 TEST(CorrectnessSuite, RejectsIntegerDtypes) {
