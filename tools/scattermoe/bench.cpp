@@ -367,11 +367,11 @@ void print_table(const Resolved& r, const BenchDevice& device, const std::vector
   }
 }
 
-nlohmann::json to_json(const Resolved& r, const BenchDevice& device,
+nlohmann::ordered_json to_json(const Resolved& r, const BenchDevice& device,
                        const std::vector<Phase>& phases, const Memory& memory,
                        const check::SliceCheck* check, std::uint64_t seed) {
   const BuildInfo build = build_info();
-  nlohmann::json j;
+  nlohmann::ordered_json j;
   j["program"] = "scattermoe bench";
   j["version"] = build.version;
   j["preset"] = r.preset;
@@ -391,9 +391,9 @@ nlohmann::json to_json(const Resolved& r, const BenchDevice& device,
   j["warmup"] = r.warmup;
   j["seed"] = seed;
   j["flop_convention"] = "forward = 6*T*k*d*h; backward = 2x forward; forward+backward = 3x";
-  nlohmann::json phase_json = nlohmann::json::object();
+  nlohmann::ordered_json phase_json = nlohmann::ordered_json::object();
   for (const Phase& p : phases) {
-    nlohmann::json entry = {{"median_ms", p.times.median()},
+    nlohmann::ordered_json entry = {{"median_ms", p.times.median()},
                             {"min_ms", p.times.min()},
                             {"ms", p.times.ms}};
     if (p.flops > 0) {
@@ -403,7 +403,7 @@ nlohmann::json to_json(const Resolved& r, const BenchDevice& device,
     phase_json[p.name] = entry;
   }
   j["phases"] = phase_json;
-  nlohmann::json mem = nlohmann::json::object();
+  nlohmann::ordered_json mem = nlohmann::ordered_json::object();
   for (int c = 0; c < kNumCategories; ++c) mem[kCategoryNames[c]] = memory.bytes[c];
   mem["total"] = memory.total();
   mem["extra"] = memory.extra();
