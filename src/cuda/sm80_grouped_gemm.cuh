@@ -205,6 +205,29 @@ __device__ __forceinline__ void gemm_mainloop(TensorA& sA, TensorB& sB, int k_ti
   cp_async_wait<0>();
 }
 
+// Stores two results of adjacent columns (n, n+1) of one row: one wide store when both are in
+// range and the address allows it, else element by element.
+template <class T>
+__device__ __forceinline__ void store_pair(T* dst, float first, float second, bool second_in_range) {
+  struct alignas(2 * sizeof(T)) Pair {
+    T x, y;
+  };
+  if (second_in_range && reinterpret_cast<std::uintptr_t>(dst) % sizeof(Pair) == 0) {
+    *reinterpret_cast<Pair*>(dst) = Pair{T(first), T(second)};
+  } else {
+    dst[0] = T(first);
+    if (second_in_range) dst[1] = T(second);
+  }
+}
+
+// Whether accumulator values v and v+1 of this thread sit in adjacent columns of one row (true
+// for the tensor-op fragments; the compiler folds it, the thread offset cancelling out).
+template <class Coord>
+__device__ __forceinline__ bool adjacent_columns(const Coord& coord, int v) {
+  return cute::get<0>(coord(v + 1)) == cute::get<0>(coord(v)) &&
+         cute::get<1>(coord(v + 1)) == cute::get<1>(coord(v)) + 1;
+}
+
 // ---------------------------------------------------------------------------------------------
 // varlen-M: blockIdx.x walks the device-built tile list (tile_prefix[e] = inclusive count of
 // kBM-row tiles of experts 0..e), blockIdx.y the column tiles.
@@ -283,19 +306,40 @@ __global__ void __launch_bounds__(Sm80GemmConfig<T>::kThreads)
   const int k_tiles = static_cast<int>((p.k + kBK - 1) / kBK);
   gemm_mainloop<Config, true, kBKMajor>(sA, sB, k_tiles, load_a, load_b, acc);
 
-  // Epilogue: bias, convert, scatter rows to their destination.
+  // Epilogue: bias, convert, scatter rows to their destination (pairs of columns at a time).
   Tensor coord = mma.get_slice(threadIdx.x).partition_C(make_identity_tensor(make_shape(Int<kBM>{}, Int<kBN>{})));
   const T* bias = static_cast<const T*>(p.bias);
   T* c = static_cast<T*>(p.c);
+  // The tensor-op fragments hold pairs of adjacent columns; the fp32 FMA ones do not.
+  constexpr int kStep = sizeof(T) == 2 ? 2 : 1;
   CUTE_UNROLL
-  for (int v = 0; v < size(acc); ++v) {
+  for (int v = 0; v < size(acc); v += kStep) {
     const std::int64_t i = row0 + get<0>(coord(v));
     const std::int64_t n = n0 + get<1>(coord(v));
     if (i < row_end && n < p.n) {
-      float value = acc(v);
-      if (bias) value += to_float(bias[e * p.bias_expert_stride + n * p.bias_stride_n]);
       const std::int64_t out_row = p.c_index ? p.c_index[i] : i;
-      c[out_row * p.ldc + n] = T(value);
+      T* dst = c + out_row * p.ldc + n;
+      float first = acc(v);
+      if (bias) first += to_float(bias[e * p.bias_expert_stride + n * p.bias_stride_n]);
+      if constexpr (kStep == 2) {
+        const bool second_in = n + 1 < p.n && adjacent_columns(coord, v);
+        float second = acc(v + 1);
+        if (bias && second_in) second += to_float(bias[e * p.bias_expert_stride + (n + 1) * p.bias_stride_n]);
+        if (second_in) {
+          store_pair(dst, first, second, true);
+        } else {
+          *dst = T(first);
+          const std::int64_t i2 = row0 + get<0>(coord(v + 1));
+          const std::int64_t n2 = n0 + get<1>(coord(v + 1));
+          if (i2 < row_end && n2 < p.n) {
+            float x = acc(v + 1);
+            if (bias) x += to_float(bias[e * p.bias_expert_stride + n2 * p.bias_stride_n]);
+            c[(p.c_index ? p.c_index[i2] : i2) * p.ldc + n2] = T(x);
+          }
+        }
+      } else {
+        *dst = T(first);
+      }
     }
   }
 }
@@ -381,11 +425,27 @@ __global__ void __launch_bounds__(Sm80GemmConfig<T>::kThreads)
 
   Tensor coord = mma.get_slice(threadIdx.x).partition_C(make_identity_tensor(make_shape(Int<kBM>{}, Int<kBN>{})));
   T* c = static_cast<T*>(p.c) + e * p.c_expert_stride;
+  constexpr int kStep = sizeof(T) == 2 ? 2 : 1;
   CUTE_UNROLL
-  for (int v = 0; v < size(acc); ++v) {
+  for (int v = 0; v < size(acc); v += kStep) {
     const std::int64_t m = m0 + get<0>(coord(v));
     const std::int64_t n = n0 + get<1>(coord(v));
-    if (m < p.m && n < p.n) c[m * p.ldc + n] = T(acc(v));
+    if (m < p.m && n < p.n) {
+      if constexpr (kStep == 2) {
+        if (adjacent_columns(coord, v)) {
+          store_pair(c + m * p.ldc + n, acc(v), acc(v + 1), n + 1 < p.n);
+          continue;
+        }
+      }
+      c[m * p.ldc + n] = T(acc(v));
+    }
+    if constexpr (kStep == 2) {
+      if (!adjacent_columns(coord, v)) {
+        const std::int64_t m2 = m0 + get<0>(coord(v + 1));
+        const std::int64_t n2 = n0 + get<1>(coord(v + 1));
+        if (m2 < p.m && n2 < p.n) c[m2 * p.ldc + n2] = T(acc(v + 1));
+      }
+    }
   }
 }
 
