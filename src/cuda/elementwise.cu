@@ -1,5 +1,9 @@
-// Memory-bound kernels: one block per row (or token), threads across the columns.
+// Memory-bound kernels: one block per row (or token), threads across the columns, 16-byte
+// accesses where the layout allows.
 #include <cmath>
+#include <cstdint>
+#include <initializer_list>
+#include <type_traits>
 
 #include "cuda/kernels.hpp"
 
@@ -60,7 +64,29 @@ __device__ __forceinline__ float activate_grad(Activation act, float x) {
   return 0.0f;
 }
 
-template <class T>
+// kVec consecutive elements moved as one access (16 bytes when the host found every row
+// start and width a multiple of it, else 1).
+template <class T, int kVec>
+struct alignas(sizeof(T) * kVec) Chunk {
+  T v[kVec];
+};
+
+template <class T, int kVec>
+__device__ __forceinline__ void load_chunk(const T* p, float (&out)[kVec]) {
+  const Chunk<T, kVec> c = *reinterpret_cast<const Chunk<T, kVec>*>(p);
+  CUTE_UNROLL
+  for (int i = 0; i < kVec; ++i) out[i] = to_float(c.v[i]);
+}
+
+template <class T, int kVec>
+__device__ __forceinline__ void store_chunk(T* p, const float (&in)[kVec]) {
+  Chunk<T, kVec> c;
+  CUTE_UNROLL
+  for (int i = 0; i < kVec; ++i) c.v[i] = T(in[i]);
+  *reinterpret_cast<Chunk<T, kVec>*>(p) = c;
+}
+
+template <class T, int kVec>
 __global__ void __launch_bounds__(kThreads)
     gather_rows_kernel(RowSource src, T* __restrict__ out, std::int64_t ld_out, std::int64_t cols,
                        FlatFloats coeff, bool has_coeff, const std::int64_t* __restrict__ coeff_index) {
@@ -71,41 +97,53 @@ __global__ void __launch_bounds__(kThreads)
     const std::int64_t p = coeff_index ? coeff_index[i] : i;
     scale = load_float(coeff.ptr, coeff.dtype, flat_offset(coeff, p));
   }
-  for (std::int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
-    out[i * ld_out + c] = T(to_float(in[c]) * scale);
+  for (std::int64_t c = threadIdx.x * kVec; c < cols; c += blockDim.x * kVec) {
+    float v[kVec];
+    load_chunk<T, kVec>(in + c, v);
+    CUTE_UNROLL
+    for (int j = 0; j < kVec; ++j) v[j] *= scale;
+    store_chunk<T, kVec>(out + i * ld_out + c, v);
   }
 }
 
-template <class T>
+template <class T, int kVec>
 __global__ void __launch_bounds__(kThreads)
     gate_combine_kernel(const T* __restrict__ y, std::int64_t ld_y, FlatFloats gates,
                         T* __restrict__ out, std::int64_t ld_out, std::int64_t cols) {
   const std::int64_t t = blockIdx.x;
   const std::int64_t kg = gates.cols;
-  for (std::int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
-    float acc = 0.0f;
+  for (std::int64_t c = threadIdx.x * kVec; c < cols; c += blockDim.x * kVec) {
+    float acc[kVec] = {};
     for (std::int64_t j = 0; j < kg; ++j) {
       const float g = load_float(gates.ptr, gates.dtype, t * gates.stride0 + j * gates.stride1);
-      acc += g * to_float(y[(t * kg + j) * ld_y + c]);
+      float v[kVec];
+      load_chunk<T, kVec>(y + (t * kg + j) * ld_y + c, v);
+      CUTE_UNROLL
+      for (int q = 0; q < kVec; ++q) acc[q] += g * v[q];
     }
-    out[t * ld_out + c] = T(acc);
+    store_chunk<T, kVec>(out + t * ld_out + c, acc);
   }
 }
 
-template <class T>
+template <class T, int kVec>
 __global__ void __launch_bounds__(kThreads)
     sum_k_rows_kernel(const T* __restrict__ src, std::int64_t ld_src, std::int64_t k,
                       T* __restrict__ out, std::int64_t ld_out, std::int64_t cols) {
   const std::int64_t t = blockIdx.x;
-  for (std::int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
-    float acc = 0.0f;
-    for (std::int64_t j = 0; j < k; ++j) acc += to_float(src[(t * k + j) * ld_src + c]);
-    out[t * ld_out + c] = T(acc);
+  for (std::int64_t c = threadIdx.x * kVec; c < cols; c += blockDim.x * kVec) {
+    float acc[kVec] = {};
+    for (std::int64_t j = 0; j < k; ++j) {
+      float v[kVec];
+      load_chunk<T, kVec>(src + (t * k + j) * ld_src + c, v);
+      CUTE_UNROLL
+      for (int q = 0; q < kVec; ++q) acc[q] += v[q];
+    }
+    store_chunk<T, kVec>(out + t * ld_out + c, acc);
   }
 }
 
 // One warp per row; lanes stride the columns, then a fixed-order butterfly reduction.
-template <class T>
+template <class T, int kVec>
 __global__ void __launch_bounds__(kThreads) row_dot_kernel(RowDot r) {
   const std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * (kThreads / 32) + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -113,7 +151,13 @@ __global__ void __launch_bounds__(kThreads) row_dot_kernel(RowDot r) {
   const T* a = static_cast<const T*>(r.a.ptr) + r.a.row(i) * r.a.ld;
   const T* b = static_cast<const T*>(r.b.ptr) + r.b.row(i) * r.b.ld;
   float acc = 0.0f;
-  for (std::int64_t c = lane; c < r.cols; c += 32) acc += to_float(a[c]) * to_float(b[c]);
+  for (std::int64_t c = lane * kVec; c < r.cols; c += 32 * kVec) {
+    float va[kVec], vb[kVec];
+    load_chunk<T, kVec>(a + c, va);
+    load_chunk<T, kVec>(b + c, vb);
+    CUTE_UNROLL
+    for (int q = 0; q < kVec; ++q) acc += va[q] * vb[q];
+  }
   if (r.bias) {
     const T* cr = static_cast<const T*>(r.c.ptr) + r.c.row(i) * r.c.ld;
     const T* bias = static_cast<const T*>(r.bias) + r.expert[i] * r.bias_expert_stride;
@@ -126,37 +170,53 @@ __global__ void __launch_bounds__(kThreads) row_dot_kernel(RowDot r) {
   }
 }
 
-template <class T>
+// Each thread owns kVec columns of one expert and sums them down its rows in order.
+template <class T, int kVec>
 __global__ void __launch_bounds__(kThreads)
     expert_column_sums_kernel(RowSource src, const std::int64_t* __restrict__ expert_offsets,
                               std::int64_t cols, T* __restrict__ db, std::int64_t db_expert_stride,
                               std::int64_t db_stride) {
   const int e = blockIdx.y;
-  const std::int64_t c = static_cast<std::int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  const std::int64_t c = (static_cast<std::int64_t>(blockIdx.x) * kThreads + threadIdx.x) * kVec;
   if (c >= cols) return;
   const std::int64_t begin = e ? expert_offsets[e - 1] : 0;
   const std::int64_t end = expert_offsets[e];
   const T* base = static_cast<const T*>(src.ptr);
-  float acc = 0.0f;
-  for (std::int64_t i = begin; i < end; ++i) acc += to_float(base[src.row(i) * src.ld + c]);
-  db[e * db_expert_stride + c * db_stride] = T(acc);
+  float acc[kVec] = {};
+  for (std::int64_t i = begin; i < end; ++i) {
+    float v[kVec];
+    load_chunk<T, kVec>(base + src.row(i) * src.ld + c, v);
+    CUTE_UNROLL
+    for (int q = 0; q < kVec; ++q) acc[q] += v[q];
+  }
+  CUTE_UNROLL
+  for (int q = 0; q < kVec; ++q) db[e * db_expert_stride + (c + q) * db_stride] = T(acc[q]);
 }
 
-template <class T>
+template <class T, int kVec>
 __global__ void __launch_bounds__(kThreads)
     activation_forward_kernel(Activation act, bool glu, const T* __restrict__ hidden,
                               std::int64_t ld_hidden, std::int64_t h, T* __restrict__ a,
                               std::int64_t ld_a) {
   const std::int64_t i = blockIdx.x;
   const T* row = hidden + i * ld_hidden;
-  for (std::int64_t c = threadIdx.x; c < h; c += blockDim.x) {
-    const float v = glu ? activate(act, to_float(row[h + c])) * to_float(row[c])
-                        : activate(act, to_float(row[c]));
-    a[i * ld_a + c] = T(v);
+  for (std::int64_t c = threadIdx.x * kVec; c < h; c += blockDim.x * kVec) {
+    float first[kVec], out[kVec];
+    load_chunk<T, kVec>(row + c, first);
+    if (glu) {
+      float gate[kVec];
+      load_chunk<T, kVec>(row + h + c, gate);
+      CUTE_UNROLL
+      for (int q = 0; q < kVec; ++q) out[q] = activate(act, gate[q]) * first[q];
+    } else {
+      CUTE_UNROLL
+      for (int q = 0; q < kVec; ++q) out[q] = activate(act, first[q]);
+    }
+    store_chunk<T, kVec>(a + i * ld_a + c, out);
   }
 }
 
-template <class T>
+template <class T, int kVec>
 __global__ void __launch_bounds__(kThreads)
     activation_backward_kernel(Activation act, bool glu, const T* __restrict__ hidden,
                                std::int64_t ld_hidden, const T* __restrict__ d_a,
@@ -171,17 +231,38 @@ __global__ void __launch_bounds__(kThreads)
     const std::int64_t p = scale_index ? scale_index[i] : i;
     s = load_float(scale.ptr, scale.dtype, flat_offset(scale, p));
   }
-  for (std::int64_t c = threadIdx.x; c < h; c += blockDim.x) {
-    const float g = to_float(d_a[i * ld_d_a + c]) * s;
+  for (std::int64_t c = threadIdx.x * kVec; c < h; c += blockDim.x * kVec) {
+    float g[kVec], first[kVec], d_first[kVec];
+    load_chunk<T, kVec>(d_a + i * ld_d_a + c, g);
+    load_chunk<T, kVec>(row + c, first);
     if (glu) {
-      const float up = to_float(row[c]);
-      const float gate = to_float(row[h + c]);
-      out[c] = T(g * activate(act, gate));
-      out[h + c] = T(g * up * activate_grad(act, gate));
+      float gate[kVec], d_gate[kVec];
+      load_chunk<T, kVec>(row + h + c, gate);
+      CUTE_UNROLL
+      for (int q = 0; q < kVec; ++q) {
+        const float dq = g[q] * s;
+        d_first[q] = dq * activate(act, gate[q]);
+        d_gate[q] = dq * first[q] * activate_grad(act, gate[q]);
+      }
+      store_chunk<T, kVec>(out + h + c, d_gate);
     } else {
-      out[c] = T(g * activate_grad(act, to_float(row[c])));
+      CUTE_UNROLL
+      for (int q = 0; q < kVec; ++q) d_first[q] = g[q] * s * activate_grad(act, first[q]);
     }
+    store_chunk<T, kVec>(out + c, d_first);
   }
+}
+
+// Calls fn(std::integral_constant<int, kVec>) with 16-byte vectors when every pointer is
+// 16-byte aligned and every row stride and width is a multiple of the vector, else 1.
+template <class T, class Fn>
+void with_vector_width(std::initializer_list<const void*> ptrs,
+                       std::initializer_list<std::int64_t> extents, Fn&& fn) {
+  constexpr int kWide = static_cast<int>(16 / sizeof(T));
+  bool wide = true;
+  for (const void* p : ptrs) wide = wide && reinterpret_cast<std::uintptr_t>(p) % 16 == 0;
+  for (std::int64_t n : extents) wide = wide && n % kWide == 0;
+  if (wide) fn(std::integral_constant<int, kWide>{}); else fn(std::integral_constant<int, 1>{});
 }
 
 }  // namespace
@@ -209,9 +290,11 @@ void gather_rows(DType dtype, RowSource src, void* out, std::int64_t ld_out, std
   if (rows == 0 || cols == 0) return;
   dispatch_float(dtype, [&](auto element) {
     using T = decltype(element);
-    gather_rows_kernel<T><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
-        src, static_cast<T*>(out), ld_out, cols, coeff ? *coeff : FlatFloats{}, coeff != nullptr,
-        coeff_index);
+    with_vector_width<T>({src.ptr, out}, {src.ld, ld_out, cols}, [&](auto vec) {
+      gather_rows_kernel<T, vec()><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
+          src, static_cast<T*>(out), ld_out, cols, coeff ? *coeff : FlatFloats{}, coeff != nullptr,
+          coeff_index);
+    });
   });
   check_launch("gather rows");
 }
@@ -222,8 +305,10 @@ void gate_combine(DType dtype, const void* y, std::int64_t ld_y, const FlatFloat
   if (tokens == 0 || cols == 0) return;
   dispatch_float(dtype, [&](auto element) {
     using T = decltype(element);
-    gate_combine_kernel<T><<<static_cast<unsigned>(tokens), kThreads, 0, stream>>>(
-        static_cast<const T*>(y), ld_y, gates, static_cast<T*>(out), ld_out, cols);
+    with_vector_width<T>({y, out}, {ld_y, ld_out, cols}, [&](auto vec) {
+      gate_combine_kernel<T, vec()><<<static_cast<unsigned>(tokens), kThreads, 0, stream>>>(
+          static_cast<const T*>(y), ld_y, gates, static_cast<T*>(out), ld_out, cols);
+    });
   });
   check_launch("gate combine");
 }
@@ -234,8 +319,10 @@ void sum_k_rows(DType dtype, const void* src, std::int64_t ld_src, std::int64_t 
   if (tokens == 0 || cols == 0) return;
   dispatch_float(dtype, [&](auto element) {
     using T = decltype(element);
-    sum_k_rows_kernel<T><<<static_cast<unsigned>(tokens), kThreads, 0, stream>>>(
-        static_cast<const T*>(src), ld_src, k, static_cast<T*>(out), ld_out, cols);
+    with_vector_width<T>({src, out}, {ld_src, ld_out, cols}, [&](auto vec) {
+      sum_k_rows_kernel<T, vec()><<<static_cast<unsigned>(tokens), kThreads, 0, stream>>>(
+          static_cast<const T*>(src), ld_src, k, static_cast<T*>(out), ld_out, cols);
+    });
   });
   check_launch("sum over k");
 }
@@ -244,7 +331,9 @@ void row_dot(DType dtype, const RowDot& r, cudaStream_t stream) {
   if (r.rows == 0) return;
   dispatch_float(dtype, [&](auto element) {
     using T = decltype(element);
-    row_dot_kernel<T><<<ceil_div(r.rows, kThreads / 32), kThreads, 0, stream>>>(r);
+    with_vector_width<T>({r.a.ptr, r.b.ptr}, {r.a.ld, r.b.ld, r.cols}, [&](auto vec) {
+      row_dot_kernel<T, vec()><<<ceil_div(r.rows, kThreads / 32), kThreads, 0, stream>>>(r);
+    });
   });
   check_launch("row dot");
 }
@@ -255,9 +344,11 @@ void expert_column_sums(DType dtype, RowSource src, const std::int64_t* expert_o
   if (num_experts == 0 || cols == 0) return;
   dispatch_float(dtype, [&](auto element) {
     using T = decltype(element);
-    const dim3 grid(ceil_div(cols, kThreads), static_cast<unsigned>(num_experts));
-    expert_column_sums_kernel<T><<<grid, kThreads, 0, stream>>>(
-        src, expert_offsets, cols, static_cast<T*>(db), db_expert_stride, db_stride);
+    with_vector_width<T>({src.ptr}, {src.ld, cols}, [&](auto vec) {
+      const dim3 grid(ceil_div(cols, kThreads * vec()), static_cast<unsigned>(num_experts));
+      expert_column_sums_kernel<T, vec()><<<grid, kThreads, 0, stream>>>(
+          src, expert_offsets, cols, static_cast<T*>(db), db_expert_stride, db_stride);
+    });
   });
   check_launch("expert column sums");
 }
@@ -268,8 +359,10 @@ void activation_forward(DType dtype, Activation act, bool glu, const void* hidde
   if (rows == 0 || h == 0) return;
   dispatch_float(dtype, [&](auto element) {
     using T = decltype(element);
-    activation_forward_kernel<T><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
-        act, glu, static_cast<const T*>(hidden), ld_hidden, h, static_cast<T*>(a), ld_a);
+    with_vector_width<T>({hidden, a}, {ld_hidden, ld_a, h}, [&](auto vec) {
+      activation_forward_kernel<T, vec()><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
+          act, glu, static_cast<const T*>(hidden), ld_hidden, h, static_cast<T*>(a), ld_a);
+    });
   });
   check_launch("activation forward");
 }
@@ -282,10 +375,12 @@ void activation_backward(DType dtype, Activation act, bool glu, const void* hidd
   if (rows == 0 || h == 0) return;
   dispatch_float(dtype, [&](auto element) {
     using T = decltype(element);
-    activation_backward_kernel<T><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
-        act, glu, static_cast<const T*>(hidden), ld_hidden, static_cast<const T*>(d_a), ld_d_a,
-        scale ? *scale : FlatFloats{}, scale != nullptr, scale_index, h, static_cast<T*>(d_hidden),
-        ld_d_hidden);
+    with_vector_width<T>({hidden, d_a, d_hidden}, {ld_hidden, ld_d_a, ld_d_hidden, h}, [&](auto vec) {
+      activation_backward_kernel<T, vec()><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
+          act, glu, static_cast<const T*>(hidden), ld_hidden, static_cast<const T*>(d_a), ld_d_a,
+          scale ? *scale : FlatFloats{}, scale != nullptr, scale_index, h, static_cast<T*>(d_hidden),
+          ld_d_hidden);
+    });
   });
   check_launch("activation backward");
 }
