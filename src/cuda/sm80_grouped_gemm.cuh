@@ -229,8 +229,9 @@ __device__ __forceinline__ bool adjacent_columns(const Coord& coord, int v) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// varlen-M: blockIdx.x walks the device-built tile list (tile_prefix[e] = inclusive count of
-// kBM-row tiles of experts 0..e), blockIdx.y the column tiles.
+// varlen-M: the grid spans (row tiles, column tiles); row tiles index the device-built tile list
+// (tile_prefix[e] = inclusive count of kBM-row tiles of experts 0..e), visited in groups.
+
 template <class T, bool kBKMajor>
 __global__ void __launch_bounds__(Sm80GemmConfig<T>::kThreads)
     sm80_varlen_m_gemm_kernel(VarlenMGemm p, const int* __restrict__ tile_prefix, bool a_aligned,
@@ -242,7 +243,18 @@ __global__ void __launch_bounds__(Sm80GemmConfig<T>::kThreads)
   constexpr int kBK = Config::kBK;
   constexpr int kAChunks = kBM * kBK / Config::kVec / Config::kThreads;
 
-  const int tile = static_cast<int>(blockIdx.x);
+  // Grouped raster: kGroupRows consecutive row tiles walk all column tiles before the next
+  // group starts, so the blocks resident at once share their A rows and B columns in L2.
+  constexpr int kGroupRows = 8;
+  const int column_tiles = static_cast<int>(gridDim.y);
+  const int row_tiles = static_cast<int>(gridDim.x);
+  const int linear = static_cast<int>(blockIdx.y) * row_tiles + static_cast<int>(blockIdx.x);
+  const int group = linear / (kGroupRows * column_tiles);
+  const int first_row_tile = group * kGroupRows;
+  const int group_rows = min(row_tiles - first_row_tile, kGroupRows);
+  const int in_group = linear % (kGroupRows * column_tiles);
+  const int tile = first_row_tile + in_group % group_rows;
+  const int column_tile = in_group / group_rows;
   if (p.num_experts == 0 || tile >= tile_prefix[p.num_experts - 1]) return;
   int lo = 0;
   int hi = p.num_experts - 1;
@@ -254,7 +266,7 @@ __global__ void __launch_bounds__(Sm80GemmConfig<T>::kThreads)
   const std::int64_t expert_begin = e ? p.expert_offsets[e - 1] : 0;
   const std::int64_t row0 = expert_begin + static_cast<std::int64_t>(tile - (e ? tile_prefix[e - 1] : 0)) * kBM;
   const std::int64_t row_end = min(p.expert_offsets[e], row0 + kBM);
-  const std::int64_t n0 = static_cast<std::int64_t>(blockIdx.y) * kBN;
+  const std::int64_t n0 = static_cast<std::int64_t>(column_tile) * kBN;
 
   extern __shared__ __align__(128) unsigned char smem_raw[];
   constexpr auto layout_a = Config::template smem_layout<true, kBM>();
