@@ -1,6 +1,8 @@
 // Host side of the grouped GEMMs: the device-built tile list and the choice of instantiation.
 #include <cub/block/block_scan.cuh>
 
+#include <cstdlib>
+
 #include "cuda/gemm.hpp"
 
 namespace scattermoe::cuda {
@@ -35,6 +37,18 @@ __global__ void __launch_bounds__(kScanThreads)
   }
 }
 
+// Row tiles that walk the column tiles together: 8 keeps the A rows and B columns of the ~132
+// resident blocks within L2 for the model shapes. SCATTERMOE_RASTER_GROUP_ROWS overrides it for
+// measurements (a value >= the row-tile count gives plain column-by-column order).
+int raster_group_rows() {
+  static const int rows = [] {
+    const char* env = std::getenv("SCATTERMOE_RASTER_GROUP_ROWS");
+    const int value = env ? std::atoi(env) : 0;
+    return value > 0 ? value : 8;
+  }();
+  return rows;
+}
+
 }  // namespace
 
 std::size_t varlen_m_gemm_workspace_size(int num_experts) {
@@ -52,6 +66,8 @@ void run_varlen_m_gemm(DType dtype, const VarlenMGemm& g, void* workspace, cudaS
     throw InvalidArgument("grouped GEMM: row strides must be non-negative on CUDA");
   }
   auto* tile_prefix = static_cast<int*>(workspace);
+  VarlenMGemm tuned = g;
+  tuned.raster_group_rows = raster_group_rows();
   dispatch_float(dtype, [&](auto element) {
     using T = decltype(element);
     build_tile_prefix_kernel<<<1, kScanThreads, 0, stream>>>(g.expert_offsets, g.num_experts,
@@ -59,9 +75,9 @@ void run_varlen_m_gemm(DType dtype, const VarlenMGemm& g, void* workspace, cudaS
     check_launch("grouped GEMM tile list");
     // Unit stride along k: both operands K-major (the TN case). Otherwise B is N-major.
     if (g.b_stride_k == 1) {
-      launch_varlen_m_gemm<T, true>(g, tile_prefix, stream);
+      launch_varlen_m_gemm<T, true>(tuned, tile_prefix, stream);
     } else {
-      launch_varlen_m_gemm<T, false>(g, tile_prefix, stream);
+      launch_varlen_m_gemm<T, false>(tuned, tile_prefix, stream);
     }
   });
 }

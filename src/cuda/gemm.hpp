@@ -36,6 +36,7 @@ struct VarlenMGemm {
   std::int64_t k = 0;
   const std::int64_t* expert_offsets = nullptr;
   int num_experts = 0;
+  int raster_group_rows = 8;            // row tiles visited together (set by run_varlen_m_gemm)
 };
 
 struct VarlenKGemm {

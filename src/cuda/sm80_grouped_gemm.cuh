@@ -245,7 +245,7 @@ __global__ void __launch_bounds__(Sm80GemmConfig<T>::kThreads)
 
   // Grouped raster: kGroupRows consecutive row tiles walk all column tiles before the next
   // group starts, so the blocks resident at once share their A rows and B columns in L2.
-  constexpr int kGroupRows = 8;
+  const int kGroupRows = p.raster_group_rows;
   const int column_tiles = static_cast<int>(gridDim.y);
   const int row_tiles = static_cast<int>(gridDim.x);
   const int linear = static_cast<int>(blockIdx.y) * row_tiles + static_cast<int>(blockIdx.x);
