@@ -1,7 +1,8 @@
 # ctest driver for the program's smoke tests (cmake -P). Runs PROGRAM with ARGS ("|"-separated)
 # and checks its exit status against EXPECT_STATUS, stdout against EXPECT_STDOUT and stderr
 # against EXPECT_STDERR (regexes, empty: anything); with JSON_FILE, checks that the file holds
-# a bench result.
+# a bench result, and with EXPECT_COMPARISONS also the cuBLAS ceiling and a per-expert loop
+# that agrees with the layer.
 string(REPLACE "|" ";" args "${ARGS}")
 if(JSON_FILE)
   file(REMOVE "${JSON_FILE}")
@@ -21,10 +22,19 @@ if(NOT EXPECT_STDERR STREQUAL "" AND NOT err MATCHES "${EXPECT_STDERR}")
 endif()
 if(JSON_FILE)
   file(READ "${JSON_FILE}" json)
-  string(JSON ms GET "${json}" phases "forward+backward (with plan)" median_ms)
+  string(JSON ms GET "${json}" phases "forward+backward" median_ms)
   string(JSON passed GET "${json}" check passed)
   string(JSON extra GET "${json}" memory_bytes extra)
   if(NOT ms GREATER 0 OR NOT passed OR NOT extra GREATER 0)
     message(FATAL_ERROR "unexpected JSON: median_ms ${ms}, check.passed ${passed}, extra ${extra}")
+  endif()
+endif()
+if(JSON_FILE AND EXPECT_COMPARISONS)
+  string(JSON ceiling_ms GET "${json}" ceiling phases "forward+backward" median_ms)
+  string(JSON baseline_ms GET "${json}" baseline phases "forward+backward" median_ms)
+  string(JSON agrees GET "${json}" baseline agreement_with_ours agrees)
+  if(NOT ceiling_ms GREATER 0 OR NOT baseline_ms GREATER 0 OR NOT agrees)
+    message(FATAL_ERROR "unexpected JSON: ceiling ${ceiling_ms} ms, baseline ${baseline_ms} ms, "
+                        "baseline agrees with ours: ${agrees}")
   endif()
 endif()

@@ -5,6 +5,8 @@
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <functional>
+#include <memory>
 #include <new>
 #include <sstream>
 #include <thread>
@@ -12,7 +14,10 @@
 
 #include <nlohmann/json.hpp>
 
+#include "bench_comparison.hpp"
 #include "bench_device.hpp"
+#include "bench_random.hpp"
+#include "check/reference_f64.hpp"
 #include "check/suite.hpp"
 #include "common.hpp"
 #include "core/half.hpp"
@@ -54,26 +59,7 @@ std::string bench_presets_help() {
 
 namespace {
 
-// ---- deterministic random inputs ------------------------------------------------------------
-// Counter-based: element i of stream s depends only on (seed, s, i), so the data do not depend
-// on the thread count and any slice can be regenerated.
-enum Stream : std::uint64_t { kStreamX = 1, kStreamW1, kStreamW2, kStreamRouter, kStreamDOut };
-
-std::uint64_t mix64(std::uint64_t z) {  // splitmix64's finaliser
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-  return z ^ (z >> 31);
-}
-
-// A standard normal sample (Box-Muller on two 26-bit uniforms in (0, 1)).
-float normal_at(std::uint64_t seed, std::uint64_t stream, std::uint64_t i) {
-  const std::uint64_t bits = mix64(mix64(seed * 0x9e3779b97f4a7c15ull + stream) + i);
-  constexpr double kScale = 1.0 / static_cast<double>(1ull << 26);
-  const double u1 = (static_cast<double>(bits >> 38) + 0.5) * kScale;
-  const double u2 = (static_cast<double>((bits >> 12) & ((1ull << 26) - 1)) + 0.5) * kScale;
-  return static_cast<float>(std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * u2));
-}
-
+// ---- deterministic random inputs (the generator is in bench_random.hpp) ----------------------
 // Calls fn(begin, end) on disjoint chunks of [0, n), one per hardware thread.
 template <class Fn>
 void parallel_chunks(std::int64_t n, Fn&& fn) {
@@ -206,28 +192,40 @@ class Buffers {
 };
 
 // A tensor's contents on the host: the device memory itself when the host can read it, else a
-// copy.
+// copy of the byte range the view spans. With `experts`, only those slices along dim 0 of an
+// (E, ...) weight are copied; the rest of the copy is left unwritten (and, for a large weight,
+// never touched, so the host does not commit its pages): read only those experts.
 class HostCopy {
  public:
-  HostCopy(BenchDevice& device, const TensorView& v) : view_(v) {
+  HostCopy(BenchDevice& device, const TensorView& v,
+           const std::vector<std::int64_t>* experts = nullptr)
+      : view_(v) {
     if (device.host_accessible()) return;
-    // Copy the byte range the view spans and rebase the view onto the copy.
     const char* first = v.first_byte();
-    copy_.resize(static_cast<std::size_t>(v.last_byte() - first));
-    device.copy_to_host(copy_.data(), first, copy_.size());
+    const std::size_t bytes = static_cast<std::size_t>(v.last_byte() - first);
+    copy_.reset(new char[bytes > 0 ? bytes : 1]);  // uninitialised on purpose (see above)
+    if (!experts) {
+      device.copy_to_host(copy_.get(), first, bytes);
+    } else {
+      for (std::int64_t e : *experts) {
+        const TensorView slice = v.narrowed(0, e, e + 1);
+        device.copy_to_host(copy_.get() + (slice.first_byte() - first), slice.first_byte(),
+                            static_cast<std::size_t>(slice.last_byte() - slice.first_byte()));
+      }
+    }
     std::int64_t shape[TensorView::kMaxRank], strides[TensorView::kMaxRank];
     for (int i = 0; i < v.rank(); ++i) {
       shape[i] = v.size(i);
       strides[i] = v.stride(i);
     }
-    char* data = copy_.data() + (static_cast<const char*>(v.data()) - first);
+    char* data = copy_.get() + (static_cast<const char*>(v.data()) - first);
     view_ = TensorView(data, v.dtype(), v.rank(), shape, strides, Device::cpu());
   }
   const TensorView& view() const { return view_; }
 
  private:
   TensorView view_;
-  std::vector<char> copy_;
+  std::unique_ptr<char[]> copy_;
 };
 
 // Generates a tensor's contents on the host and puts them on the device.
@@ -242,7 +240,49 @@ void generate(BenchDevice& device, const TensorView& v, Fill&& fill) {
   device.copy_to_device(v.data(), staging.data(), staging.size());
 }
 
+// N(0, scale^2) values from the counter-based generator: on the device when it can, else on the
+// host (the same values up to the last bit of libm's log and cos).
+void generate_normal(BenchDevice& device, const TensorView& v, float scale, std::uint64_t seed,
+                     Stream stream) {
+  if (device.fill_normal(v.data(), v.dtype(), v.numel(), scale, seed, stream)) return;
+  generate(device, v,
+           [&](void* p) { fill_normal(p, v.dtype(), v.numel(), scale, seed, stream); });
+}
+
+// Element i of contiguous host memory as a double.
+double load_float(const void* base, DType dtype, std::int64_t i) {
+  switch (dtype) {
+    case DType::kFloat32:
+      return static_cast<const float*>(base)[i];
+    case DType::kFloat16:
+      return detail::f16_to_float(static_cast<const std::uint16_t*>(base)[i]);
+    case DType::kBFloat16:
+      return detail::bf16_to_float(static_cast<const std::uint16_t*>(base)[i]);
+    default:
+      throw Unsupported(std::string("scattermoe bench: cannot read floats from ") +
+                        dtype_name(dtype));
+  }
+}
+
+// ||got - want||_2 / ||want||_2 over two contiguous tensors of one shape on the device.
+double relative_difference(BenchDevice& device, const TensorView& got, const TensorView& want) {
+  const HostCopy g(device, got), w(device, want);
+  double diff = 0.0, norm = 0.0;
+  for (std::int64_t i = 0; i < want.numel(); ++i) {
+    const double a = load_float(g.view().data(), got.dtype(), i);
+    const double b = load_float(w.view().data(), want.dtype(), i);
+    diff += (a - b) * (a - b);
+    norm += b * b;
+  }
+  return norm > 0.0 ? std::sqrt(diff / norm) : std::sqrt(diff);
+}
+
 // ---- the run ----------------------------------------------------------------------------------
+// Default iterations. On CUDA each implementation (ours, the ceiling, the loop) runs
+// warm-up + iters times: a model preset's forward+backward takes tens of ms on an H200.
+constexpr int kCpuIters = 5, kCpuWarmup = 1;
+constexpr int kCudaIters = 10, kCudaWarmup = 3;
+
 struct Resolved {
   std::string preset;  // "custom" when a size was given explicitly
   LayerShape shape;
@@ -294,8 +334,8 @@ Resolved resolve(const BenchOptions& o) {
   }
   r.dtype = parse_dtype(o.dtype);
   r.activation = parse_activation(o.activation);
-  r.iters = o.iters > 0 ? o.iters : cpu ? 5 : 20;
-  r.warmup = o.warmup >= 0 ? o.warmup : cpu ? 1 : 5;
+  r.iters = o.iters > 0 ? o.iters : cpu ? kCpuIters : kCudaIters;
+  r.warmup = o.warmup >= 0 ? o.warmup : cpu ? kCpuWarmup : kCudaWarmup;
   const double forward_flops = 6.0 * static_cast<double>(r.shape.tokens) * r.shape.topk *
                                r.shape.d_model * r.shape.d_ff;
   r.check_rows = o.check_rows >= 0 ? std::min(o.check_rows, r.shape.tokens)
@@ -304,6 +344,7 @@ Resolved resolve(const BenchOptions& o) {
   return r;
 }
 
+// ---- timing -----------------------------------------------------------------------------------
 struct PhaseTimes {
   std::vector<double> ms;  // one per timed iteration
 
@@ -317,33 +358,183 @@ struct PhaseTimes {
 };
 
 struct Phase {
-  const char* name;
+  std::string name;
   double flops;  // 0: no FLOP rate reported
   PhaseTimes times;
 };
 
+// Runs `steps` back to back, warmup + iters times. Before each iteration the device's cache is
+// flushed (outside the timed region); a timestamp is taken before the first step and after each.
+// Nothing waits for the device between iterations (unless a step does itself), so on a GPU the
+// host's launch latency hides behind the device's work. Returns, per timed iteration, the ms from
+// its first timestamp to the end of each step.
+std::vector<std::vector<double>> time_steps(BenchDevice& device,
+                                            const std::vector<std::function<void()>>& steps,
+                                            int warmup, int iters) {
+  device.clear_marks();
+  std::vector<std::vector<int>> marks;
+  for (int it = 0; it < warmup + iters; ++it) {
+    device.flush_cache();
+    std::vector<int> m = {device.mark()};
+    for (const std::function<void()>& step : steps) {
+      step();
+      m.push_back(device.mark());
+    }
+    if (it >= warmup) marks.push_back(std::move(m));
+  }
+  device.synchronize();
+  std::vector<std::vector<double>> ends;
+  for (const std::vector<int>& m : marks) {
+    std::vector<double> e;
+    for (std::size_t j = 1; j < m.size(); ++j) e.push_back(device.elapsed_ms(m[0], m[j]));
+    ends.push_back(std::move(e));
+  }
+  device.clear_marks();
+  return ends;
+}
+
+// The times of steps (first, last] of every iteration; first = -1 starts at the first timestamp.
+PhaseTimes steps_between(const std::vector<std::vector<double>>& ends, int first, int last) {
+  PhaseTimes t;
+  for (const std::vector<double>& e : ends) {
+    t.ms.push_back(e[static_cast<std::size_t>(last)] -
+                   (first < 0 ? 0.0 : e[static_cast<std::size_t>(first)]));
+  }
+  return t;
+}
+
+// One implementation's measurements: the library's layer ("ours") or a comparison.
+struct Measured {
+  std::string key;
+  std::string description;
+  std::vector<Phase> phases;  // forward, backward, forward+backward (ours: + routing plan)
+  std::size_t extra_bytes = 0;
+
+  const Phase* find(const std::string& name) const {
+    for (const Phase& p : phases) {
+      if (p.name == name) return &p;
+    }
+    return nullptr;
+  }
+};
+
+// The baseline's outputs against ours: norm-wise relative differences.
+struct Agreement {
+  double out = 0.0, dx = 0.0, d_gates = 0.0;
+  double tolerance = 0.0;  // twice the oracle check's: both sides carry rounding errors
+  bool agrees() const { return out <= tolerance && dx <= tolerance && d_gates <= tolerance; }
+};
+
+// Bytes the forward keeps for the backward: ours X, the pre-activation H and the plan; the
+// original ScatterMoE's GLU-MLP (from its autograd graph) X, H, act(gate) * up and the expert
+// outputs Y before the gated sum.
+struct KeptBytes {
+  std::size_t ours = 0;
+  std::size_t original = 0;
+};
+
+KeptBytes kept_bytes(const LayerShape& s, DType dtype, const Memory& memory) {
+  const std::size_t e = dtype_size(dtype);
+  const std::size_t T = static_cast<std::size_t>(s.tokens), d = static_cast<std::size_t>(s.d_model),
+                    h = static_cast<std::size_t>(s.d_ff), L = T * static_cast<std::size_t>(s.topk);
+  KeptBytes k;
+  k.ours = (T * d + L * 2 * h) * e + memory.bytes[static_cast<int>(Category::kPlan)];
+  k.original = (T * d + L * 2 * h + L * h + L * d) * e;
+  return k;
+}
+
+// ---- the report -------------------------------------------------------------------------------
 std::string rate_text(double flops, double ms) {
   if (flops <= 0 || ms <= 0) return "-";
+  const double tflops = flops / (ms * 1e-3) / 1e12;
   char text[32];
-  std::snprintf(text, sizeof(text), "%.3g", flops / (ms * 1e-3) / 1e12);
+  std::snprintf(text, sizeof(text), tflops >= 10 ? "%.1f" : "%.3g", tflops);
   return text;
 }
 
-void print_table(const Resolved& r, const BenchDevice& device, const std::vector<Phase>& phases,
-                 const Memory& memory, const check::SliceCheck* check) {
+std::string number_text(const char* format, double value) {
+  char text[32];
+  std::snprintf(text, sizeof(text), format, value);
+  return text;
+}
+
+const Measured* find_comparison(const std::vector<Measured>& comparisons, const char* key) {
+  for (const Measured& m : comparisons) {
+    if (m.key == key) return &m;
+  }
+  return nullptr;
+}
+
+// Median ms of a phase of a comparison, or nothing.
+const Phase* comparison_phase(const std::vector<Measured>& comparisons, const char* key,
+                              const std::string& phase) {
+  const Measured* m = find_comparison(comparisons, key);
+  return m ? m->find(phase) : nullptr;
+}
+
+constexpr const char* kFwdBwd = "forward+backward";
+
+std::string summary_line(const Measured& ours, const std::vector<Measured>& comparisons,
+                         const Memory& memory, const check::SliceCheck* check) {
+  const Phase& fb = *ours.find(kFwdBwd);
+  std::string line = "fwd+bwd " + rate_text(fb.flops, fb.times.median()) + " TFLOP/s";
+  if (const Phase* c = comparison_phase(comparisons, "ceiling", kFwdBwd)) {
+    line += ", " + number_text("%.2f", c->times.median() / fb.times.median()) +
+            " of cuBLAS ceiling";
+  }
+  if (const Phase* b = comparison_phase(comparisons, "baseline", kFwdBwd)) {
+    line += ", " + number_text("%.2f", b->times.median() / fb.times.median()) +
+            "x per-expert loop";
+  }
+  line += ", peak extra " + format_bytes(memory.extra());
+  line += !check ? ", check skipped" : check->passed ? ", check pass" : ", check FAIL";
+  return line;
+}
+
+void print_report(const Resolved& r, const BenchDevice& device, const Measured& ours,
+                  const std::vector<Measured>& comparisons, const std::string& comparisons_note,
+                  const Agreement* agreement, const Memory& memory,
+                  const check::SliceCheck* check) {
   const LayerShape& s = r.shape;
   std::printf("scattermoe bench: %s (T=%lld d=%lld h=%lld E=%lld k=%lld), %s, %s-GLU, on %s\n",
               r.preset.c_str(), static_cast<long long>(s.tokens),
               static_cast<long long>(s.d_model), static_cast<long long>(s.d_ff),
               static_cast<long long>(s.experts), static_cast<long long>(s.topk),
               dtype_name(r.dtype), activation_name(r.activation), device.name().c_str());
-  std::printf("%d timed iteration%s after %d warm-up, %s; routing plan built every iteration\n\n",
-              r.iters, r.iters == 1 ? "" : "s", r.warmup, device.timer_name().c_str());
-  std::printf("%-30s %12s %12s %10s\n", "phase", "median ms", "min ms", "TFLOP/s");
-  for (const Phase& p : phases) {
-    std::printf("%-30s %12.3f %12.3f %10s\n", p.name, p.times.median(), p.times.min(),
-                rate_text(p.flops, p.times.median()).c_str());
+  std::printf("%d timed iteration%s after %d warm-up, %s, median; ", r.iters,
+              r.iters == 1 ? "" : "s", r.warmup, device.timer_name().c_str());
+  if (device.flush_bytes() > 0) {
+    std::printf("L2 flushed before each iteration (%s written); ",
+                format_bytes(device.flush_bytes()).c_str());
   }
+  std::printf("forward includes building the routing plan\n\n");
+
+  std::printf("%-20s %10s %9s %11s %13s %12s %14s\n", "phase", "ours ms", "TFLOP/s", "ceiling ms",
+              "ours/ceiling", "baseline ms", "ours/baseline");
+  for (const Phase& p : ours.phases) {
+    const double ms = p.times.median();
+    const Phase* c = comparison_phase(comparisons, "ceiling", p.name);
+    const Phase* b = comparison_phase(comparisons, "baseline", p.name);
+    const std::string name = p.flops > 0 ? p.name : "  " + p.name;
+    std::printf("%-20s %10.3f %9s %11s %13s %12s %14s\n", name.c_str(), ms,
+                rate_text(p.flops, ms).c_str(),
+                c ? number_text("%.3f", c->times.median()).c_str() : "-",
+                c ? number_text("%.2f", c->times.median() / ms).c_str() : "-",
+                b ? number_text("%.3f", b->times.median()).c_str() : "-",
+                b ? number_text("%.2fx", b->times.median() / ms).c_str() : "-");
+  }
+  std::printf("\n");
+  for (const Measured& m : comparisons) {
+    std::printf("%s: %s\n", m.key.c_str(), m.description.c_str());
+  }
+  if (!comparisons_note.empty()) std::printf("ceiling, baseline: %s\n", comparisons_note.c_str());
+  if (agreement) {
+    std::printf("baseline vs ours (norm-wise relative difference): out %.3g, dx %.3g, d_gates "
+                "%.3g: %s (tolerance %.3g)\n",
+                agreement->out, agreement->dx, agreement->d_gates,
+                agreement->agrees() ? "agree" : "DIFFER", agreement->tolerance);
+  }
+
   const int first_extra = static_cast<int>(Category::kPlan);
   std::printf("\nmemory: %s for the layer = inputs %s (x, expert_idxs, gates, d_out) + weights %s "
               "+ extra %s\n",
@@ -356,7 +547,18 @@ void print_table(const Resolved& r, const BenchDevice& device, const std::vector
     std::printf("%s%s %s", c > first_extra ? " + " : "", kCategoryNames[c],
                 format_bytes(memory.bytes[c]).c_str());
   }
-  std::printf("\n");
+  std::printf("\n        (all allocated before the first call and held throughout: the peak)\n");
+  const KeptBytes kept = kept_bytes(s, r.dtype, memory);
+  std::printf("        kept from forward for backward: ours %s (X, H, plan); original ScatterMoE "
+              "%s (X, H, act(gate)*up, Y; from the shapes): %.2fx\n",
+              format_bytes(kept.ours).c_str(), format_bytes(kept.original).c_str(),
+              static_cast<double>(kept.ours) / static_cast<double>(kept.original));
+  if (const Measured* b = find_comparison(comparisons, "baseline")) {
+    std::printf("        per-expert loop: extra %s (grouped X, H, A, Y and their gradients, "
+                "plan, outputs, weight gradients, cuBLAS workspace): ours %.2fx\n",
+                format_bytes(b->extra_bytes).c_str(),
+                static_cast<double>(memory.extra()) / static_cast<double>(b->extra_bytes));
+  }
   if (!check) {
     std::printf("check: skipped (--check-rows 0)\n");
   } else {
@@ -365,16 +567,34 @@ void print_table(const Resolved& r, const BenchDevice& device, const std::vector
                 check->passed ? "PASS" : "FAIL", static_cast<long long>(r.check_rows),
                 static_cast<long long>(s.tokens), check->error, check->tolerance);
   }
+  std::printf("summary: %s\n", summary_line(ours, comparisons, memory, check).c_str());
 }
 
-nlohmann::ordered_json to_json(const Resolved& r, const BenchDevice& device,
-                       const std::vector<Phase>& phases, const Memory& memory,
-                       const check::SliceCheck* check, std::uint64_t seed) {
+nlohmann::ordered_json phases_json(const std::vector<Phase>& phases) {
+  nlohmann::ordered_json j = nlohmann::ordered_json::object();
+  for (const Phase& p : phases) {
+    nlohmann::ordered_json entry = {
+        {"median_ms", p.times.median()}, {"min_ms", p.times.min()}, {"ms", p.times.ms}};
+    if (p.flops > 0) {
+      entry["flops"] = p.flops;
+      entry["tflops"] = p.flops / (p.times.median() * 1e-3) / 1e12;
+    }
+    j[p.name] = entry;
+  }
+  return j;
+}
+
+nlohmann::ordered_json to_json(const Resolved& r, const BenchDevice& device, const Measured& ours,
+                               const std::vector<Measured>& comparisons,
+                               const std::string& comparisons_note, const Agreement* agreement,
+                               const Memory& memory, const check::SliceCheck* check,
+                               std::uint64_t seed) {
   const BuildInfo build = build_info();
   nlohmann::ordered_json j;
   j["program"] = "scattermoe bench";
   j["version"] = build.version;
   j["preset"] = r.preset;
+  j["summary"] = summary_line(ours, comparisons, memory, check);
   j["layer"] = {{"kind", "glu_mlp"},
                 {"activation", activation_name(r.activation)},
                 {"tokens", r.shape.tokens},
@@ -390,23 +610,49 @@ nlohmann::ordered_json to_json(const Resolved& r, const BenchDevice& device,
   j["iters"] = r.iters;
   j["warmup"] = r.warmup;
   j["seed"] = seed;
+  j["timing"] = {{"statistic", "median over the timed iterations"},
+                 {"cache_flush_bytes", device.flush_bytes()},
+                 {"cache_flush", device.flush_bytes() > 0
+                                     ? "a scratch buffer written before every iteration, untimed"
+                                     : "none"},
+                 {"forward", "builds the routing plan, then runs mlp_forward"}};
   j["flop_convention"] = "forward = 6*T*k*d*h; backward = 2x forward; forward+backward = 3x";
-  nlohmann::ordered_json phase_json = nlohmann::ordered_json::object();
-  for (const Phase& p : phases) {
-    nlohmann::ordered_json entry = {{"median_ms", p.times.median()},
-                            {"min_ms", p.times.min()},
-                            {"ms", p.times.ms}};
-    if (p.flops > 0) {
-      entry["flops"] = p.flops;
-      entry["tflops"] = p.flops / (p.times.median() * 1e-3) / 1e12;
+  j["phases"] = phases_json(ours.phases);
+  for (const char* key : {"ceiling", "baseline"}) {
+    const Measured* m = find_comparison(comparisons, key);
+    if (!m) {
+      j[key] = nullptr;
+      continue;
     }
-    phase_json[p.name] = entry;
+    nlohmann::ordered_json c = {{"description", m->description},
+                                {"phases", phases_json(m->phases)},
+                                {"extra_bytes", m->extra_bytes}};
+    nlohmann::ordered_json ratios = nlohmann::ordered_json::object();
+    for (const Phase& p : m->phases) {
+      if (const Phase* o = ours.find(p.name)) {
+        ratios[p.name] = p.times.median() / o->times.median();
+      }
+    }
+    // ceiling: ours as a fraction of the ceiling's rate; baseline: ours' speed-up over it.
+    c[std::string(key) == "ceiling" ? "ours_over_ceiling" : "ours_speedup"] = ratios;
+    j[key] = c;
   }
-  j["phases"] = phase_json;
+  if (!comparisons_note.empty()) j["comparisons_note"] = comparisons_note;
+  if (agreement) {
+    j["baseline"]["agreement_with_ours"] = {{"out", agreement->out},
+                                            {"dx", agreement->dx},
+                                            {"d_gates", agreement->d_gates},
+                                            {"tolerance", agreement->tolerance},
+                                            {"agrees", agreement->agrees()},
+                                            {"measure", "norm-wise relative difference"}};
+  }
   nlohmann::ordered_json mem = nlohmann::ordered_json::object();
   for (int c = 0; c < kNumCategories; ++c) mem[kCategoryNames[c]] = memory.bytes[c];
   mem["total"] = memory.total();
   mem["extra"] = memory.extra();
+  const KeptBytes kept = kept_bytes(r.shape, r.dtype, memory);
+  mem["kept_for_backward"] = kept.ours;
+  mem["original_scattermoe_kept_for_backward"] = kept.original;
   j["memory_bytes"] = mem;
   if (check) {
     j["check"] = {{"passed", check->passed}, {"rows", r.check_rows},
@@ -469,8 +715,10 @@ int run_bench(const BenchOptions& options) {
   const TensorView hidden = buffers.add(Category::kHidden, r.dtype, {L, 2 * h});
   MlpGrads grads;
   grads.dx = buffers.add(Category::kGradient, r.dtype, {T, d});
-  grads.dw1 = buffers.add(Category::kGradient, r.dtype, {E, 2 * h, d}).transposed(1, 2);
-  grads.dw2 = buffers.add(Category::kGradient, r.dtype, {E, d, h}).transposed(1, 2);
+  const TensorView dw1 = buffers.add(Category::kGradient, r.dtype, {E, 2 * h, d});
+  const TensorView dw2 = buffers.add(Category::kGradient, r.dtype, {E, d, h});
+  grads.dw1 = dw1.transposed(1, 2);
+  grads.dw2 = dw2.transposed(1, 2);
   grads.d_gates = buffers.add(Category::kGradient, r.dtype, {T, k});
   // One workspace serves every call (they run one after another).
   const std::size_t workspace_bytes =
@@ -488,16 +736,10 @@ int run_bench(const BenchOptions& options) {
 
   // ---- inputs: O(1) activations and weights scaled by 1/sqrt(fan_in), so H and out are O(1) --
   const std::uint64_t seed = options.seed;
-  generate(*device, args.x, [&](void* p) { fill_normal(p, r.dtype, T * d, 1.0f, seed, kStreamX); });
-  generate(*device, d_out,
-           [&](void* p) { fill_normal(p, r.dtype, T * d, 1.0f, seed, kStreamDOut); });
-  generate(*device, w1, [&](void* p) {
-    fill_normal(p, r.dtype, E * 2 * h * d, 1.0f / std::sqrt(static_cast<float>(d)), seed,
-                kStreamW1);
-  });
-  generate(*device, w2, [&](void* p) {
-    fill_normal(p, r.dtype, E * d * h, 1.0f / std::sqrt(static_cast<float>(h)), seed, kStreamW2);
-  });
+  generate_normal(*device, args.x, 1.0f, seed, kStreamX);
+  generate_normal(*device, d_out, 1.0f, seed, kStreamDOut);
+  generate_normal(*device, w1, 1.0f / std::sqrt(static_cast<float>(d)), seed, kStreamW1);
+  generate_normal(*device, w2, 1.0f / std::sqrt(static_cast<float>(h)), seed, kStreamW2);
   {
     std::vector<std::int64_t> idx(static_cast<std::size_t>(L));
     std::vector<char> gates(static_cast<std::size_t>(L) * dtype_size(r.dtype));
@@ -506,47 +748,114 @@ int run_bench(const BenchOptions& options) {
              [&](void* p) { std::memcpy(p, idx.data(), idx.size() * sizeof(std::int64_t)); });
     generate(*device, args.gates, [&](void* p) { std::memcpy(p, gates.data(), gates.size()); });
   }
+  device->synchronize();
 
-  // ---- time ----
-  std::vector<Phase> phases = {{"plan", 0.0, {}},
-                               {"forward", forward_flops, {}},
-                               {"backward", 2.0 * forward_flops, {}},
-                               {"forward+backward (with plan)", 3.0 * forward_flops, {}}};
-  for (int it = 0; it < r.warmup + r.iters; ++it) {
-    device->clear_marks();
-    const int m0 = device->mark();
-    build_routing_plan(expert_idxs, static_cast<int>(E), plan, ctx);
-    const int m1 = device->mark();
-    mlp_forward(args, plan, out, hidden, ctx);
-    const int m2 = device->mark();
-    mlp_backward(args, plan, hidden, d_out, grads, ctx);
-    const int m3 = device->mark();
-    device->synchronize();
-    if (it < r.warmup) continue;
-    phases[0].times.ms.push_back(device->elapsed_ms(m0, m1));
-    phases[1].times.ms.push_back(device->elapsed_ms(m1, m2));
-    phases[2].times.ms.push_back(device->elapsed_ms(m2, m3));
-    phases[3].times.ms.push_back(device->elapsed_ms(m0, m3));
+  // ---- the comparisons (CUDA: the cuBLAS ceiling and the per-expert loop) on the same inputs --
+  BenchLayer layer;
+  layer.shape = s;
+  layer.dtype = r.dtype;
+  layer.activation = r.activation;
+  layer.x = args.x;
+  layer.expert_idxs = expert_idxs;
+  layer.gates = args.gates;
+  layer.d_out = d_out;
+  layer.w1 = w1;
+  layer.w2 = w2;
+  layer.dw1 = dw1;
+  layer.dw2 = dw2;
+  std::vector<std::unique_ptr<BenchComparison>> comparisons;
+  std::string comparisons_note;
+  try {
+    comparisons = make_bench_comparisons(*device, layer, ctx);
+    if (comparisons.empty()) {
+      comparisons_note = "not measured on " + device_name(r.device) + " (cuBLAS, CUDA only)";
+    }
+  } catch (const std::bad_alloc&) {
+    comparisons.clear();
+    comparisons_note = "skipped: their buffers do not fit on " + device_name(r.device) +
+                       " next to the layer's";
+  } catch (const Unsupported& e) {  // cuBLAS or CUDA refused: still report the layer
+    comparisons.clear();
+    comparisons_note = std::string("skipped: ") + e.what();
+  }
+
+  // ---- time ours, then each comparison ----
+  Measured ours;
+  ours.key = "ours";
+  ours.extra_bytes = memory.extra();
+  {
+    const std::vector<std::vector<double>> ends = time_steps(
+        *device,
+        {[&] { build_routing_plan(expert_idxs, static_cast<int>(E), plan, ctx); },
+         [&] { mlp_forward(args, plan, out, hidden, ctx); },
+         [&] { mlp_backward(args, plan, hidden, d_out, grads, ctx); }},
+        r.warmup, r.iters);
+    ours.phases = {{"forward", forward_flops, steps_between(ends, -1, 1)},
+                   {"backward", 2.0 * forward_flops, steps_between(ends, 1, 2)},
+                   {kFwdBwd, 3.0 * forward_flops, steps_between(ends, -1, 2)},
+                   {"routing plan", 0.0, steps_between(ends, -1, 0)}};
+  }
+  std::vector<Measured> measured;
+  for (const std::unique_ptr<BenchComparison>& c : comparisons) {
+    const std::vector<std::vector<double>> ends = time_steps(
+        *device, {[&] { c->forward(); }, [&] { c->backward(); }}, r.warmup, r.iters);
+    Measured m;
+    m.key = c->key();
+    m.description = c->description();
+    m.extra_bytes = c->extra_bytes();
+    m.phases = {{"forward", forward_flops, steps_between(ends, -1, 0)},
+                {"backward", 2.0 * forward_flops, steps_between(ends, 0, 1)},
+                {kFwdBwd, 3.0 * forward_flops, steps_between(ends, -1, 1)}};
+    measured.push_back(std::move(m));
   }
 
   // ---- check a slice of the forward output against the float64 oracle ----
+  // Only the first check_rows tokens and the experts they chose are read (and copied to the host).
   check::SliceCheck check_result;
   const bool checked = r.check_rows > 0;
   if (checked) {
-    const HostCopy x_host(*device, args.x), w1_host(*device, args.w1), w2_host(*device, args.w2),
-        gates_host(*device, args.gates), idx_host(*device, expert_idxs), out_host(*device, out);
+    const std::int64_t rows = r.check_rows;
+    const HostCopy idx_host(*device, expert_idxs.narrowed(0, 0, rows));
+    std::vector<std::int64_t> experts;
+    for (std::int64_t i = 0; i < rows * k; ++i) {
+      experts.push_back(static_cast<const std::int64_t*>(idx_host.view().data())[i]);
+    }
+    std::sort(experts.begin(), experts.end());
+    experts.erase(std::unique(experts.begin(), experts.end()), experts.end());
+    experts.erase(std::remove_if(experts.begin(), experts.end(),
+                                 [&](std::int64_t e) { return e < 0 || e >= E; }),
+                  experts.end());
+    const HostCopy x_host(*device, args.x.narrowed(0, 0, rows)),
+        w1_host(*device, args.w1, &experts), w2_host(*device, args.w2, &experts),
+        gates_host(*device, args.gates.narrowed(0, 0, rows)),
+        out_host(*device, out.narrowed(0, 0, rows));
     MlpArgs host_args = args;
     host_args.x = x_host.view();
     host_args.w1 = w1_host.view();
     host_args.w2 = w2_host.view();
     host_args.gates = gates_host.view();
     check_result =
-        check::check_mlp_forward_rows(host_args, idx_host.view(), out_host.view(), r.check_rows);
+        check::check_mlp_forward_rows(host_args, idx_host.view(), out_host.view(), rows);
   }
 
-  print_table(r, *device, phases, memory, checked ? &check_result : nullptr);
+  // ---- the per-expert loop computes the same layer: how close are its results to ours ----
+  Agreement agreement;
+  bool compared = false;
+  for (const std::unique_ptr<BenchComparison>& c : comparisons) {
+    if (!c->out().defined()) continue;
+    agreement.out = relative_difference(*device, c->out(), out);
+    agreement.dx = relative_difference(*device, c->dx(), grads.dx);
+    agreement.d_gates = relative_difference(*device, c->d_gates(), grads.d_gates);
+    agreement.tolerance = 2.0 * check::tolerance_for(r.dtype);
+    compared = true;
+  }
+
+  print_report(r, *device, ours, measured, comparisons_note, compared ? &agreement : nullptr,
+               memory, checked ? &check_result : nullptr);
   if (json_file.is_open()) {
-    json_file << to_json(r, *device, phases, memory, checked ? &check_result : nullptr, seed)
+    json_file << to_json(r, *device, ours, measured, comparisons_note,
+                         compared ? &agreement : nullptr, memory,
+                         checked ? &check_result : nullptr, seed)
                      .dump(2)
               << "\n";
     if (!json_file) throw UsageError("--json: writing '" + options.json_path + "' failed");

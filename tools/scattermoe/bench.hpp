@@ -1,5 +1,7 @@
-// `scattermoe bench`: times a SwiGLU SMoE MLP forward+backward (routing plan included) on a
-// preset or explicit shape, prints a table and optionally writes JSON.
+// `scattermoe bench`: times a SwiGLU SMoE MLP forward, backward and forward+backward (routing
+// plan included) on a preset or explicit shape; on CUDA also, on the same inputs, the cuBLAS
+// ceiling and a per-expert cuBLAS loop (bench_cublas.hpp). Prints a table, a memory report and a
+// "summary: " line, and optionally writes JSON.
 #pragma once
 
 #include <cstdint>
@@ -35,8 +37,8 @@ struct BenchOptions {
   std::string dtype = "bf16";
   std::string device;  // default: cuda:0 if the CUDA backend and a GPU are there, else cpu
   std::string activation = "silu";
-  int iters = -1;      // default: 5 on the CPU, 20 on CUDA
-  int warmup = -1;     // default: 1 on the CPU, 5 on CUDA
+  int iters = -1;      // default: 5 on the CPU, 10 on CUDA
+  int warmup = -1;     // default: 1 on the CPU, 3 on CUDA
   std::uint64_t seed = 0;
   std::int64_t check_rows = -1;  // default: all rows up to 1 GFLOP of forward, else 4
   std::string json_path;         // empty: no JSON

@@ -1,9 +1,11 @@
-// What the benchmark needs from a device: memory, copies, stream-ordered timestamps. The bench
-// itself (bench.cpp) is device-independent; each backend implements this interface in its own
-// file (bench_device_cpu.cpp; the CUDA one will use cudaMalloc and CUDA events).
+// What the benchmark needs from a device: memory, copies, stream-ordered timestamps, a cache
+// flush. The bench itself (bench.cpp) is device-independent; each backend implements this
+// interface in its own file (bench_device_cpu.cpp; bench_device_cuda.cu: cudaMalloc, a created
+// stream, CUDA events).
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 #include <memory>
 #include <string>
 
@@ -36,8 +38,19 @@ class BenchDevice {
   virtual void copy_to_device(void* dst, const void* src, std::size_t bytes) = 0;
   virtual void copy_to_host(void* dst, const void* src, std::size_t bytes) = 0;
 
+  // Fills n elements with scale * normal_at(seed, stream, i) (bench_random.hpp) stored as
+  // `dtype`, on the device itself, and returns true; false when this device has no such fill,
+  // and the bench generates the values on the host and copies them.
+  virtual bool fill_normal(void* data, DType dtype, std::int64_t n, float scale,
+                           std::uint64_t seed, std::uint64_t stream) = 0;
+
   // The context every library call of the bench gets (the stream, the workspace).
   virtual Context context(const Workspace& workspace) const = 0;
+
+  // Enqueues a write of a scratch buffer larger than the device's last-level cache, so that the
+  // next timed region starts cold (nothing on the CPU). flush_bytes(): its size, 0 for none.
+  virtual void flush_cache() = 0;
+  virtual std::size_t flush_bytes() const = 0;
 
   // Stream-ordered timestamps: mark() records one after all work enqueued so far and returns
   // its index; after synchronize(), elapsed_ms(a, b) is the time between marks a and b.
@@ -48,13 +61,15 @@ class BenchDevice {
   virtual void clear_marks() = 0;
 };
 
-// The device types this build can bench (the CPU; CUDA once its BenchDevice exists).
+// The device types this build can bench (the CPU; CUDA when the CUDA backend is compiled in).
 bool bench_supports(DeviceType type);
 // Throws Unsupported for a device this build or machine cannot bench.
 std::unique_ptr<BenchDevice> make_bench_device(Device device);
 
-// One per backend, each in its own file.
+// One per backend, each in its own file. make_cuda_bench_device (only in builds with the CUDA
+// backend) throws Unsupported, in one line, when the machine has no usable GPU of that index.
 std::unique_ptr<BenchDevice> make_cpu_bench_device();
+std::unique_ptr<BenchDevice> make_cuda_bench_device(Device device);
 
 // Owns one allocation on a BenchDevice (nullptr for 0 bytes).
 class DeviceBuffer {

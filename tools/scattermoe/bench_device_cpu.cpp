@@ -55,11 +55,20 @@ class CpuBenchDevice final : public BenchDevice {
     std::memcpy(dst, src, bytes);
   }
 
+  // The host generator in bench.cpp fills CPU memory directly.
+  bool fill_normal(void*, DType, std::int64_t, float, std::uint64_t, std::uint64_t) override {
+    return false;
+  }
+
   Context context(const Workspace& workspace) const override {
     Context ctx;
     ctx.workspace = workspace;
     return ctx;
   }
+
+  // The CPU reference backend is compute-bound at these sizes: no flush.
+  void flush_cache() override {}
+  std::size_t flush_bytes() const override { return 0; }
 
   int mark() override {
     marks_.push_back(std::chrono::steady_clock::now());

@@ -83,10 +83,10 @@ void add_bench_options(CLI::App& bench, scattermoe::tools::BenchOptions& o) {
       ->check(CLI::IsMember({"silu", "gelu", "gelu_tanh", "relu"}))
       ->capture_default_str();
   bench.add_option("--iters", o.iters,
-                   "Timed iterations; the median is reported (default: 5 on the CPU, 20 on CUDA)")
+                   "Timed iterations; the median is reported (default: 5 on the CPU, 10 on CUDA)")
       ->check(at_least(1));
   bench.add_option("--warmup", o.warmup,
-                   "Untimed iterations before timing (default: 1 on the CPU, 5 on CUDA)")
+                   "Untimed iterations before timing (default: 1 on the CPU, 3 on CUDA)")
       ->check(at_least(0));
   bench.add_option("--seed", o.seed, "Seed of the random inputs and router logits")
       ->capture_default_str();
@@ -123,8 +123,10 @@ int main(int argc, char** argv) {
   tools::BenchOptions bench_options;
   CLI::App* bench = app.add_subcommand(
       "bench",
-      "Time a SwiGLU SMoE MLP forward + backward (routing plan built every iteration), report "
-      "ms, TFLOP/s, memory and a correctness check of the output; exit 1 if the check fails");
+      "Time a SwiGLU SMoE MLP forward, backward and forward + backward (routing plan built "
+      "every iteration), report ms, TFLOP/s, memory and a correctness check of the output; on "
+      "CUDA also the cuBLAS ceiling and a per-expert cuBLAS loop on the same inputs; prints "
+      "a 'summary: ' line; exit 1 if the check fails");
   set_subcommand_help(*bench);
   bench->footer(tools::bench_presets_help() +
                 "\n\nExit status: 0 ran and the check passed; 1 the check failed; 2 bad arguments, "
