@@ -14,8 +14,8 @@ BuildInfo build_info() {
   info.version = SCATTERMOE_VERSION;
 #ifdef SCATTERMOE_WITH_CUDA
   info.cuda_backend = true;
-  std::istringstream archs(SCATTERMOE_CUDA_ARCHS);  // CMake's list, e.g. "80;90a"
-  for (std::string arch; std::getline(archs, arch, ';');) {
+  std::istringstream archs(SCATTERMOE_CUDA_ARCHS);  // e.g. "80,90a"
+  for (std::string arch; std::getline(archs, arch, ',');) {
     if (!arch.empty()) info.cuda_archs.push_back(arch);
   }
 #endif
