@@ -22,12 +22,15 @@ template <class T16, class MmaAtom>
 struct Sm80TensorOpConfig {
   using Element = T16;
   static constexpr int kBM = 128;
-  static constexpr int kBN = 128;
-  static constexpr int kBK = 64;
-  static constexpr int kStages = 3;
+  static constexpr int kBN = 256;
+  // BK = 32 keeps the register fragments of one k tile (2 k-blocks of 16) beside the 128
+  // accumulators within 255 registers; more stages make up for the shorter tile.
+  static constexpr int kBK = 32;
+  static constexpr int kStages = 4;
   static constexpr int kThreads = 256;
   static constexpr int kVec = 8;  // elements per 16-byte chunk
-  // 2x4 warps, each 64x32 of the 128x128 tile (64 fp32 accumulators per thread).
+  // 2x4 warps, each 64x64 of the 128x256 tile (128 fp32 accumulators per thread): the warp
+  // tile that keeps ldmatrix traffic per mma lowest.
   using TiledMma = cute::TiledMMA<cute::MMA_Atom<MmaAtom>, cute::Layout<cute::Shape<cute::_2, cute::_4, cute::_1>>,
                                   cute::Tile<cute::_32, cute::_64, cute::_16>>;
 
@@ -40,7 +43,7 @@ struct Sm80TensorOpConfig {
   static constexpr auto smem_layout() {
     using namespace cute;
     if constexpr (kKMajor) {
-      auto atom = composition(Swizzle<3, 3, 3>{}, Layout<Shape<_8, _64>, Stride<_64, _1>>{});
+      auto atom = composition(Swizzle<2, 3, 3>{}, Layout<Shape<_8, _32>, Stride<_32, _1>>{});
       return tile_to_shape(atom, make_shape(Int<kMN>{}, Int<kBK>{}, Int<kStages>{}));
     } else {
       auto atom = composition(Swizzle<3, 3, 3>{}, Layout<Shape<_64, _8>, Stride<_1, _64>>{});
@@ -397,8 +400,18 @@ __global__ void __launch_bounds__(Sm80GemmConfig<T>::kThreads)
   const int e = static_cast<int>(blockIdx.z);
   const std::int64_t r0 = e ? p.expert_offsets[e - 1] : 0;
   const std::int64_t r1 = p.expert_offsets[e];
-  const std::int64_t m0 = static_cast<std::int64_t>(blockIdx.x) * kBM;
-  const std::int64_t n0 = static_cast<std::int64_t>(blockIdx.y) * kBN;
+  // Grouped raster over (M tiles, N tiles) within the expert, as in varlen-M: the resident
+  // blocks read a few A panels and a few B panels, which stay in L2.
+  constexpr int kGroupRows = 8;
+  const int row_tiles = static_cast<int>(gridDim.x);
+  const int column_tiles = static_cast<int>(gridDim.y);
+  const int linear = static_cast<int>(blockIdx.y) * row_tiles + static_cast<int>(blockIdx.x);
+  const int group = linear / (kGroupRows * column_tiles);
+  const int first_row_tile = group * kGroupRows;
+  const int group_rows = min(row_tiles - first_row_tile, kGroupRows);
+  const int in_group = linear % (kGroupRows * column_tiles);
+  const std::int64_t m0 = static_cast<std::int64_t>(first_row_tile + in_group % group_rows) * kBM;
+  const std::int64_t n0 = static_cast<std::int64_t>(in_group / group_rows) * kBN;
 
   extern __shared__ __align__(128) unsigned char smem_raw[];
   constexpr auto layout_a = Config::template smem_layout<false, kBM>();
