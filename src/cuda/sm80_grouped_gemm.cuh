@@ -11,6 +11,11 @@
 
 #include "cuda/gemm.hpp"
 
+// Pipeline depth of the tensor-op configurations; a build-time override for measurements.
+#ifndef SCATTERMOE_SM80_STAGES
+#define SCATTERMOE_SM80_STAGES 3
+#endif
+
 namespace scattermoe::cuda {
 
 // ---------------------------------------------------------------------------------------------
@@ -22,15 +27,13 @@ template <class T16, class MmaAtom>
 struct Sm80TensorOpConfig {
   using Element = T16;
   static constexpr int kBM = 128;
-  static constexpr int kBN = 256;
-  // BK = 32 keeps the register fragments of one k tile (2 k-blocks of 16) beside the 128
-  // accumulators within 255 registers; more stages make up for the shorter tile.
-  static constexpr int kBK = 32;
-  static constexpr int kStages = 4;
+  static constexpr int kBN = 128;
+  static constexpr int kBK = 64;
+  static constexpr int kStages = SCATTERMOE_SM80_STAGES;
   static constexpr int kThreads = 256;
   static constexpr int kVec = 8;  // elements per 16-byte chunk
-  // 2x4 warps, each 64x64 of the 128x256 tile (128 fp32 accumulators per thread): the warp
-  // tile that keeps ldmatrix traffic per mma lowest.
+  // 2x4 warps, each 64x32 of the 128x128 tile (64 fp32 accumulators per thread). Measured
+  // against 128x256x32 with 64x64 warp tiles (which spills at 255 registers): docs/perf.md.
   using TiledMma = cute::TiledMMA<cute::MMA_Atom<MmaAtom>, cute::Layout<cute::Shape<cute::_2, cute::_4, cute::_1>>,
                                   cute::Tile<cute::_32, cute::_64, cute::_16>>;
 
@@ -43,7 +46,7 @@ struct Sm80TensorOpConfig {
   static constexpr auto smem_layout() {
     using namespace cute;
     if constexpr (kKMajor) {
-      auto atom = composition(Swizzle<2, 3, 3>{}, Layout<Shape<_8, _32>, Stride<_32, _1>>{});
+      auto atom = composition(Swizzle<3, 3, 3>{}, Layout<Shape<_8, _64>, Stride<_64, _1>>{});
       return tile_to_shape(atom, make_shape(Int<kMN>{}, Int<kBK>{}, Int<kStages>{}));
     } else {
       auto atom = composition(Swizzle<3, 3, 3>{}, Layout<Shape<_64, _8>, Stride<_1, _64>>{});
