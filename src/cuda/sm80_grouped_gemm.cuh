@@ -99,42 +99,57 @@ constexpr int gemm_smem_bytes() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Copies one operand tile (kMN x kBK) into stage `stage` of s (kMN, kBK, STAGES).
+// The 16-byte chunks of one operand tile (kMN x kBK) that this thread copies global -> shared.
 // K-major: a line is one mn index, contiguous along k. MN-major: a line is one k index,
-// contiguous along mn. line_ptr(j, line) gives the global address of the line's first element
-// in this tile (nullptr: the line lies outside the operand, zero-filled); `extent` is how many
-// contiguous elements from there are inside the operand. Aligned mode issues 16-byte cp.async
-// (extent, addresses and strides are multiples of a chunk); otherwise plain element loads.
-template <class Config, bool kKMajor, int kMN, class SmemTensor, class LinePtr>
-__device__ __forceinline__ void load_tile(SmemTensor& s, int stage, LinePtr&& line_ptr,
-                                          std::int64_t extent, bool aligned,
-                                          const typename Config::Element* any_valid) {
+// contiguous along mn. Every thread copies chunks at one fixed offset `off` within kCount lines
+// (line(j)); their shared-memory offsets are resolved once, so a k tile costs a pointer add, a
+// bound and a cp.async per chunk.
+template <class Config, bool kKMajor, int kMN>
+struct TileChunks {
   using T = typename Config::Element;
-  constexpr int kVec = Config::kVec;
-  constexpr int kContig = kKMajor ? Config::kBK : kMN;
-  constexpr int kLines = kKMajor ? kMN : Config::kBK;
-  constexpr int kChunksPerLine = kContig / kVec;
-  constexpr int kChunks = kLines * kChunksPerLine;
-  static_assert(kChunks % Config::kThreads == 0, "tile chunks must divide evenly over threads");
-  CUTE_UNROLL
-  for (int j = 0; j < kChunks / Config::kThreads; ++j) {
-    const int c = static_cast<int>(threadIdx.x) + j * Config::kThreads;
-    const int line = c / kChunksPerLine;
-    const int off = (c % kChunksPerLine) * kVec;
-    const T* src = line_ptr(j, line);
-    T* dst = kKMajor ? &s(line, off, stage) : &s(off, line, stage);
+  static constexpr int kVec = Config::kVec;
+  static constexpr int kPerLine = (kKMajor ? Config::kBK : kMN) / kVec;
+  static constexpr int kLinesPerPass = Config::kThreads / kPerLine;
+  static constexpr int kCount = (kKMajor ? kMN : Config::kBK) / kLinesPerPass;
+  static_assert(Config::kThreads % kPerLine == 0 && kCount * kLinesPerPass == (kKMajor ? kMN : Config::kBK),
+                "tile chunks must divide evenly over threads");
+
+  std::uint32_t smem_offset[kCount];  // element offsets within stage 0
+  std::uint32_t stage_stride;
+
+  template <class Layout>
+  __device__ explicit TileChunks(const Layout& layout) {
+    CUTE_UNROLL
+    for (int j = 0; j < kCount; ++j) {
+      smem_offset[j] = static_cast<std::uint32_t>(kKMajor ? layout(line(j), off(), 0) : layout(off(), line(j), 0));
+    }
+    stage_stride = static_cast<std::uint32_t>(layout(0, 0, 1));
+  }
+
+  __device__ static int off() { return static_cast<int>(threadIdx.x) % kPerLine * kVec; }
+  __device__ static int line(int j) { return static_cast<int>(threadIdx.x) / kPerLine + j * kLinesPerPass; }
+
+  // Copies `valid` (0..kVec) elements from src into chunk j of `stage`, zero-filling the rest.
+  // Aligned mode (16-byte addresses, valid either 0 or kVec) issues one cp.async.
+  __device__ __forceinline__ void copy(T* smem, int stage, int j, const T* src, int valid, bool aligned,
+                                       const T* any_valid) const {
+    T* dst = smem + stage * stage_stride + smem_offset[j];
     if (aligned) {
-      const bool pred = src != nullptr && off < extent;
       cute::SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t>::copy(
-          *reinterpret_cast<const cute::uint128_t*>(pred ? src + off : any_valid),
-          *reinterpret_cast<cute::uint128_t*>(dst), pred);
+          *reinterpret_cast<const cute::uint128_t*>(valid > 0 ? src : any_valid),
+          *reinterpret_cast<cute::uint128_t*>(dst), valid > 0);
     } else {
       CUTE_UNROLL
-      for (int v = 0; v < kVec; ++v) {
-        dst[v] = (src != nullptr && off + v < extent) ? src[off + v] : T(0);
-      }
+      for (int v = 0; v < kVec; ++v) dst[v] = v < valid ? src[v] : T(0);
     }
   }
+};
+
+// How many of the kVec elements starting at `position` lie below `extent`.
+template <int kVec>
+__device__ __forceinline__ int valid_elements(std::int64_t extent, std::int64_t position) {
+  const std::int64_t left = extent - position;
+  return left <= 0 ? 0 : (left >= kVec ? kVec : static_cast<int>(left));
 }
 
 // The pipelined mainloop (after the CuTe sm80 tutorial): k_tiles tiles of kBK along K, each
@@ -282,39 +297,56 @@ __global__ void __launch_bounds__(Sm80GemmConfig<T>::kThreads)
   Tensor sA = make_tensor(make_smem_ptr(smem_a), layout_a);  // (BM,BK,STAGES)
   Tensor sB = make_tensor(make_smem_ptr(smem_b), layout_b);  // (BN,BK,STAGES)
 
-  // The gathered A rows this thread copies, resolved once for all k tiles.
+  // Operand A: the gathered rows this thread copies, resolved once for all k tiles.
+  using ChunksA = TileChunks<Config, true, kBM>;
+  const ChunksA chunks_a(layout_a);
   const T* a_base = static_cast<const T*>(p.a.ptr);
-  const T* a_rows[kAChunks];
+  const T* a_rows[ChunksA::kCount];
   CUTE_UNROLL
-  for (int j = 0; j < kAChunks; ++j) {
-    const int line = (static_cast<int>(threadIdx.x) + j * Config::kThreads) / (kBK / Config::kVec);
-    const std::int64_t i = row0 + line;
-    a_rows[j] = i < row_end ? a_base + p.a.row(i) * p.a.ld : nullptr;
+  for (int j = 0; j < ChunksA::kCount; ++j) {
+    const std::int64_t i = row0 + ChunksA::line(j);
+    a_rows[j] = i < row_end ? a_base + p.a.row(i) * p.a.ld + ChunksA::off() : nullptr;
   }
-  const T* b_base = static_cast<const T*>(p.b) + e * p.b_expert_stride;
-
   auto load_a = [&](int stage, int k_tile) {
     const std::int64_t k0 = static_cast<std::int64_t>(k_tile) * kBK;
-    load_tile<Config, true, kBM>(
-        sA, stage, [&](int j, int) { return a_rows[j] ? a_rows[j] + k0 : nullptr; }, p.k - k0,
-        a_aligned, a_base);
+    const int valid = valid_elements<Config::kVec>(p.k, k0 + ChunksA::off());
+    CUTE_UNROLL
+    for (int j = 0; j < ChunksA::kCount; ++j) {
+      chunks_a.copy(smem_a, stage, j, a_rows[j] + k0, a_rows[j] ? valid : 0, a_aligned, a_base);
+    }
   };
+
+  // Operand B: expert e's weight, K-major (lines are columns n) or N-major (lines are k).
+  using ChunksB = TileChunks<Config, kBKMajor, kBN>;
+  const ChunksB chunks_b(layout_b);
+  const T* b_base = static_cast<const T*>(p.b) + e * p.b_expert_stride;
+  const T* b_lines[ChunksB::kCount];
+  int b_valid = 0;  // N-major: elements of the chunk inside N (fixed for the block)
+  CUTE_UNROLL
+  for (int j = 0; j < ChunksB::kCount; ++j) {
+    if constexpr (kBKMajor) {
+      const std::int64_t n = n0 + ChunksB::line(j);
+      b_lines[j] = n < p.n ? b_base + n * p.b_stride_n + ChunksB::off() : nullptr;
+    } else {
+      b_lines[j] = b_base + ChunksB::line(j) * p.b_stride_k + n0 + ChunksB::off();
+    }
+  }
+  if constexpr (!kBKMajor) b_valid = valid_elements<Config::kVec>(p.n, n0 + ChunksB::off());
   auto load_b = [&](int stage, int k_tile) {
     const std::int64_t k0 = static_cast<std::int64_t>(k_tile) * kBK;
     if constexpr (kBKMajor) {
-      load_tile<Config, true, kBN>(
-          sB, stage,
-          [&](int, int line) -> const T* {
-            return n0 + line < p.n ? b_base + (n0 + line) * p.b_stride_n + k0 : nullptr;
-          },
-          p.k - k0, b_aligned, b_base);
+      const int valid = valid_elements<Config::kVec>(p.k, k0 + ChunksB::off());
+      CUTE_UNROLL
+      for (int j = 0; j < ChunksB::kCount; ++j) {
+        chunks_b.copy(smem_b, stage, j, b_lines[j] + k0, b_lines[j] ? valid : 0, b_aligned, b_base);
+      }
     } else {
-      load_tile<Config, false, kBN>(
-          sB, stage,
-          [&](int, int line) -> const T* {
-            return k0 + line < p.k ? b_base + (k0 + line) * p.b_stride_k + n0 : nullptr;
-          },
-          p.n - n0, b_aligned, b_base);
+      const std::int64_t advance = k0 * p.b_stride_k;
+      CUTE_UNROLL
+      for (int j = 0; j < ChunksB::kCount; ++j) {
+        const bool inside = k0 + ChunksB::line(j) < p.k;
+        chunks_b.copy(smem_b, stage, j, b_lines[j] + advance, inside ? b_valid : 0, b_aligned, b_base);
+      }
     }
   };
 
@@ -424,25 +456,36 @@ __global__ void __launch_bounds__(Sm80GemmConfig<T>::kThreads)
   Tensor sA = make_tensor(make_smem_ptr(smem_a), layout_a);  // (BM,BK,STAGES)
   Tensor sB = make_tensor(make_smem_ptr(smem_b), layout_b);  // (BN,BK,STAGES)
 
-  const T* a_base = static_cast<const T*>(p.a.ptr);
-  const T* b_base = static_cast<const T*>(p.b.ptr);
+  // Both operands are MN-major: a line is one routed row. A and B share the line mapping (both
+  // tiles are kBM = kBN wide), so each row index is resolved once for both.
+  static_assert(kBM == kBN, "varlen-K shares row lines between its operands");
+  using Chunks = TileChunks<Config, false, kBM>;
+  const Chunks chunks_a(layout_a);
+  const Chunks chunks_b(layout_b);
+  const T* a_base = static_cast<const T*>(p.a.ptr) + m0 + Chunks::off();
+  const T* b_base = static_cast<const T*>(p.b.ptr) + n0 + Chunks::off();
+  const int a_valid = valid_elements<Config::kVec>(p.m, m0 + Chunks::off());
+  const int b_valid = valid_elements<Config::kVec>(p.n, n0 + Chunks::off());
+  // The rows of a tile: loaded by load_a, used by load_b right after it.
+  std::int64_t b_rows[Chunks::kCount];
   auto load_a = [&](int stage, int k_tile) {
     const std::int64_t k0 = r0 + static_cast<std::int64_t>(k_tile) * kBK;
-    load_tile<Config, false, kBM>(
-        sA, stage,
-        [&](int, int line) -> const T* {
-          return k0 + line < r1 ? a_base + p.a.row(k0 + line) * p.a.ld + m0 : nullptr;
-        },
-        p.m - m0, a_aligned, a_base);
+    CUTE_UNROLL
+    for (int j = 0; j < Chunks::kCount; ++j) {
+      const std::int64_t r = k0 + Chunks::line(j);
+      const bool inside = r < r1;
+      b_rows[j] = inside ? p.b.row(r) : -1;
+      const T* src = a_base + (inside ? p.a.row(r) : 0) * p.a.ld;
+      chunks_a.copy(smem_a, stage, j, src, inside ? a_valid : 0, a_aligned, a_base - Chunks::off() - m0);
+    }
   };
-  auto load_b = [&](int stage, int k_tile) {
-    const std::int64_t k0 = r0 + static_cast<std::int64_t>(k_tile) * kBK;
-    load_tile<Config, false, kBN>(
-        sB, stage,
-        [&](int, int line) -> const T* {
-          return k0 + line < r1 ? b_base + p.b.row(k0 + line) * p.b.ld + n0 : nullptr;
-        },
-        p.n - n0, b_aligned, b_base);
+  auto load_b = [&](int stage, int) {
+    CUTE_UNROLL
+    for (int j = 0; j < Chunks::kCount; ++j) {
+      const bool inside = b_rows[j] >= 0;
+      const T* src = b_base + (inside ? b_rows[j] : 0) * p.b.ld;
+      chunks_b.copy(smem_b, stage, j, src, inside ? b_valid : 0, b_aligned, b_base - Chunks::off() - n0);
+    }
   };
 
   typename Config::TiledMma mma;
