@@ -130,11 +130,13 @@ struct TileChunks {
   __device__ static int line(int j) { return static_cast<int>(threadIdx.x) / kPerLine + j * kLinesPerPass; }
 
   // Copies `valid` (0..kVec) elements from src into chunk j of `stage`, zero-filling the rest.
-  // Aligned mode (16-byte addresses, valid either 0 or kVec) issues one cp.async.
-  __device__ __forceinline__ void copy(T* smem, int stage, int j, const T* src, int valid, bool aligned,
+  // Aligned kernels (16-byte addresses, valid either 0 or kVec) issue one cp.async; the others,
+  // compiled apart so the fast ones carry none of it, copy element by element.
+  template <bool kAligned>
+  __device__ __forceinline__ void copy(T* smem, int stage, int j, const T* src, int valid,
                                        const T* any_valid) const {
     T* dst = smem + stage * stage_stride + smem_offset[j];
-    if (aligned) {
+    if constexpr (kAligned) {
       cute::SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t>::copy(
           *reinterpret_cast<const cute::uint128_t*>(valid > 0 ? src : any_valid),
           *reinterpret_cast<cute::uint128_t*>(dst), valid > 0);
@@ -253,10 +255,9 @@ __device__ __forceinline__ bool adjacent_columns(const Coord& coord, int v) {
 // varlen-M: the grid spans (row tiles, column tiles); row tiles index the device-built tile list
 // (tile_prefix[e] = inclusive count of kBM-row tiles of experts 0..e), visited in groups.
 
-template <class T, bool kBKMajor>
+template <class T, bool kBKMajor, bool kAligned>
 __global__ void __launch_bounds__(Sm80GemmConfig<T>::kThreads)
-    sm80_varlen_m_gemm_kernel(VarlenMGemm p, const int* __restrict__ tile_prefix, bool a_aligned,
-                              bool b_aligned) {
+    sm80_varlen_m_gemm_kernel(VarlenMGemm p, const int* __restrict__ tile_prefix) {
   using namespace cute;
   using Config = Sm80GemmConfig<T>;
   constexpr int kBM = Config::kBM;
@@ -312,7 +313,7 @@ __global__ void __launch_bounds__(Sm80GemmConfig<T>::kThreads)
     const int valid = valid_elements<Config::kVec>(p.k, k0 + ChunksA::off());
     CUTE_UNROLL
     for (int j = 0; j < ChunksA::kCount; ++j) {
-      chunks_a.copy(smem_a, stage, j, a_rows[j] + k0, a_rows[j] ? valid : 0, a_aligned, a_base);
+      chunks_a.template copy<kAligned>(smem_a, stage, j, a_rows[j] + k0, a_rows[j] ? valid : 0, a_base);
     }
   };
 
@@ -338,14 +339,14 @@ __global__ void __launch_bounds__(Sm80GemmConfig<T>::kThreads)
       const int valid = valid_elements<Config::kVec>(p.k, k0 + ChunksB::off());
       CUTE_UNROLL
       for (int j = 0; j < ChunksB::kCount; ++j) {
-        chunks_b.copy(smem_b, stage, j, b_lines[j] + k0, b_lines[j] ? valid : 0, b_aligned, b_base);
+        chunks_b.template copy<kAligned>(smem_b, stage, j, b_lines[j] + k0, b_lines[j] ? valid : 0, b_base);
       }
     } else {
       const std::int64_t advance = k0 * p.b_stride_k;
       CUTE_UNROLL
       for (int j = 0; j < ChunksB::kCount; ++j) {
         const bool inside = k0 + ChunksB::line(j) < p.k;
-        chunks_b.copy(smem_b, stage, j, b_lines[j] + advance, inside ? b_valid : 0, b_aligned, b_base);
+        chunks_b.template copy<kAligned>(smem_b, stage, j, b_lines[j] + advance, inside ? b_valid : 0, b_base);
       }
     }
   };
@@ -406,13 +407,14 @@ void launch_varlen_m_gemm(const VarlenMGemm& g, const int* tile_prefix, cudaStre
   const bool b_aligned = kBKMajor ? aligned(g.b, g.b_stride_n, g.b_expert_stride, g.k)
                                   : aligned(g.b, g.b_stride_k, g.b_expert_stride, g.n);
   constexpr int smem = gemm_smem_bytes<Config, true, kBKMajor>();
-  auto kernel = sm80_varlen_m_gemm_kernel<T, kBKMajor>;
+  auto kernel = a_aligned && b_aligned ? sm80_varlen_m_gemm_kernel<T, kBKMajor, true>
+                                       : sm80_varlen_m_gemm_kernel<T, kBKMajor, false>;
   check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
              "varlen-M GEMM: shared memory size");
   // At most ceil(L / BM) + E row tiles exist; the blocks past the device-built count return.
   const dim3 grid(ceil_div(g.rows, Config::kBM) + static_cast<unsigned>(g.num_experts),
                   ceil_div(g.n, Config::kBN));
-  kernel<<<grid, Config::kThreads, smem, stream>>>(g, tile_prefix, a_aligned, b_aligned);
+  kernel<<<grid, Config::kThreads, smem, stream>>>(g, tile_prefix);
   check_launch("varlen-M GEMM");
 }
 
@@ -423,9 +425,9 @@ int varlen_m_tile_rows() {
 
 // ---------------------------------------------------------------------------------------------
 // varlen-K: grid (M tiles, N tiles, experts); each block reduces over its expert's rows.
-template <class T>
+template <class T, bool kAligned>
 __global__ void __launch_bounds__(Sm80GemmConfig<T>::kThreads)
-    sm80_varlen_k_gemm_kernel(VarlenKGemm p, bool a_aligned, bool b_aligned) {
+    sm80_varlen_k_gemm_kernel(VarlenKGemm p) {
   using namespace cute;
   using Config = Sm80GemmConfig<T>;
   constexpr int kBM = Config::kBM;
@@ -476,7 +478,7 @@ __global__ void __launch_bounds__(Sm80GemmConfig<T>::kThreads)
       const bool inside = r < r1;
       b_rows[j] = inside ? p.b.row(r) : -1;
       const T* src = a_base + (inside ? p.a.row(r) : 0) * p.a.ld;
-      chunks_a.copy(smem_a, stage, j, src, inside ? a_valid : 0, a_aligned, a_base - Chunks::off() - m0);
+      chunks_a.template copy<kAligned>(smem_a, stage, j, src, inside ? a_valid : 0, a_base - Chunks::off() - m0);
     }
   };
   auto load_b = [&](int stage, int) {
@@ -484,7 +486,7 @@ __global__ void __launch_bounds__(Sm80GemmConfig<T>::kThreads)
     for (int j = 0; j < Chunks::kCount; ++j) {
       const bool inside = b_rows[j] >= 0;
       const T* src = b_base + (inside ? b_rows[j] : 0) * p.b.ld;
-      chunks_b.copy(smem_b, stage, j, src, inside ? b_valid : 0, b_aligned, b_base - Chunks::off() - n0);
+      chunks_b.template copy<kAligned>(smem_b, stage, j, src, inside ? b_valid : 0, b_base - Chunks::off() - n0);
     }
   };
 
@@ -528,13 +530,13 @@ void launch_varlen_k_gemm(const VarlenKGemm& g, cudaStream_t stream) {
     return reinterpret_cast<std::uintptr_t>(ptr) % 16 == 0 && ld % kVec == 0 && width % kVec == 0;
   };
   constexpr int smem = gemm_smem_bytes<Config, false, false>();
-  auto kernel = sm80_varlen_k_gemm_kernel<T>;
+  const bool both_aligned = aligned(g.a.ptr, g.a.ld, g.m) && aligned(g.b.ptr, g.b.ld, g.n);
+  auto kernel = both_aligned ? sm80_varlen_k_gemm_kernel<T, true> : sm80_varlen_k_gemm_kernel<T, false>;
   check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
              "varlen-K GEMM: shared memory size");
   const dim3 grid(ceil_div(g.m, Config::kBM), ceil_div(g.n, Config::kBN),
                   static_cast<unsigned>(g.num_experts));
-  kernel<<<grid, Config::kThreads, smem, stream>>>(g, aligned(g.a.ptr, g.a.ld, g.m),
-                                                   aligned(g.b.ptr, g.b.ld, g.n));
+  kernel<<<grid, Config::kThreads, smem, stream>>>(g);
   check_launch("varlen-K GEMM");
 }
 
