@@ -251,6 +251,24 @@ __device__ __forceinline__ bool adjacent_columns(const Coord& coord, int v) {
          cute::get<1>(coord(v + 1)) == cute::get<1>(coord(v)) + 1;
 }
 
+// Grouped raster: `group_rows` consecutive row tiles walk all column tiles before the next group
+// starts, so the blocks resident at once share their A rows and B columns in L2. Maps this
+// block's (blockIdx.x, blockIdx.y) to the (row tile, column tile) it computes.
+struct RasterTile {
+  int row;
+  int column;
+};
+
+__device__ __forceinline__ RasterTile grouped_raster(int group_rows) {
+  const int row_tiles = static_cast<int>(gridDim.x);
+  const int column_tiles = static_cast<int>(gridDim.y);
+  const int linear = static_cast<int>(blockIdx.y) * row_tiles + static_cast<int>(blockIdx.x);
+  const int first_row_tile = linear / (group_rows * column_tiles) * group_rows;
+  const int rows_here = min(row_tiles - first_row_tile, group_rows);
+  const int in_group = linear % (group_rows * column_tiles);
+  return RasterTile{first_row_tile + in_group % rows_here, in_group / rows_here};
+}
+
 // ---------------------------------------------------------------------------------------------
 // varlen-M: the grid spans (row tiles, column tiles); row tiles index the device-built tile list
 // (tile_prefix[e] = inclusive count of kBM-row tiles of experts 0..e), visited in groups.
@@ -263,20 +281,10 @@ __global__ void __launch_bounds__(Sm80GemmConfig<T>::kThreads)
   constexpr int kBM = Config::kBM;
   constexpr int kBN = Config::kBN;
   constexpr int kBK = Config::kBK;
-  constexpr int kAChunks = kBM * kBK / Config::kVec / Config::kThreads;
 
-  // Grouped raster: kGroupRows consecutive row tiles walk all column tiles before the next
-  // group starts, so the blocks resident at once share their A rows and B columns in L2.
-  const int kGroupRows = p.raster_group_rows;
-  const int column_tiles = static_cast<int>(gridDim.y);
-  const int row_tiles = static_cast<int>(gridDim.x);
-  const int linear = static_cast<int>(blockIdx.y) * row_tiles + static_cast<int>(blockIdx.x);
-  const int group = linear / (kGroupRows * column_tiles);
-  const int first_row_tile = group * kGroupRows;
-  const int group_rows = min(row_tiles - first_row_tile, kGroupRows);
-  const int in_group = linear % (kGroupRows * column_tiles);
-  const int tile = first_row_tile + in_group % group_rows;
-  const int column_tile = in_group / group_rows;
+  const RasterTile raster = grouped_raster(p.raster_group_rows);
+  const int tile = raster.row;
+  const int column_tile = raster.column;
   if (p.num_experts == 0 || tile >= tile_prefix[p.num_experts - 1]) return;
   int lo = 0;
   int hi = p.num_experts - 1;
@@ -437,18 +445,10 @@ __global__ void __launch_bounds__(Sm80GemmConfig<T>::kThreads)
   const int e = static_cast<int>(blockIdx.z);
   const std::int64_t r0 = e ? p.expert_offsets[e - 1] : 0;
   const std::int64_t r1 = p.expert_offsets[e];
-  // Grouped raster over (M tiles, N tiles) within the expert, as in varlen-M: the resident
-  // blocks read a few A panels and a few B panels, which stay in L2.
-  constexpr int kGroupRows = 8;
-  const int row_tiles = static_cast<int>(gridDim.x);
-  const int column_tiles = static_cast<int>(gridDim.y);
-  const int linear = static_cast<int>(blockIdx.y) * row_tiles + static_cast<int>(blockIdx.x);
-  const int group = linear / (kGroupRows * column_tiles);
-  const int first_row_tile = group * kGroupRows;
-  const int group_rows = min(row_tiles - first_row_tile, kGroupRows);
-  const int in_group = linear % (kGroupRows * column_tiles);
-  const std::int64_t m0 = static_cast<std::int64_t>(first_row_tile + in_group % group_rows) * kBM;
-  const std::int64_t n0 = static_cast<std::int64_t>(in_group / group_rows) * kBN;
+  // Grouped raster over (M tiles, N tiles) within the expert, as in varlen-M.
+  const RasterTile raster = grouped_raster(8);
+  const std::int64_t m0 = static_cast<std::int64_t>(raster.row) * kBM;
+  const std::int64_t n0 = static_cast<std::int64_t>(raster.column) * kBN;
 
   extern __shared__ __align__(128) unsigned char smem_raw[];
   constexpr auto layout_a = Config::template smem_layout<false, kBM>();

@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "check/device_memory.hpp"
 #include "check/host_tensor.hpp"
 #include "scattermoe/tensor.hpp"
 
@@ -39,31 +40,7 @@ inline std::string gpu_unavailable_reason() {
     if (!reason_.empty()) GTEST_SKIP() << "GPU test skipped: " << reason_;               \
   } while (0)
 
-class DeviceBuffer {
- public:
-  DeviceBuffer() = default;
-  explicit DeviceBuffer(std::size_t bytes) : bytes_(bytes) {
-    if (bytes_ > 0 && cudaMalloc(&ptr_, bytes_) != cudaSuccess) {
-      ptr_ = nullptr;
-      throw std::runtime_error("cudaMalloc of " + std::to_string(bytes_) + " bytes failed");
-    }
-  }
-  ~DeviceBuffer() { if (ptr_) cudaFree(ptr_); }
-  DeviceBuffer(DeviceBuffer&& o) noexcept : ptr_(o.ptr_), bytes_(o.bytes_) { o.ptr_ = nullptr; o.bytes_ = 0; }
-  DeviceBuffer& operator=(DeviceBuffer&& o) noexcept {
-    std::swap(ptr_, o.ptr_);
-    std::swap(bytes_, o.bytes_);
-    return *this;
-  }
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-  void* data() const { return ptr_; }
-  std::size_t bytes() const { return bytes_; }
-
- private:
-  void* ptr_ = nullptr;
-  std::size_t bytes_ = 0;
-};
+using check::DeviceBuffer;
 
 // A device copy of a host tensor: view() has the host view's shape and strides.
 class DeviceTensor {
@@ -73,28 +50,12 @@ class DeviceTensor {
       : host_view_(host.view()), buffer_(host.byte_size()) {
     upload(host);
   }
-  void upload(const check::HostTensor& host) {
-    if (host.byte_size() > 0) {
-      if (cudaMemcpy(buffer_.data(), host.bytes(), host.byte_size(), cudaMemcpyHostToDevice) != cudaSuccess) {
-        throw std::runtime_error("upload failed");
-      }
-    }
-  }
+  void upload(const check::HostTensor& host) { buffer_.upload(host.bytes()); }
   // Copies the device bytes into `host` (same shape and dtype).
-  void download(check::HostTensor& host) const {
-    if (host.byte_size() > 0) {
-      if (cudaMemcpy(const_cast<unsigned char*>(host.bytes()), buffer_.data(), host.byte_size(),
-                     cudaMemcpyDeviceToHost) != cudaSuccess) {
-        throw std::runtime_error("download failed");
-      }
-    }
-  }
-  void poison() const {
-    if (buffer_.bytes()) cudaMemset(buffer_.data(), 0xff, buffer_.bytes());
-  }
+  void download(check::HostTensor& host) const { buffer_.download(host.bytes()); }
+  void poison() { buffer_.fill(0xff); }
   TensorView view() const {
     if (!host_view_.defined()) return TensorView{};
-    // The host view may start inside its buffer when transposed: same offset here.
     const std::int64_t rank = host_view_.rank();
     std::int64_t shape[TensorView::kMaxRank], strides[TensorView::kMaxRank];
     for (int i = 0; i < rank; ++i) {
