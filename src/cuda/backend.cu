@@ -80,15 +80,6 @@ void run_linear(const Linear& l, const RoutingPlan& plan, void* tile_workspace, 
   run_varlen_m_gemm(l.w.dtype(), g, tile_workspace, stream);
 }
 
-// The weight-gradient GEMM resolves a row per routed row and k tile; a gathered operand with a
-// fan-out divides there. Resolving those rows once per op into `rows` (L int64 from the
-// workspace) leaves the GEMM a plain indexed load.
-RowSource with_resolved_rows(RowSource src, std::int64_t count, std::int64_t* rows, cudaStream_t stream) {
-  if (src.index == nullptr || src.divisor == 1 || rows == nullptr) return src;
-  resolve_rows(src, count, rows, stream);
-  return RowSource{src.ptr, src.ld, rows, 1};
-}
-
 // dW[e] = X_e^T dY_e into any (E, d_in, d_out) view with a unit inner stride; db = column sums.
 void weight_grads(DType dtype, RowSource x_rows, std::int64_t d_in, RowSource dy_rows,
                   std::int64_t d_out, const RoutingPlan& plan, const TensorView& dw,
@@ -210,7 +201,6 @@ struct LinearBackwardScratch {
   void* dy_grouped = nullptr;   // (L, d_out) gated dOut rows in grouped order
   void* dx_expanded = nullptr;  // (L, d_in) token-major, before the k-sum
   void* y = nullptr;            // (L, d_out) recomputed for d_gates
-  std::int64_t* x_rows = nullptr;  // (L) token row of each grouped row, for dW
 };
 
 LinearBackwardScratch linear_backward_layout(detail::WorkspaceCarver& carver, const ParallelLinearArgs& args,
@@ -225,7 +215,6 @@ LinearBackwardScratch linear_backward_layout(detail::WorkspaceCarver& carver, co
     s.dx_expanded = carver.take<unsigned char>(L * args.w.size(1) * bytes);
   }
   if (grads.d_gates.defined()) s.y = carver.take<unsigned char>(L * args.w.size(2) * bytes);
-  if (grads.dw.defined() && !args.grouped_in && args.k > 1) s.x_rows = carver.take<std::int64_t>(L);
   return s;
 }
 
@@ -308,8 +297,7 @@ void parallel_linear_backward(const ParallelLinearArgs& args, const RoutingPlan&
     dy = RowSource{s.dy_grouped, d_out, nullptr, 1};
   }
   const RowSource x_rows = rows_of(args.x, args.grouped_in ? nullptr : ss, args.grouped_in ? 1 : args.k);
-  weight_grads(dtype, grads.dw.defined() ? with_resolved_rows(x_rows, L, s.x_rows, stream) : x_rows, d_in,
-               dy, d_out, plan, grads.dw, grads.db, stream);
+  weight_grads(dtype, x_rows, d_in, dy, d_out, plan, grads.dw, grads.db, stream);
 
   if (grads.dx.defined()) {
     Linear l;
@@ -382,7 +370,6 @@ struct MlpBackwardScratch {
   void* d_a = nullptr;          // (L, h) dOut @ W2^T before gating
   void* d_hidden = nullptr;     // (L, h | 2h)
   void* dx_expanded = nullptr;  // (L, d) token-major, before the k-sum
-  std::int64_t* x_rows = nullptr;  // (L) token row of each grouped row, for dW1
 };
 
 MlpBackwardScratch mlp_backward_layout(detail::WorkspaceCarver& carver, const MlpArgs& args,
@@ -397,10 +384,7 @@ MlpBackwardScratch mlp_backward_layout(detail::WorkspaceCarver& carver, const Ml
   s.dy_grouped = carver.take<unsigned char>(L * d * bytes);
   s.d_a = carver.take<unsigned char>(L * h * bytes);
   s.d_hidden = carver.take<unsigned char>(L * args.w1.size(2) * bytes);
-  if (args.gates.size(1) > 1) {
-    s.dx_expanded = carver.take<unsigned char>(L * d * bytes);
-    s.x_rows = carver.take<std::int64_t>(L);
-  }
+  if (args.gates.size(1) > 1) s.dx_expanded = carver.take<unsigned char>(L * d * bytes);
   return s;
 }
 
@@ -524,9 +508,7 @@ void mlp_backward(const MlpArgs& args, const RoutingPlan& plan, const TensorView
   activation_backward(dtype, args.activation, args.glu, hidden.data(), hidden.stride(0), s.d_a, h,
                       &gates, ss, L, h, s.d_hidden, h1, stream);
   const RowSource dh_rows{s.d_hidden, h1, nullptr, 1};
-  const RowSource x_rows = grads.dw1.defined() ? with_resolved_rows(rows_of(args.x, ss, k), L, s.x_rows, stream)
-                                                : rows_of(args.x, ss, k);
-  weight_grads(dtype, x_rows, d, dh_rows, h1, plan, grads.dw1, grads.db1, stream);
+  weight_grads(dtype, rows_of(args.x, ss, k), d, dh_rows, h1, plan, grads.dw1, grads.db1, stream);
 
   if (grads.dx.defined()) {
     Linear back1;

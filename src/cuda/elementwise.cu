@@ -253,12 +253,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-__global__ void __launch_bounds__(kThreads)
-    resolve_rows_kernel(RowSource src, std::int64_t count, std::int64_t* __restrict__ rows) {
-  const std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if (i < count) rows[i] = src.row(i);
-}
-
 // Calls fn(std::integral_constant<int, kVec>) with 16-byte vectors when every pointer is
 // 16-byte aligned and every row stride and width is a multiple of the vector, else 1.
 template <class T, class Fn>
@@ -288,12 +282,6 @@ FlatFloats flat_floats(const TensorView& v) {
   }
   if (f.cols == 0) f.cols = 1;
   return f;
-}
-
-void resolve_rows(RowSource src, std::int64_t count, std::int64_t* rows, cudaStream_t stream) {
-  if (count == 0) return;
-  resolve_rows_kernel<<<ceil_div(count, kThreads), kThreads, 0, stream>>>(src, count, rows);
-  check_launch("resolve rows");
 }
 
 void gather_rows(DType dtype, RowSource src, void* out, std::int64_t ld_out, std::int64_t rows,

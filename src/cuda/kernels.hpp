@@ -31,9 +31,6 @@ void build_plan(const TensorView& expert_idxs, int num_experts, std::int64_t* so
                 std::int64_t offsets_stride, void* workspace, std::size_t workspace_bytes,
                 cudaStream_t stream);
 
-// rows[i] = src.row(i) for i in [0, count)
-void resolve_rows(RowSource src, std::int64_t count, std::int64_t* rows, cudaStream_t stream);
-
 // out[i, :] = src[src.row(i), :] * (coeff ? coeff[coeff_index[i]] : 1), i in [0, rows); dtype T
 // for src and out. coeff_index null means coeff[i].
 void gather_rows(DType dtype, RowSource src, void* out, std::int64_t ld_out, std::int64_t rows,
