@@ -60,11 +60,6 @@ __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(cute::half_t v) { return static_cast<float>(v); }
 __device__ __forceinline__ float to_float(cute::bfloat16_t v) { return static_cast<float>(v); }
 
-template <class T>
-__device__ __forceinline__ T from_float(float v) {
-  return static_cast<T>(v);
-}
-
 inline unsigned int ceil_div(std::int64_t a, std::int64_t b) {
   return static_cast<unsigned int>((a + b - 1) / b);
 }

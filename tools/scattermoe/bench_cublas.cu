@@ -18,6 +18,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "cuda_util.cuh"
 #include "scattermoe/error.hpp"
 #include "scattermoe/ops.hpp"
 #include "scattermoe/plan.hpp"
@@ -25,12 +26,6 @@
 namespace scattermoe::tools {
 namespace {
 
-void check_cuda(cudaError_t status, const char* what) {
-  if (status != cudaSuccess) {
-    throw Unsupported(std::string("bench comparisons: ") + what + ": CUDA error " +
-                      cudaGetErrorName(status) + " (" + cudaGetErrorString(status) + ")");
-  }
-}
 
 void check_cublas(cublasStatus_t status, const char* what) {
   if (status != CUBLAS_STATUS_SUCCESS) {
@@ -69,24 +64,7 @@ cudaDataType_t cuda_type(DType dtype) {
   }
 }
 
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 
-template <class T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) {
-  return __float2half_rn(v);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
 
 // V consecutive elements moved as one access (16 bytes when V = 16 / sizeof(T)).
 template <class T, int V>

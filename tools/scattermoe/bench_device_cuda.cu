@@ -13,6 +13,7 @@
 
 #include "bench_device.hpp"
 #include "bench_random.hpp"
+#include "cuda_util.cuh"
 #include "scattermoe/error.hpp"
 
 namespace scattermoe::tools {
@@ -25,27 +26,7 @@ constexpr double kCudaFlopsPerSecond = 2e14;
 // The flush buffer is this many times the L2 size (at least twice, by the bench's rule).
 constexpr std::size_t kFlushL2Multiple = 4;
 
-void check_cuda(cudaError_t status, const std::string& what) {
-  if (status != cudaSuccess) {
-    throw Unsupported("bench: " + what + ": CUDA error " + cudaGetErrorName(status) + " (" +
-                      cudaGetErrorString(status) + ")");
-  }
-}
 
-template <class T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) {
-  return __float2half_rn(v);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
 
 // data[i] = scale * normal_at(seed, stream, i), the host generator's values.
 template <class T>
