@@ -20,7 +20,8 @@ struct Context {
   Workspace workspace;
 };
 
-// Alignment of every buffer carved out of a workspace.
+// Alignment of every buffer an operation carves out of its workspace. The workspace itself may
+// start at any address: the *_workspace_size queries include room to align it.
 inline constexpr std::size_t kWorkspaceAlignment = 256;
 
 }  // namespace scattermoe

@@ -1,5 +1,6 @@
 #include "core/checks.hpp"
 
+#include <cstdlib>
 #include <sstream>
 
 #include "scattermoe/error.hpp"
@@ -50,6 +51,30 @@ void expect_shape(const char* op, const char* name, const TensorView& v,
   if (shape.size() == 1) want << ",";
   want << ")";
   fail(op, name, v.describe(), want.str());
+}
+
+void expect_distinct_elements(const char* op, const char* name, const TensorView& v) {
+  if (!v.defined() || v.numel() <= 1) return;
+  // Dims of size > 1 ordered by |stride|: each stride must step past everything the smaller
+  // ones reach.
+  int dims[TensorView::kMaxRank];
+  int n = 0;
+  for (int i = 0; i < v.rank(); ++i) {
+    if (v.size(i) <= 1) continue;
+    int j = n++;  // insertion by |stride|
+    for (; j > 0 && std::llabs(v.stride(dims[j - 1])) > std::llabs(v.stride(i)); --j) dims[j] = dims[j - 1];
+    dims[j] = i;
+  }
+  std::int64_t reach = 0;  // largest offset the smaller dims reach
+  for (int j = 0; j < n; ++j) {
+    const int d = dims[j];
+    const std::int64_t stride = std::llabs(v.stride(d));
+    if (stride <= reach) {
+      fail(op, name, v.describe() + " (strides map two elements to one address)",
+           "an output whose elements are distinct");
+    }
+    reach += (v.size(d) - 1) * stride;
+  }
 }
 
 void expect_float(const char* op, const char* name, const TensorView& v) {

@@ -42,10 +42,6 @@ LinearCheck check_parallel_linear(const char* op, const ParallelLinearArgs& args
   return c;
 }
 
-void expect_workspace_for(const char* op, const Context& ctx, std::size_t needed) {
-  detail::expect_workspace(op, ctx, needed);
-}
-
 // Shape checks of the MLP; returns L.
 std::int64_t check_mlp(const char* op, const MlpArgs& args, const RoutingPlan& plan) {
   detail::expect_defined(op, "x", args.x);
@@ -122,7 +118,7 @@ void parallel_linear_forward(const ParallelLinearArgs& args, const RoutingPlan& 
   detail::expect_output_apart(op, "out", out,
                               {{"x", args.x}, {"w", args.w}, {"bias", args.bias}, {"gates", args.gates}},
                               plan);
-  expect_workspace_for(op, ctx, parallel_linear_forward_workspace_size(args, plan));
+  detail::expect_workspace(op, ctx, parallel_linear_forward_workspace_size(args, plan));
   if (detail::use_cuda(op, args.x.device())) {
 #ifdef SCATTERMOE_WITH_CUDA
     return cuda::parallel_linear_forward(args, plan, out, ctx);
@@ -182,7 +178,7 @@ void parallel_linear_backward(const ParallelLinearArgs& args, const RoutingPlan&
       detail::expect_no_overlap(op, "grads.d_gates", grads.d_gates, g.first, g.second);
     }
   }
-  expect_workspace_for(op, ctx, parallel_linear_backward_workspace_size(args, plan, grads));
+  detail::expect_workspace(op, ctx, parallel_linear_backward_workspace_size(args, plan, grads));
   if (detail::use_cuda(op, args.x.device())) {
 #ifdef SCATTERMOE_WITH_CUDA
     return cuda::parallel_linear_backward(args, plan, d_out, grads, ctx);
@@ -230,7 +226,7 @@ void mlp_forward(const MlpArgs& args, const RoutingPlan& plan, const TensorView&
   expect_apart(op, "out", out, args, plan);
   expect_apart(op, "hidden", hidden, args, plan);
   detail::expect_no_overlap(op, "hidden", hidden, "out", out);
-  expect_workspace_for(op, ctx, mlp_forward_workspace_size(args, plan));
+  detail::expect_workspace(op, ctx, mlp_forward_workspace_size(args, plan));
   if (detail::use_cuda(op, args.x.device())) {
 #ifdef SCATTERMOE_WITH_CUDA
     return cuda::mlp_forward(args, plan, out, hidden, ctx);
@@ -281,6 +277,7 @@ void mlp_backward(const MlpArgs& args, const RoutingPlan& plan, const TensorView
     bool same_shape = g.view.rank() == g.like.rank();
     for (int i = 0; same_shape && i < g.like.rank(); ++i) same_shape = g.view.size(i) == g.like.size(i);
     if (!same_shape) detail::fail(op, g.name, g.view.describe(), "shape " + detail::shape_string(g.like));
+    detail::expect_distinct_elements(op, g.name, g.view);
     expect_apart(op, g.name, g.view, args, plan);
     detail::expect_no_overlap(op, g.name, g.view, "hidden", hidden);
     detail::expect_no_overlap(op, g.name, g.view, "d_out", d_out);
@@ -288,7 +285,7 @@ void mlp_backward(const MlpArgs& args, const RoutingPlan& plan, const TensorView
       if (&other != &g) detail::expect_no_overlap(op, g.name, g.view, other.name, other.view);
     }
   }
-  expect_workspace_for(op, ctx, mlp_backward_workspace_size(args, plan));
+  detail::expect_workspace(op, ctx, mlp_backward_workspace_size(args, plan));
   if (detail::use_cuda(op, args.x.device())) {
 #ifdef SCATTERMOE_WITH_CUDA
     return cuda::mlp_backward(args, plan, hidden, d_out, grads, ctx);

@@ -47,6 +47,7 @@ void expect_output(const char* op, const char* name, const TensorView& out,
   expect_dtype(op, name, out, like.dtype(), nullptr);
   expect_device(op, name, out, like.device(), nullptr);
   expect_shape(op, name, out, shape);
+  expect_distinct_elements(op, name, out);
 }
 
 void expect_output_apart(const char* op, const char* name, const TensorView& out,

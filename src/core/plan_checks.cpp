@@ -24,6 +24,11 @@ void expect_plan_views(const char* op, const RoutingPlan& plan, Device device, s
   expect_index_vector(op, "plan.sorted_expert_idxs", plan.sorted_expert_idxs, device, L);
   expect_index_vector(op, "plan.sorted_scattered_idxs", plan.sorted_scattered_idxs, device, L);
   expect_index_vector(op, "plan.expert_offsets", plan.expert_offsets, device, E);
+  if (outputs) {
+    expect_distinct_elements(op, "plan.sorted_expert_idxs", plan.sorted_expert_idxs);
+    expect_distinct_elements(op, "plan.sorted_scattered_idxs", plan.sorted_scattered_idxs);
+    expect_distinct_elements(op, "plan.expert_offsets", plan.expert_offsets);
+  }
   if (!outputs && device.type == DeviceType::kCPU) cpu::check_plan_contents(op, plan);
 }
 

@@ -82,6 +82,10 @@ TensorView TensorView::contiguous(void* data, DType dtype,
                                   std::initializer_list<std::int64_t> shape, Device device) {
   std::int64_t strides[kMaxRank] = {0, 0, 0, 0};
   const int rank = static_cast<int>(shape.size());
+  if (rank > kMaxRank) {
+    throw InvalidArgument("TensorView::contiguous: argument 'shape' has " + std::to_string(rank) +
+                          " dims; expected at most " + std::to_string(kMaxRank));
+  }
   std::int64_t running = 1;
   for (int i = rank - 1; i >= 0; --i) {
     strides[i] = running;

@@ -12,7 +12,8 @@ namespace scattermoe::detail {
 class WorkspaceCarver {
  public:
   WorkspaceCarver() = default;  // measuring mode: take() returns nullptr and counts bytes
-  explicit WorkspaceCarver(const Workspace& ws) : base_(static_cast<char*>(ws.data)) {}
+  // The caller's memory may start anywhere: buffers are carved from its first aligned byte.
+  explicit WorkspaceCarver(const Workspace& ws) : base_(align_up(static_cast<char*>(ws.data))) {}
 
   template <class T>
   T* take(std::int64_t count) {
@@ -21,9 +22,15 @@ class WorkspaceCarver {
     return base_ ? reinterpret_cast<T*>(base_ + offset) : nullptr;
   }
 
-  std::size_t used() const { return used_; }
+  // Bytes a caller must provide for what was taken: the buffers plus room to align the base.
+  std::size_t used() const { return used_ == 0 ? 0 : used_ + kWorkspaceAlignment - 1; }
 
  private:
+  static char* align_up(char* p) {
+    if (p == nullptr) return nullptr;
+    const auto address = reinterpret_cast<std::uintptr_t>(p);
+    return p + (kWorkspaceAlignment - address % kWorkspaceAlignment) % kWorkspaceAlignment;
+  }
   static std::size_t round_up(std::size_t bytes) {
     return (bytes + kWorkspaceAlignment - 1) / kWorkspaceAlignment * kWorkspaceAlignment;
   }

@@ -1,5 +1,6 @@
 // Routing plan on the CPU: a stable counting sort of the flat expert ids.
 #include <string>
+#include <vector>
 
 #include "core/checks.hpp"
 #include "core/workspace.hpp"
@@ -96,16 +97,19 @@ void check_plan_contents(const char* op, const RoutingPlan& plan) {
     }
     begin = end;
   }
-  if (E > 0 && begin != L) {
-    detail::fail(op, "plan.expert_offsets", std::to_string(begin) + " at [" + std::to_string(E - 1) + "]",
-                 std::to_string(L) + " (the number of routed rows)");
+  if (begin != L) {
+    detail::fail(op, "plan.expert_offsets",
+                 E > 0 ? std::to_string(begin) + " at [" + std::to_string(E - 1) + "]" : "empty",
+                 "a last offset equal to " + std::to_string(L) + " (the number of routed rows)");
   }
+  std::vector<bool> seen(static_cast<std::size_t>(L), false);
   for (std::int64_t i = 0; i < L; ++i) {
     const std::int64_t p = sorted_scattered[i];
-    if (p < 0 || p >= L) {
+    if (p < 0 || p >= L || seen[static_cast<std::size_t>(p)]) {
       detail::fail(op, "plan.sorted_scattered_idxs", std::to_string(p) + " at [" + std::to_string(i) + "]",
-                   "flat positions in [0, " + std::to_string(L) + ")");
+                   "a permutation of the flat positions [0, " + std::to_string(L) + ")");
     }
+    seen[static_cast<std::size_t>(p)] = true;
   }
 }
 

@@ -1,6 +1,8 @@
 // Bad input: every entry point throws InvalidArgument whose message names the operation and the
 // argument ("<op>: argument '<name>' is ..."), and leaves every output untouched (outputs carry a
 // sentinel byte pattern before the call and must still carry it after).
+#include <cstring>
+
 #include "common/test_util.hpp"
 
 namespace scattermoe::testing {
@@ -276,6 +278,47 @@ TEST_F(OpErrors, Scatter2ScatterBadPlanContents) {
       make_routing("other", std::vector<std::int64_t>(kT * kK, 0), kT, kK, kE + 1);
   EXPECT_THROW(scatter2scatter(s2s_args(), other.plan(), y_.view()), InvalidArgument);
   EXPECT_TRUE(untouched(y_));
+}
+
+TEST_F(OpErrors, Scatter2ScatterOutputWithRepeatedElements) {
+  // A zero row stride maps every row onto one: the output's elements must be distinct.
+  const TensorView y_rows_shared(y_.view().data(), DType::kFloat32, {kT * kK, kDOut}, {0, 1});
+  SCATTERMOE_EXPECT_INVALID_ARGUMENT(scatter2scatter(s2s_args(), routing_.plan(), y_rows_shared),
+                                     "scatter2scatter", "y");
+  EXPECT_TRUE(untouched(y_));
+}
+
+TEST_F(OpErrors, Scatter2ScatterPlanNotAPermutation) {
+  // Two grouped rows naming the same flat position: one row would be written twice, one never.
+  HostPlan bad = routing_.host;
+  const std::int64_t first[1] = {0};
+  const std::int64_t second[1] = {1};
+  const double p0 = check::to_matrix(bad.sorted_scattered_idxs().view())(0, 0);
+  check::write_element(bad.sorted_scattered_idxs().view(), second, p0);
+  check::write_element(bad.sorted_scattered_idxs().view(), first, p0);
+  SCATTERMOE_EXPECT_INVALID_ARGUMENT(scatter2scatter(s2s_args(), bad.plan(), y_.view()),
+                                     "scatter2scatter", "plan.sorted_scattered_idxs");
+  EXPECT_TRUE(untouched(y_));
+}
+
+TEST_F(OpErrors, Scatter2ScatterRowsWithoutExperts) {
+  // E = 0 experts but routed rows: the offsets cannot account for them.
+  HostTensor w0(DType::kFloat32, {0, kDIn, kDOut});
+  HostPlan plan(kT * kK, 0);
+  const HostPlan& good = routing_.host;
+  std::memcpy(plan.sorted_expert_idxs().view().data(), good.sorted_expert_idxs().bytes(),
+              good.sorted_expert_idxs().byte_size());
+  std::memcpy(plan.sorted_scattered_idxs().view().data(), good.sorted_scattered_idxs().bytes(),
+              good.sorted_scattered_idxs().byte_size());
+  Scatter2ScatterArgs args{x_.view(), w0.view(), TensorView{}, kK, false, false};
+  SCATTERMOE_EXPECT_INVALID_ARGUMENT(scatter2scatter(args, plan.plan(), y_.view()),
+                                     "scatter2scatter", "plan.expert_offsets");
+  EXPECT_TRUE(untouched(y_));
+}
+
+TEST(TensorViewErrors, ContiguousRankAboveFour) {
+  float data[1] = {0.0f};
+  EXPECT_THROW(TensorView::contiguous(data, DType::kFloat32, {1, 1, 1, 1, 1}), InvalidArgument);
 }
 
 TEST_F(OpErrors, GroupBadArguments) {
