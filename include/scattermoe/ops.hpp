@@ -1,6 +1,7 @@
 // The three primitive operations of ScatterMoE. Shapes use T tokens, k choices per token,
 // L = T*k routed rows, E experts. Every function checks its arguments and throws
-// InvalidArgument (writing nothing) when they are wrong; optional arguments are passed as an
+// InvalidArgument (writing nothing) when they are wrong (on CUDA the contents of a caller-built
+// plan are trusted: checking them would need a host round trip); optional arguments are passed as an
 // undefined TensorView{}. Float tensors of one call share one dtype (f32, f16 or bf16);
 // products accumulate in fp32.
 #pragma once

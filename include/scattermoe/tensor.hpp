@@ -100,7 +100,8 @@ class TensorView {
   std::int64_t strides_[kMaxRank] = {0, 0, 0, 0};
 };
 
-// True when the memory the two views can touch overlaps (same device only).
+// True when the byte ranges the two views span overlap (same device only). Conservative:
+// interleaved views of one buffer (two column halves of a matrix) count as overlapping.
 bool views_overlap(const TensorView& a, const TensorView& b);
 
 }  // namespace scattermoe

@@ -16,8 +16,9 @@ cudaStream_t stream_of(const Context& ctx) { return reinterpret_cast<cudaStream_
 
 // ---- what only the CUDA kernels require -----------------------------------------------------
 void expect_rows_contiguous(const char* op, const char* name, const TensorView& v) {
-  if (v.defined() && v.numel() > 0 && v.size(1) > 1 && v.stride(1) != 1) {
-    detail::fail(op, name, v.describe(), "unit stride along dim 1 on CUDA (rows may be strided)");
+  if (v.defined() && v.numel() > 0 && ((v.size(1) > 1 && v.stride(1) != 1) || v.stride(0) < 0)) {
+    detail::fail(op, name, v.describe(),
+                 "unit stride along dim 1 and a non-negative row stride on CUDA");
   }
 }
 
@@ -27,16 +28,40 @@ void expect_unit_inner(const char* op, const char* name, const TensorView& v) {
   }
 }
 
+// Kernels run on the current device: the tensors must live there.
+void expect_current_device(const char* op, Device device) {
+  int current = 0;
+  check_cuda(cudaGetDevice(&current), op);
+  if (current != device.index) {
+    detail::fail(op, "tensors", "on " + device_name(device),
+                 "tensors on the current CUDA device, cuda:" + std::to_string(current) +
+                     " (select it with cudaSetDevice)");
+  }
+}
+
+// Every CUDA entry point starts here: the device, the plan's layout and the launch limits.
 void expect_plan_contiguous(const char* op, const RoutingPlan& plan) {
+  expect_current_device(op, plan.sorted_expert_idxs.device());
   if (plan.num_rows() >= (std::int64_t{1} << 31)) {
     detail::fail(op, "plan", std::to_string(plan.num_rows()) + " routed rows", "fewer than 2^31 on CUDA");
   }
-  const TensorView* views[] = {&plan.sorted_expert_idxs, &plan.sorted_scattered_idxs};
+  if (plan.num_experts() > 65535) {
+    detail::fail(op, "plan", std::to_string(plan.num_experts()) + " experts",
+                 "at most 65535 on CUDA (a launch-grid dimension)");
+  }
+  const TensorView* views[] = {&plan.sorted_expert_idxs, &plan.sorted_scattered_idxs,
+                               &plan.expert_offsets};
   for (const TensorView* v : views) {
     if (v->size(0) > 1 && v->stride(0) != 1) {
       detail::fail(op, "plan", v->describe(), "contiguous index vectors on CUDA");
     }
   }
+}
+
+// The varlen-M GEMM's device-built tile list.
+void* take_tile_list(detail::WorkspaceCarver& carver, const RoutingPlan& plan) {
+  const std::size_t bytes = varlen_m_gemm_workspace_size(static_cast<int>(plan.num_experts()));
+  return carver.take<unsigned char>(static_cast<std::int64_t>(bytes));
 }
 
 std::int64_t* index_ptr(const TensorView& v) { return static_cast<std::int64_t*>(v.data()); }
@@ -133,7 +158,7 @@ void build_routing_plan(const TensorView& expert_idxs, int num_experts, const Ro
 
 std::size_t scatter2scatter_workspace_size(const Scatter2ScatterArgs&, const RoutingPlan& plan) {
   detail::WorkspaceCarver carver;
-  carver.take<unsigned char>(static_cast<std::int64_t>(varlen_m_gemm_workspace_size(static_cast<int>(plan.num_experts()))));
+  take_tile_list(carver, plan);
   return carver.used();
 }
 
@@ -189,7 +214,7 @@ struct LinearForwardScratch {
 LinearForwardScratch linear_forward_layout(detail::WorkspaceCarver& carver, const ParallelLinearArgs& args,
                                            const RoutingPlan& plan) {
   LinearForwardScratch s;
-  s.tiles = carver.take<int>(plan.num_experts());
+  s.tiles = take_tile_list(carver, plan);
   if (args.gates.defined()) {
     s.y = carver.take<unsigned char>(plan.num_rows() * args.w.size(2) * static_cast<std::int64_t>(elem(args.x)));
   }
@@ -208,7 +233,7 @@ LinearBackwardScratch linear_backward_layout(detail::WorkspaceCarver& carver, co
   const std::int64_t L = plan.num_rows();
   const std::int64_t bytes = static_cast<std::int64_t>(elem(args.x));
   LinearBackwardScratch s;
-  s.tiles = carver.take<int>(plan.num_experts());
+  s.tiles = take_tile_list(carver, plan);
   const bool need_dy = grads.dx.defined() || grads.dw.defined() || grads.db.defined();
   if (need_dy && args.gates.defined()) s.dy_grouped = carver.take<unsigned char>(L * args.w.size(2) * bytes);
   if (grads.dx.defined() && !args.grouped_in && args.k > 1) {
@@ -357,7 +382,7 @@ MlpForwardScratch mlp_forward_layout(detail::WorkspaceCarver& carver, const MlpA
   const std::int64_t L = plan.num_rows();
   const std::int64_t bytes = static_cast<std::int64_t>(elem(args.x));
   MlpForwardScratch s;
-  s.tiles = carver.take<int>(plan.num_experts());
+  s.tiles = take_tile_list(carver, plan);
   s.a = carver.take<unsigned char>(L * args.w2.size(1) * bytes);
   s.y = carver.take<unsigned char>(L * args.x.size(1) * bytes);
   return s;
@@ -379,7 +404,7 @@ MlpBackwardScratch mlp_backward_layout(detail::WorkspaceCarver& carver, const Ml
   const std::int64_t d = args.x.size(1);
   const std::int64_t h = args.w2.size(1);
   MlpBackwardScratch s;
-  s.tiles = carver.take<int>(plan.num_experts());
+  s.tiles = take_tile_list(carver, plan);
   s.a = carver.take<unsigned char>(L * h * bytes);
   s.dy_grouped = carver.take<unsigned char>(L * d * bytes);
   s.d_a = carver.take<unsigned char>(L * h * bytes);

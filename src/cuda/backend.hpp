@@ -1,7 +1,10 @@
 // The CUDA backend: the same entry points as the CPU backend, run on the stream of the
 // Context, with temporaries carved from the caller's workspace. Arguments arrive checked by
-// src/core; what only CUDA requires (row-contiguous matrices, weights with a unit stride,
-// contiguous plan vectors) is checked here. No function synchronises with the host.
+// src/core; what only CUDA requires (tensors on the current device, row-contiguous matrices with
+// non-negative row strides, weights with a unit stride, contiguous plan vectors, fewer than 2^31
+// routed rows and at most 65535 experts) is checked here. The contents of a caller-built plan
+// cannot be checked without a host round trip and are trusted. No function synchronises with
+// the host.
 #pragma once
 
 #include <cstddef>

@@ -62,10 +62,12 @@ PlanScratch plan_layout(detail::WorkspaceCarver& carver, std::int64_t rows, int 
   s.keys = carver.take<int>(rows);
   s.sorted_keys = carver.take<int>(rows);
   s.positions = carver.take<std::int64_t>(rows);
-  cub::DeviceRadixSort::SortPairs(nullptr, s.sort_temp_bytes, static_cast<const int*>(nullptr),
-                                  static_cast<int*>(nullptr), static_cast<const std::int64_t*>(nullptr),
-                                  static_cast<std::int64_t*>(nullptr), static_cast<int>(rows), 0,
-                                  key_bits(num_experts));
+  check_cuda(cub::DeviceRadixSort::SortPairs(nullptr, s.sort_temp_bytes, static_cast<const int*>(nullptr),
+                                             static_cast<int*>(nullptr),
+                                             static_cast<const std::int64_t*>(nullptr),
+                                             static_cast<std::int64_t*>(nullptr), static_cast<int>(rows),
+                                             0, key_bits(num_experts)),
+             "build_routing_plan: radix sort size");
   s.sort_temp = carver.take<unsigned char>(static_cast<std::int64_t>(s.sort_temp_bytes));
   return s;
 }
@@ -73,6 +75,10 @@ PlanScratch plan_layout(detail::WorkspaceCarver& carver, std::int64_t rows, int 
 }  // namespace
 
 std::size_t plan_workspace_size(std::int64_t rows, int num_experts) {
+  if (rows >= (std::int64_t{1} << 31)) {
+    throw InvalidArgument("build_routing_plan: argument 'expert_idxs' has " + std::to_string(rows) +
+                          " routed rows; expected fewer than 2^31 on CUDA");
+  }
   detail::WorkspaceCarver carver;
   plan_layout(carver, rows, num_experts);
   return carver.used();
