@@ -1,0 +1,69 @@
+"""SMoE MLP and GLU-MLP with the signatures of the original ScatterMoE.
+
+The hidden activations stay in grouped (expert-sorted) order between the two projections.
+"""
+import torch
+from torch import nn
+
+from .parallel_experts import ParallelExperts, flatten_sort_count
+
+
+class MLP(nn.Module):
+    def __init__(self, input_size: int, hidden_size: int, num_experts: int, top_k: int,
+                 bias: bool = False, activation=None) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.experts = ParallelExperts(num_experts, input_size, hidden_size, bias=bias)
+        self.output_experts = ParallelExperts(num_experts, hidden_size, input_size, bias=bias)
+        self.top_k = min(top_k, self.num_experts)
+        self.activation = activation
+
+    def extra_repr(self) -> str:
+        return f"k={self.top_k}"
+
+    def forward(self, x: torch.Tensor, expert_p: torch.Tensor,
+                expert_idxs: torch.Tensor) -> torch.Tensor:
+        """x (..., d), expert_p and expert_idxs (T, k) -> (..., d)."""
+        x_shape = x.size()
+        x = x.reshape(-1, x_shape[-1])
+        sorted_expert_idxs, sorted_scattered_idxs, expert_offsets = flatten_sort_count(
+            expert_idxs, num_experts=self.num_experts)
+        h = self.experts(x, self.top_k, sorted_expert_idxs, sorted_scattered_idxs,
+                         expert_offsets, grouped_out=True)
+        h = self.activation(h)
+        y = self.output_experts(h, 1, sorted_expert_idxs, sorted_scattered_idxs,
+                                expert_offsets, grouped_in=True, gates=expert_p)
+        return y.view(*x_shape[:-1], y.size(-1))
+
+
+class GLUMLP(nn.Module):
+    """experts maps d -> 2h: columns [0, h) are "up", [h, 2h) "gate"; h = act(gate) * up."""
+
+    def __init__(self, input_size: int, hidden_size: int, num_experts: int, top_k: int,
+                 bias: bool = False, activation=nn.SiLU()) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.experts = ParallelExperts(num_experts, input_size, 2 * hidden_size, bias=bias)
+        self.output_experts = ParallelExperts(num_experts, hidden_size, input_size, bias=bias)
+        self.top_k = min(top_k, self.num_experts)
+        self.activation = activation
+
+    def extra_repr(self) -> str:
+        return f"k={self.top_k}"
+
+    def forward(self, x: torch.Tensor, expert_p: torch.Tensor,
+                expert_idxs: torch.Tensor) -> torch.Tensor:
+        x_shape = x.size()
+        x = x.reshape(-1, x_shape[-1])
+        sorted_expert_idxs, sorted_scattered_idxs, expert_offsets = flatten_sort_count(
+            expert_idxs, num_experts=self.num_experts)
+        h, gates = self.experts(x, self.top_k, sorted_expert_idxs, sorted_scattered_idxs,
+                                expert_offsets, grouped_out=True).chunk(2, dim=-1)
+        h = self.activation(gates) * h
+        y = self.output_experts(h, 1, sorted_expert_idxs, sorted_scattered_idxs,
+                                expert_offsets, grouped_in=True, gates=expert_p)
+        return y.view(*x_shape[:-1], y.size(-1))
