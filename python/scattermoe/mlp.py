@@ -8,6 +8,12 @@ from torch import nn
 from .parallel_experts import ParallelExperts, flatten_sort_count
 
 
+def _check_width(x: torch.Tensor, input_size: int) -> None:
+    if x.dim() == 0 or x.size(-1) != input_size:
+        raise ValueError(f"scattermoe: argument 'x' has shape {tuple(x.shape)}; expected "
+                         f"(..., {input_size}) (input_size)")
+
+
 class MLP(nn.Module):
     def __init__(self, input_size: int, hidden_size: int, num_experts: int, top_k: int,
                  bias: bool = False, activation=None) -> None:
@@ -26,6 +32,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor, expert_p: torch.Tensor,
                 expert_idxs: torch.Tensor) -> torch.Tensor:
         """x (..., d), expert_p and expert_idxs (T, k) -> (..., d)."""
+        _check_width(x, self.input_size)
         x_shape = x.size()
         x = x.reshape(-1, x_shape[-1])
         sorted_expert_idxs, sorted_scattered_idxs, expert_offsets = flatten_sort_count(
@@ -57,6 +64,7 @@ class GLUMLP(nn.Module):
 
     def forward(self, x: torch.Tensor, expert_p: torch.Tensor,
                 expert_idxs: torch.Tensor) -> torch.Tensor:
+        _check_width(x, self.input_size)
         x_shape = x.size()
         x = x.reshape(-1, x_shape[-1])
         sorted_expert_idxs, sorted_scattered_idxs, expert_offsets = flatten_sort_count(

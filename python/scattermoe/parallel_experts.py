@@ -20,13 +20,42 @@ def flatten_sort_count(expert_idxs: torch.Tensor, num_experts: int):
         return _ops.flatten_sort_count(expert_idxs, num_experts)
 
 
+def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The autocast dtype active for device_type ("cpu", "cuda", ...), or None."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def _cast(t: Optional[torch.Tensor], dtype: Optional[torch.dtype]) -> Optional[torch.Tensor]:
+    """As autocast casts an op's inputs: floating tensors other than float64 go to dtype."""
+    if t is None or dtype is None or not t.is_floating_point() or t.dtype == torch.float64:
+        return t
+    return t.to(dtype)
+
+
+def _to(grad: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
+    return grad if dtype is None or grad.dtype == dtype else grad.to(dtype)
+
+
 class ParallelLinear(torch.autograd.Function):
+    """Under torch.autocast x, expert_weights and expert_biases are cast to the autocast dtype
+    inside the Function (gates keep their dtype: the library takes any float gates); backward
+    computes in that dtype and returns each gradient in the dtype of its original input, so fp32
+    master weights get fp32 gradients."""
+
     @staticmethod
     def forward(ctx, x: torch.Tensor, expert_weights: torch.Tensor, k: int,
                 sorted_expert_idxs: torch.Tensor, sorted_scattered_idxs: torch.Tensor,
                 expert_offsets: torch.Tensor, expert_biases: Optional[torch.Tensor] = None,
                 gates: Optional[torch.Tensor] = None, grouped_in: bool = False,
                 grouped_out: bool = False) -> torch.Tensor:
+        ctx.input_dtypes = (x.dtype, expert_weights.dtype,
+                            None if expert_biases is None else expert_biases.dtype)
+        cast_to = _autocast_dtype(x.device.type)
+        x = _cast(x, cast_to)
+        expert_weights = _cast(expert_weights, cast_to)
+        expert_biases = _cast(expert_biases, cast_to)
         output = _ops.parallel_linear_forward(
             x, expert_weights, expert_biases, gates, sorted_expert_idxs, sorted_scattered_idxs,
             expert_offsets, k, grouped_in, grouped_out)
@@ -42,16 +71,18 @@ class ParallelLinear(torch.autograd.Function):
         (x, expert_weights, expert_biases, gates, sorted_expert_idxs, sorted_scattered_idxs,
          expert_offsets) = ctx.saved_tensors
         needs = ctx.needs_input_grad
+        grad_out = _to(grad_out, x.dtype)  # the compute dtype (the autocast one, if any)
         output_mask = [needs[0], needs[1], needs[6], needs[7]]
         d_x, d_weights, d_biases, d_gates = _ops.parallel_linear_backward(
             grad_out, x, expert_weights, expert_biases, gates, sorted_expert_idxs,
             sorted_scattered_idxs, expert_offsets, ctx.k, ctx.grouped_in, ctx.grouped_out,
             output_mask)
+        x_dtype, w_dtype, b_dtype = ctx.input_dtypes
         return (
-            d_x if needs[0] else None,
-            d_weights if needs[1] else None,
+            _to(d_x, x_dtype) if needs[0] else None,
+            _to(d_weights, w_dtype) if needs[1] else None,
             None, None, None, None,  # k and the plan
-            d_biases if needs[6] else None,
+            _to(d_biases, b_dtype) if needs[6] else None,
             d_gates if needs[7] else None,
             None, None,  # grouped_in, grouped_out
         )

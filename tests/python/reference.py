@@ -24,7 +24,7 @@ def reference_scatter2scatter(x, w, sorted_expert_idxs, sorted_scattered_idxs, k
                               x_grouped=False, y_grouped=False):
     """Y (L, d_out); w (E, d_in, d_out). Differentiable, so it also gives reference gradients."""
     L = sorted_expert_idxs.size(0)
-    rows = torch.arange(L)
+    rows = torch.arange(L, device=sorted_expert_idxs.device)
     rows_in = rows if x_grouped else sorted_scattered_idxs // k
     rows_out = rows if y_grouped else sorted_scattered_idxs
     values = torch.bmm(x[rows_in].unsqueeze(1), w[sorted_expert_idxs]).squeeze(1)
