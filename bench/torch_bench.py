@@ -1,0 +1,282 @@
+#!/usr/bin/env python
+"""SMoE GLU-MLP (SwiGLU) from PyTorch: scattermoe's GLUMLP against torch._grouped_mm and an
+eager per-expert loop, forward and forward+backward, same inputs, one process.
+
+    python bench/torch_bench.py --preset tiny --device cpu          # smoke test, seconds
+    python bench/torch_bench.py --preset all --device cuda --json out.json
+
+The model presets (those of /work/shared/perf-anchors.md) are meant for the GPU; on a CPU only
+`tiny` finishes in reasonable time. torch._grouped_mm is probed on the device (forward and
+backward on a small problem; its CUDA kernel needs sm90+): where it does not run, its row reads
+"n/a". (torch 2.11 also runs it on a CPU, so the CPU smoke test cross-checks it too.)
+
+FLOPs: forward = 6*T*k*d*h, forward+backward = 3x forward. Times are medians; on CUDA they are
+measured with torch.cuda.Event after warm-up, with the L2 cache flushed (a 256 MB buffer
+written) before every iteration; on a CPU with time.perf_counter. Routing (top-k of a softmax
+over random logits, renormalised over the k picks) is done once, outside the timings; the
+routing plan (sort by expert), the gather and the aggregation are inside them.
+"""
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import scattermoe  # noqa: F401  (import torch first: it loads libc10)
+from scattermoe.mlp import GLUMLP
+
+PRESETS = {  # T, d, h, E, k
+    "tiny": (256, 256, 128, 8, 2),
+    "mixtral-8x7b": (8192, 4096, 14336, 8, 2),
+    "olmoe-1b-7b": (16384, 2048, 1024, 64, 8),
+    "qwen3-30b-a3b": (16384, 2048, 768, 128, 8),
+    "deepseek-v3": (8192, 7168, 2048, 256, 8),
+}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+IMPLS = ("scattermoe", "grouped_mm", "eager")
+
+
+# ---------------------------------------------------------------------------------------------
+# The three implementations. W1: (E, 2h, d), rows [0, h) "up", [h, 2h) "gate" (GLUMLP's layout);
+# W2: (E, d, h). x: (T, d); p, idx: (T, k). Output (T, d) = sum_j p_j * W2[e_j] (silu(g) * u).
+
+def run_ours(mlp, x, p, idx, W1, W2):
+    return mlp(x, p, idx)
+
+
+def run_grouped_mm(mlp, x, p, idx, W1, W2):
+    T, k = idx.shape
+    E, two_h, _ = W1.shape
+    h = two_h // 2
+    flat = idx.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=E)
+    offs = torch.cumsum(counts, 0).to(torch.int32)
+    tok = order // k
+    xs = x.index_select(0, tok)
+    hh = torch._grouped_mm(xs, W1.transpose(1, 2), offs=offs)
+    a = F.silu(hh[:, h:]) * hh[:, :h]
+    ys = torch._grouped_mm(a, W2.transpose(1, 2), offs=offs)
+    ys = ys * p.reshape(-1).index_select(0, order).unsqueeze(1).to(ys.dtype)
+    return torch.zeros_like(x).index_add(0, tok, ys)
+
+
+def run_eager(mlp, x, p, idx, W1, W2):
+    E = W1.shape[0]
+    h = W1.shape[1] // 2
+    y = torch.zeros_like(x)
+    for e in range(E):
+        tok, slot = torch.where(idx == e)
+        if tok.numel() == 0:
+            continue
+        hh = x[tok] @ W1[e].t()
+        a = F.silu(hh[:, h:]) * hh[:, :h]
+        ye = (a @ W2[e].t()) * p[tok, slot].unsqueeze(1).to(x.dtype)
+        y = y.index_add(0, tok, ye)
+    return y
+
+
+FNS = {"scattermoe": run_ours, "grouped_mm": run_grouped_mm, "eager": run_eager}
+
+
+def grouped_mm_available(device, dtype):
+    if not hasattr(torch, "_grouped_mm"):
+        return False, "this torch has no torch._grouped_mm"
+    try:
+        a = torch.randn(32, 64, device=device, dtype=dtype)
+        b = torch.randn(2, 64, 32, device=device, dtype=dtype)
+        offs = torch.tensor([16, 32], device=device, dtype=torch.int32)
+        a.requires_grad_()
+        out = torch._grouped_mm(a, b, offs=offs)
+        out.backward(torch.randn_like(out))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return True, ""
+    except Exception as exc:  # noqa: BLE001  (unsupported arch / dtype)
+        return False, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
+# ---------------------------------------------------------------------------------------------
+
+class Timer:
+    def __init__(self, device):
+        self.device = device
+        self.flush = (torch.empty(256 * 1024 * 1024, dtype=torch.uint8, device=device)
+                      if device.type == "cuda" else None)
+
+    def median_ms(self, fn, iters, warmup):
+        for _ in range(warmup):
+            fn()
+        times = []
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            for _ in range(iters):
+                self.flush.zero_()
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+        else:
+            for _ in range(iters):
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+
+
+def rel_err(a, b):
+    a, b = a.float(), b.float()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def bench_preset(name, device, dtype, iters, warmup, impls, gmm_ok):
+    T, d, h, E, k = PRESETS[name]
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    mlp = GLUMLP(d, h, E, k).to(device=device, dtype=dtype)
+    W1, W2 = mlp.experts.weight, mlp.output_experts.weight
+    x = torch.randn(T, d, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+    logits = torch.randn(T, E, generator=gen).to(device)
+    p, idx = torch.topk(logits.softmax(-1), k, dim=-1)
+    p = (p / p.sum(-1, keepdim=True)).to(dtype).requires_grad_()
+    dy = torch.randn(T, d, generator=gen).to(device=device, dtype=dtype)
+    inputs = [x, W1, W2, p]
+
+    fwd_flops = 6.0 * T * k * d * h
+    timer = Timer(device)
+    rows, outs = {}, {}
+    for impl in impls:
+        if impl == "grouped_mm" and not gmm_ok:
+            rows[impl] = None
+            continue
+        fn = FNS[impl]
+
+        def fwd():
+            with torch.no_grad():
+                return fn(mlp, x, p, idx, W1, W2)
+
+        def fwd_bwd():
+            y = fn(mlp, x, p, idx, W1, W2)
+            return torch.autograd.grad(y, inputs, dy)
+
+        y = fn(mlp, x, p, idx, W1, W2)
+        grads = torch.autograd.grad(y, inputs, dy)
+        outs[impl] = (y.detach(), [g.detach() for g in grads])
+        del y, grads
+        t_f = timer.median_ms(fwd, iters, warmup)
+        t_fb = timer.median_ms(fwd_bwd, iters, warmup)
+        peak = None
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            base = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            fwd_bwd()
+            torch.cuda.synchronize(device)
+            peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+        rows[impl] = {"fwd_ms": t_f, "fwd_tflops": fwd_flops / t_f / 1e9,
+                      "fwd_bwd_ms": t_fb, "fwd_bwd_tflops": 3 * fwd_flops / t_fb / 1e9,
+                      "peak_extra_mib": peak}
+
+    # Cross-check: each implementation against the eager loop (or the first one run).
+    ref_name = "eager" if "eager" in outs else next(iter(outs))
+    ry, rg = outs[ref_name]
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    check = {}
+    for impl, (y, g) in outs.items():
+        if impl == ref_name:
+            continue
+        errs = {"y": rel_err(y, ry)}
+        for gname, a, b in zip(("dx", "dW1", "dW2", "dp"), g, rg):
+            errs[gname] = rel_err(a, b)
+        check[impl] = {"vs": ref_name, "max_rel_err": errs, "ok": max(errs.values()) <= tol}
+    del mlp, x, p, dy, outs
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"preset": name, "T": T, "d": d, "h": h, "E": E, "k": k,
+            "fwd_gflop": fwd_flops / 1e9, "results": rows, "check": check, "tol": tol}
+
+
+def fmt(v, spec):
+    return "n/a" if v is None else format(v, spec)
+
+
+def print_table(all_res, impls):
+    hdr = f"{'preset':<15} {'impl':<11} {'fwd ms':>9} {'fwd TF/s':>9} {'f+b ms':>9} " \
+          f"{'f+b TF/s':>9} {'peak MiB':>9}  check"
+    print(hdr)
+    print("-" * len(hdr))
+    for res in all_res:
+        for impl in impls:
+            r = res["results"].get(impl)
+            c = res["check"].get(impl)
+            chk = "ref" if c is None and r is not None else (
+                "-" if c is None else
+                f"{'ok' if c['ok'] else 'FAIL'} (max rel {max(c['max_rel_err'].values()):.1e} "
+                f"vs {c['vs']})")
+            if r is None:
+                print(f"{res['preset']:<15} {impl:<11} {'n/a':>9} {'n/a':>9} {'n/a':>9} "
+                      f"{'n/a':>9} {'n/a':>9}  -")
+                continue
+            print(f"{res['preset']:<15} {impl:<11} {r['fwd_ms']:>9.3f} "
+                  f"{r['fwd_tflops']:>9.3f} {r['fwd_bwd_ms']:>9.3f} "
+                  f"{r['fwd_bwd_tflops']:>9.3f} {fmt(r['peak_extra_mib'], '9.1f'):>9}  {chk}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="tiny",
+                    help="one of %s, a comma list, or 'all' (model presets: GPU)"
+                         % ", ".join(PRESETS))
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    ap.add_argument("--dtype", default=None, choices=sorted(DTYPES),
+                    help="default bf16 on cuda, fp32 on cpu")
+    ap.add_argument("--iters", type=int, default=None, help="timed iterations (default 20 cuda, 5 cpu)")
+    ap.add_argument("--warmup", type=int, default=None, help="warm-up iterations (default 5 cuda, 1 cpu)")
+    ap.add_argument("--impls", default=",".join(IMPLS),
+                    help="comma list of %s (e.g. drop eager on many-expert presets)" % ", ".join(IMPLS))
+    ap.add_argument("--json", default=None, metavar="FILE", help="write the results as JSON")
+    args = ap.parse_args(argv)
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    iters = args.iters or (20 if device.type == "cuda" else 5)
+    warmup = args.warmup if args.warmup is not None else (5 if device.type == "cuda" else 1)
+    presets = list(PRESETS) if args.preset == "all" else args.preset.split(",")
+    for name in presets:
+        if name not in PRESETS:
+            ap.error(f"unknown preset {name!r}; choose from {', '.join(PRESETS)} or all")
+    impls = [i for i in args.impls.split(",") if i]
+    for i in impls:
+        if i not in IMPLS:
+            ap.error(f"unknown impl {i!r}; choose from {', '.join(IMPLS)}")
+
+    gmm_ok, gmm_why = grouped_mm_available(device, dtype)
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"device {dev_name}, dtype {str(dtype).replace('torch.', '')}, torch {torch.__version__}, "
+          f"scattermoe {scattermoe.__version__}, iters {iters}, warmup {warmup}")
+    if "grouped_mm" in impls and not gmm_ok:
+        print(f"torch._grouped_mm: n/a ({gmm_why})")
+
+    all_res = []
+    for name in presets:
+        all_res.append(bench_preset(name, device, dtype, iters, warmup, impls, gmm_ok))
+    print_table(all_res, impls)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": dev_name, "dtype": str(dtype).replace("torch.", ""),
+                       "torch": torch.__version__, "scattermoe": scattermoe.__version__,
+                       "iters": iters, "warmup": warmup, "grouped_mm_available": gmm_ok,
+                       "flop_convention": "fwd = 6*T*k*d*h; fwd+bwd = 3*fwd",
+                       "presets": all_res}, f, indent=2)
+        print(f"wrote {args.json}")
+    ok = all(c["ok"] for r in all_res for c in r["check"].values())
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
