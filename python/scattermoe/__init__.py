@@ -3,6 +3,8 @@
 Same import paths as the original ScatterMoE: scattermoe.parallel_experts,
 scattermoe.mlp, scattermoe.kernels.ops.
 """
+import torch  # noqa: F401  (loads libc10/libtorch, which _C links against, before _C)
+
 from . import _C  # noqa: F401  (registers torch.ops.scattermoe.*)
 from . import _fake  # noqa: F401  (fake implementations for torch.compile)
 from . import kernels, mlp, parallel_experts
