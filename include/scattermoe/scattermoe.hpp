@@ -6,6 +6,7 @@
 #include "scattermoe/context.hpp"
 #include "scattermoe/error.hpp"
 #include "scattermoe/modules.hpp"
+#include "scattermoe/moa.hpp"
 #include "scattermoe/ops.hpp"
 #include "scattermoe/plan.hpp"
 #include "scattermoe/tensor.hpp"

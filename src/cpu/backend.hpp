@@ -8,6 +8,7 @@
 
 #include "scattermoe/context.hpp"
 #include "scattermoe/modules.hpp"
+#include "scattermoe/moa.hpp"
 #include "scattermoe/ops.hpp"
 #include "scattermoe/plan.hpp"
 
@@ -44,5 +45,14 @@ void mlp_forward(const MlpArgs& args, const RoutingPlan& plan, const TensorView&
 std::size_t mlp_backward_workspace_size(const MlpArgs& args, const RoutingPlan& plan);
 void mlp_backward(const MlpArgs& args, const RoutingPlan& plan, const TensorView& hidden,
                   const TensorView& d_out, const MlpGrads& grads, const Workspace& ws);
+
+// MoA attention; `scale` already resolved (never 0 here).
+std::size_t moa_attention_forward_workspace_size(const MoaAttentionArgs& args);
+void moa_attention_forward(const MoaAttentionArgs& args, const TensorView& out,
+                           const TensorView& lse, const Workspace& ws);
+std::size_t moa_attention_backward_workspace_size(const MoaAttentionArgs& args);
+void moa_attention_backward(const MoaAttentionArgs& args, const TensorView& out,
+                            const TensorView& lse, const TensorView& d_out, const TensorView& dq,
+                            const TensorView& dk, const TensorView& dv, const Workspace& ws);
 
 }  // namespace scattermoe::cpu
