@@ -14,20 +14,28 @@ def _check_width(x: torch.Tensor, input_size: int) -> None:
                          f"(..., {input_size}) (input_size)")
 
 
-class MLP(nn.Module):
+class _ExpertMLP(nn.Module):
+    """The two ParallelExperts projections around `_activate`; first width = d -> width_factor*h."""
+
+    width_factor = 1
+
     def __init__(self, input_size: int, hidden_size: int, num_experts: int, top_k: int,
-                 bias: bool = False, activation=None) -> None:
+                 bias: bool, activation) -> None:
         super().__init__()
         self.num_experts = num_experts
         self.input_size = input_size
         self.hidden_size = hidden_size
-        self.experts = ParallelExperts(num_experts, input_size, hidden_size, bias=bias)
+        self.experts = ParallelExperts(num_experts, input_size, self.width_factor * hidden_size,
+                                       bias=bias)
         self.output_experts = ParallelExperts(num_experts, hidden_size, input_size, bias=bias)
         self.top_k = min(top_k, self.num_experts)
         self.activation = activation
 
     def extra_repr(self) -> str:
         return f"k={self.top_k}"
+
+    def _activate(self, h: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def forward(self, x: torch.Tensor, expert_p: torch.Tensor,
                 expert_idxs: torch.Tensor) -> torch.Tensor:
@@ -39,39 +47,30 @@ class MLP(nn.Module):
             expert_idxs, num_experts=self.num_experts)
         h = self.experts(x, self.top_k, sorted_expert_idxs, sorted_scattered_idxs,
                          expert_offsets, grouped_out=True)
-        h = self.activation(h)
+        h = self._activate(h)
         y = self.output_experts(h, 1, sorted_expert_idxs, sorted_scattered_idxs,
                                 expert_offsets, grouped_in=True, gates=expert_p)
         return y.view(*x_shape[:-1], y.size(-1))
 
 
-class GLUMLP(nn.Module):
+class MLP(_ExpertMLP):
+    def __init__(self, input_size: int, hidden_size: int, num_experts: int, top_k: int,
+                 bias: bool = False, activation=None) -> None:
+        super().__init__(input_size, hidden_size, num_experts, top_k, bias, activation)
+
+    def _activate(self, h: torch.Tensor) -> torch.Tensor:
+        return self.activation(h)
+
+
+class GLUMLP(_ExpertMLP):
     """experts maps d -> 2h: columns [0, h) are "up", [h, 2h) "gate"; h = act(gate) * up."""
+
+    width_factor = 2
 
     def __init__(self, input_size: int, hidden_size: int, num_experts: int, top_k: int,
                  bias: bool = False, activation=nn.SiLU()) -> None:
-        super().__init__()
-        self.num_experts = num_experts
-        self.input_size = input_size
-        self.hidden_size = hidden_size
-        self.experts = ParallelExperts(num_experts, input_size, 2 * hidden_size, bias=bias)
-        self.output_experts = ParallelExperts(num_experts, hidden_size, input_size, bias=bias)
-        self.top_k = min(top_k, self.num_experts)
-        self.activation = activation
+        super().__init__(input_size, hidden_size, num_experts, top_k, bias, activation)
 
-    def extra_repr(self) -> str:
-        return f"k={self.top_k}"
-
-    def forward(self, x: torch.Tensor, expert_p: torch.Tensor,
-                expert_idxs: torch.Tensor) -> torch.Tensor:
-        _check_width(x, self.input_size)
-        x_shape = x.size()
-        x = x.reshape(-1, x_shape[-1])
-        sorted_expert_idxs, sorted_scattered_idxs, expert_offsets = flatten_sort_count(
-            expert_idxs, num_experts=self.num_experts)
-        h, gates = self.experts(x, self.top_k, sorted_expert_idxs, sorted_scattered_idxs,
-                                expert_offsets, grouped_out=True).chunk(2, dim=-1)
-        h = self.activation(gates) * h
-        y = self.output_experts(h, 1, sorted_expert_idxs, sorted_scattered_idxs,
-                                expert_offsets, grouped_in=True, gates=expert_p)
-        return y.view(*x_shape[:-1], y.size(-1))
+    def _activate(self, h: torch.Tensor) -> torch.Tensor:
+        up, gate = h.chunk(2, dim=-1)
+        return self.activation(gate) * up
