@@ -207,7 +207,7 @@ class MoA(nn.Module):
         q = q.permute(0, 3, 2, 1, 4).reshape(B, H * k, S, hd)                 # (B, H*k, S, hd)
         key = key.transpose(1, 2)                                             # (B, H, S, hd)
         value = value.transpose(1, 2)
-        attn = _attention(q, key, value, keep, self.causal, k)               # (B, H*k, S, hd)
+        attn = gqa_attention(q, key, value, keep, self.causal, k)            # (B, H*k, S, hd)
         attn = attn.view(B, H, k, S, hd).permute(0, 3, 2, 1, 4)              # (B, S, k, H, hd)
         if keep is not None:
             attn = attn * keep.view(B, S, 1, 1, 1).to(attn.dtype)
@@ -228,9 +228,12 @@ def _native_gqa(q: torch.Tensor, attn_mask: Optional[torch.Tensor]) -> bool:
             and q.size(-1) <= 256)
 
 
-def _attention(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-               keep: Optional[torch.Tensor], causal: bool, group: int) -> torch.Tensor:
-    """q (B, H*group, S, hd) over key/value (B, H, S, hd); keep (B, S) bool or None."""
+def gqa_attention(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  keep: Optional[torch.Tensor], causal: bool, group: int) -> torch.Tensor:
+    """Grouped-query attention through scaled_dot_product_attention: q (B, H*group, S, hd),
+    key/value (B, H, S, hd); query head i uses kv head i // group. keep (B, S) bool, True for
+    real tokens, or None: padded keys are masked out; padded queries get finite values that the
+    caller is expected to zero. Returns (B, H*group, S, hd)."""
     B, _, S, _ = q.shape
     attn_mask = None
     if keep is not None:
@@ -250,4 +253,4 @@ def _attention(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                                           is_causal=causal and attn_mask is None)
 
 
-__all__ = ["MoA", "apply_rotary", "load_balancing_loss", "rotary_cos_sin"]
+__all__ = ["MoA", "apply_rotary", "gqa_attention", "load_balancing_loss", "rotary_cos_sin"]
