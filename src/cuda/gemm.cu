@@ -2,6 +2,8 @@
 #include <cub/block/block_scan.cuh>
 
 #include <cstdlib>
+#include <cstring>
+#include <vector>
 
 #include "cuda/gemm.hpp"
 
@@ -49,6 +51,48 @@ int raster_group_rows() {
   return rows;
 }
 
+// An integer from the environment (for measurements), or `otherwise`.
+int env_int(const char* name, int otherwise) {
+  const char* env = std::getenv(name);
+  return env && *env ? std::atoi(env) : otherwise;
+}
+
+// Whether the wgmma kernels serve 16-bit GEMMs on the current device: built for sm_90a, the
+// device of compute capability 9.0 (sm_90a code runs there only), and not switched off with
+// SCATTERMOE_SM90=0.
+bool use_sm90_kernels() {
+#ifdef SCATTERMOE_HAS_SM90
+  static const std::vector<bool> capable = [] {
+    int count = 0;
+    if (cudaGetDeviceCount(&count) != cudaSuccess) count = 0;
+    std::vector<bool> result(static_cast<std::size_t>(count), false);
+    for (int d = 0; d < count; ++d) {
+      int major = 0;
+      int minor = 0;
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, d);
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, d);
+      result[static_cast<std::size_t>(d)] = major == 9 && minor == 0;
+    }
+    return result;
+  }();
+  static const bool enabled = env_int("SCATTERMOE_SM90", 1) != 0;
+  int device = 0;
+  check_cuda(cudaGetDevice(&device), "grouped GEMM: current device");
+  return enabled && device >= 0 && static_cast<std::size_t>(device) < capable.size() &&
+         capable[static_cast<std::size_t>(device)];
+#else
+  return false;
+#endif
+}
+
+// The column tile of the wgmma varlen-M kernel: 256 for wide outputs, 128 for narrow ones
+// (SCATTERMOE_SM90_TILE_N=128 or 256 overrides it for measurements).
+int sm90_tile_n(std::int64_t n) {
+  static const int forced = env_int("SCATTERMOE_SM90_TILE_N", 0);
+  if (forced == 128 || forced == 256) return forced;
+  return n >= 2048 ? 256 : 128;
+}
+
 }  // namespace
 
 std::size_t varlen_m_gemm_workspace_size(int num_experts) {
@@ -74,7 +118,24 @@ void run_varlen_m_gemm(DType dtype, const VarlenMGemm& g, void* workspace, cudaS
                                                             varlen_m_tile_rows<T>(), tile_prefix);
     check_launch("grouped GEMM tile list");
     // Unit stride along k: both operands K-major (the TN case). Otherwise B is N-major.
-    if (g.b_stride_k == 1) {
+    const bool b_k_major = g.b_stride_k == 1;
+#ifdef SCATTERMOE_HAS_SM90
+    if constexpr (sizeof(T) == 2) {
+      if (use_sm90_kernels() && chunks_aligned(g, 8)) {
+        // The wgmma tiles have 128 rows, like the mma.sync ones: the same tile list serves.
+        const bool wide = sm90_tile_n(g.n) == 256;
+        if (b_k_major) {
+          wide ? launch_sm90_varlen_m_gemm<T, true, 256>(tuned, tile_prefix, stream)
+               : launch_sm90_varlen_m_gemm<T, true, 128>(tuned, tile_prefix, stream);
+        } else {
+          wide ? launch_sm90_varlen_m_gemm<T, false, 256>(tuned, tile_prefix, stream)
+               : launch_sm90_varlen_m_gemm<T, false, 128>(tuned, tile_prefix, stream);
+        }
+        return;
+      }
+    }
+#endif
+    if (b_k_major) {
       launch_varlen_m_gemm<T, true>(tuned, tile_prefix, stream);
     } else {
       launch_varlen_m_gemm<T, false>(tuned, tile_prefix, stream);
@@ -86,6 +147,14 @@ void run_varlen_k_gemm(DType dtype, const VarlenKGemm& g, cudaStream_t stream) {
   if (g.m == 0 || g.n == 0 || g.num_experts == 0) return;
   dispatch_float(dtype, [&](auto element) {
     using T = decltype(element);
+#ifdef SCATTERMOE_HAS_SM90
+    if constexpr (sizeof(T) == 2) {
+      if (use_sm90_kernels() && chunks_aligned(g, 8)) {
+        launch_sm90_varlen_k_gemm<T>(g, stream);
+        return;
+      }
+    }
+#endif
     launch_varlen_k_gemm<T>(g, stream);
   });
 }

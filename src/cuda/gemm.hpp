@@ -1,4 +1,5 @@
-// Grouped GEMMs of the CUDA backend (declarations; kernels in sm80_grouped_gemm.cuh).
+// Grouped GEMMs of the CUDA backend (declarations; kernels in grouped_gemm.cuh, tile
+// configurations in sm80_grouped_gemm.cuh and sm90_grouped_gemm.cuh).
 //
 // varlen-M: for every expert e and its grouped rows i in [off[e-1], off[e]):
 //   C[c_row(i), n] = sum_k A[a.row(i), k] * B[e](k, n) + bias[e](n)
@@ -51,6 +52,21 @@ struct VarlenKGemm {
   int num_experts = 0;
 };
 
+// Whether every 16-byte chunk (vec elements) that the kernels copy starts 16-byte aligned, so
+// each is one cp.async: pointers, leading dimensions, expert strides and the contiguous extents.
+inline bool chunks_aligned(const void* ptr, std::int64_t a, std::int64_t b, std::int64_t c, int vec) {
+  return reinterpret_cast<std::uintptr_t>(ptr) % 16 == 0 && a % vec == 0 && b % vec == 0 && c % vec == 0;
+}
+inline bool chunks_aligned(const VarlenMGemm& g, int vec) {
+  const bool b_k_major = g.b_stride_k == 1;
+  return chunks_aligned(g.a.ptr, g.a.ld, g.k, 0, vec) &&
+         (b_k_major ? chunks_aligned(g.b, g.b_stride_n, g.b_expert_stride, g.k, vec)
+                    : chunks_aligned(g.b, g.b_stride_k, g.b_expert_stride, g.n, vec));
+}
+inline bool chunks_aligned(const VarlenKGemm& g, int vec) {
+  return chunks_aligned(g.a.ptr, g.a.ld, g.m, 0, vec) && chunks_aligned(g.b.ptr, g.b.ld, g.n, 0, vec);
+}
+
 // Scratch of run_varlen_m_gemm: the device-built tile list.
 std::size_t varlen_m_gemm_workspace_size(int num_experts);
 void run_varlen_m_gemm(DType dtype, const VarlenMGemm& g, void* workspace, cudaStream_t stream);
@@ -63,5 +79,11 @@ template <class T>
 void launch_varlen_k_gemm(const VarlenKGemm& g, cudaStream_t stream);
 template <class T>
 int varlen_m_tile_rows();
+// The wgmma path (sm90_*.cu, built when the archs include 90a): 16-bit types, chunks_aligned
+// operands, a device of compute capability 9.0; 128 x kBN tiles (the same 128-row tile list).
+template <class T, bool kBKMajor, int kBN>
+void launch_sm90_varlen_m_gemm(const VarlenMGemm& g, const int* tile_prefix, cudaStream_t stream);
+template <class T>
+void launch_sm90_varlen_k_gemm(const VarlenKGemm& g, cudaStream_t stream);
 
 }  // namespace scattermoe::cuda

@@ -1,0 +1,394 @@
+// The grouped GEMM kernels of the CUDA backend, generic over a tile configuration.
+//
+// Operand tiles are copied global -> shared by cp.async (16-byte chunks; rows gathered through
+// an index list, so no grouped copy of the input is ever made) into a multi-stage pipeline; the
+// configuration's mainloop multiplies them (mma.sync on sm_80+: sm80_grouped_gemm.cuh; wgmma on
+// sm_90a: sm90_grouped_gemm.cuh) into fp32 accumulators, and the epilogue adds the bias and
+// writes rows straight to their destination.
+//
+// A configuration provides: Element, kBM, kBN, kBK, kStages, kThreads, kVec (elements per
+// 16-byte chunk), copy_layout<kKMajor, kMN>() (the (MN, BK, STAGES) shared-memory layout, as
+// plain offsets), TiledMma<kAKMajor, kBKMajor> (for the accumulator fragment and its
+// coordinates) and mainloop<kAKMajor, kBKMajor>(smem_a, smem_b, k_tiles, load_a, load_b, acc).
+// Included only by the instantiation files.
+#pragma once
+
+#include <cute/tensor.hpp>
+
+#include "cuda/gemm.hpp"
+
+namespace scattermoe::cuda {
+
+template <class Config, bool kAKMajor, bool kBKMajor>
+constexpr int gemm_smem_bytes() {
+  using T = typename Config::Element;
+  return static_cast<int>(
+      (cute::cosize(Config::template copy_layout<kAKMajor, Config::kBM>()) +
+       cute::cosize(Config::template copy_layout<kBKMajor, Config::kBN>())) * sizeof(T));
+}
+
+// ---------------------------------------------------------------------------------------------
+// The 16-byte chunks of one operand tile (kMN x kBK) that this thread copies global -> shared.
+// K-major: a line is one mn index, contiguous along k. MN-major: a line is one k index,
+// contiguous along mn. Every thread copies chunks at one fixed offset `off` within kCount lines
+// (line(j)); their shared-memory offsets are resolved once, so a k tile costs a pointer add, a
+// bound and a cp.async per chunk.
+template <class Config, bool kKMajor, int kMN>
+struct TileChunks {
+  using T = typename Config::Element;
+  static constexpr int kVec = Config::kVec;
+  static constexpr int kPerLine = (kKMajor ? Config::kBK : kMN) / kVec;
+  static constexpr int kLinesPerPass = Config::kThreads / kPerLine;
+  static constexpr int kCount = (kKMajor ? kMN : Config::kBK) / kLinesPerPass;
+  static_assert(Config::kThreads % kPerLine == 0 && kCount * kLinesPerPass == (kKMajor ? kMN : Config::kBK),
+                "tile chunks must divide evenly over threads");
+
+  std::uint32_t smem_offset[kCount];  // element offsets within stage 0
+  std::uint32_t stage_stride;
+
+  TileChunks() = default;
+  // mn_offset places these chunks at columns [mn_offset, mn_offset + kMN) of a wider tile.
+  template <class Layout>
+  __device__ explicit TileChunks(const Layout& layout, int mn_offset = 0) {
+    CUTE_UNROLL
+    for (int j = 0; j < kCount; ++j) {
+      smem_offset[j] = static_cast<std::uint32_t>(kKMajor ? layout(mn_offset + line(j), off(), 0)
+                                                          : layout(mn_offset + off(), line(j), 0));
+    }
+    stage_stride = static_cast<std::uint32_t>(layout(0, 0, 1));
+  }
+
+  __device__ static int off() { return static_cast<int>(threadIdx.x) % kPerLine * kVec; }
+  __device__ static int line(int j) { return static_cast<int>(threadIdx.x) / kPerLine + j * kLinesPerPass; }
+
+  // Copies `valid` (0..kVec) elements from src into chunk j of `stage`, zero-filling the rest.
+  // Aligned kernels (16-byte addresses, valid either 0 or kVec) issue one cp.async; the others,
+  // compiled apart so the fast ones carry none of it, copy element by element.
+  template <bool kAligned>
+  __device__ __forceinline__ void copy(T* smem, int stage, int j, const T* src, int valid,
+                                       const T* any_valid) const {
+    T* dst = smem + stage * stage_stride + smem_offset[j];
+    if constexpr (kAligned) {
+      cute::SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t>::copy(
+          *reinterpret_cast<const cute::uint128_t*>(valid > 0 ? src : any_valid),
+          *reinterpret_cast<cute::uint128_t*>(dst), valid > 0);
+    } else {
+      CUTE_UNROLL
+      for (int v = 0; v < kVec; ++v) dst[v] = v < valid ? src[v] : T(0);
+    }
+  }
+};
+
+// How many of the kVec elements starting at `position` lie below `extent`.
+template <int kVec>
+__device__ __forceinline__ int valid_elements(std::int64_t extent, std::int64_t position) {
+  const std::int64_t left = extent - position;
+  return left <= 0 ? 0 : (left >= kVec ? kVec : static_cast<int>(left));
+}
+
+// Stores two results of adjacent columns (n, n+1) of one row: one wide store when both are in
+// range and the address allows it, else element by element.
+template <class T>
+__device__ __forceinline__ void store_pair(T* dst, float first, float second, bool second_in_range) {
+  struct alignas(2 * sizeof(T)) Pair {
+    T x, y;
+  };
+  if (second_in_range && reinterpret_cast<std::uintptr_t>(dst) % sizeof(Pair) == 0) {
+    *reinterpret_cast<Pair*>(dst) = Pair{T(first), T(second)};
+  } else {
+    dst[0] = T(first);
+    if (second_in_range) dst[1] = T(second);
+  }
+}
+
+// Whether accumulator values v and v+1 of this thread sit in adjacent columns of one row (true
+// for the tensor-op fragments; the compiler folds it, the thread offset cancelling out).
+template <class Coord>
+__device__ __forceinline__ bool adjacent_columns(const Coord& coord, int v) {
+  return cute::get<0>(coord(v + 1)) == cute::get<0>(coord(v)) &&
+         cute::get<1>(coord(v + 1)) == cute::get<1>(coord(v)) + 1;
+}
+
+// Grouped raster: `group_rows` consecutive row tiles walk all column tiles before the next group
+// starts, so the blocks resident at once share their A rows and B columns in L2. Maps this
+// block's (blockIdx.x, blockIdx.y) to the (row tile, column tile) it computes.
+struct RasterTile {
+  int row;
+  int column;
+};
+
+__device__ __forceinline__ RasterTile grouped_raster(int group_rows) {
+  const int row_tiles = static_cast<int>(gridDim.x);
+  const int column_tiles = static_cast<int>(gridDim.y);
+  const int linear = static_cast<int>(blockIdx.y) * row_tiles + static_cast<int>(blockIdx.x);
+  const int first_row_tile = linear / (group_rows * column_tiles) * group_rows;
+  const int rows_here = min(row_tiles - first_row_tile, group_rows);
+  const int in_group = linear % (group_rows * column_tiles);
+  return RasterTile{first_row_tile + in_group % rows_here, in_group / rows_here};
+}
+
+// ---------------------------------------------------------------------------------------------
+// varlen-M: the grid spans (row tiles, column tiles); row tiles index the device-built tile list
+// (tile_prefix[e] = inclusive count of kBM-row tiles of experts 0..e), visited in groups.
+
+template <class Config, bool kBKMajor, bool kAligned>
+__global__ void __launch_bounds__(Config::kThreads)
+    varlen_m_gemm_kernel(VarlenMGemm p, const int* __restrict__ tile_prefix) {
+  using namespace cute;
+  using T = typename Config::Element;
+  constexpr int kBM = Config::kBM;
+  constexpr int kBN = Config::kBN;
+  constexpr int kBK = Config::kBK;
+
+  const RasterTile raster = grouped_raster(p.raster_group_rows);
+  const int tile = raster.row;
+  const int column_tile = raster.column;
+  if (p.num_experts == 0 || tile >= tile_prefix[p.num_experts - 1]) return;
+  int lo = 0;
+  int hi = p.num_experts - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi) / 2;
+    if (tile_prefix[mid] > tile) hi = mid; else lo = mid + 1;
+  }
+  const int e = lo;
+  const std::int64_t expert_begin = e ? p.expert_offsets[e - 1] : 0;
+  const std::int64_t row0 = expert_begin + static_cast<std::int64_t>(tile - (e ? tile_prefix[e - 1] : 0)) * kBM;
+  const std::int64_t row_end = min(p.expert_offsets[e], row0 + kBM);
+  const std::int64_t n0 = static_cast<std::int64_t>(column_tile) * kBN;
+
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  constexpr auto layout_a = Config::template copy_layout<true, kBM>();
+  constexpr auto layout_b = Config::template copy_layout<kBKMajor, kBN>();
+  T* smem_a = reinterpret_cast<T*>(smem_raw);
+  T* smem_b = smem_a + cosize(layout_a);
+
+  // Operand A: the gathered rows this thread copies, resolved once for all k tiles.
+  using ChunksA = TileChunks<Config, true, kBM>;
+  const ChunksA chunks_a(layout_a);
+  const T* a_base = static_cast<const T*>(p.a.ptr);
+  const T* a_rows[ChunksA::kCount];
+  CUTE_UNROLL
+  for (int j = 0; j < ChunksA::kCount; ++j) {
+    const std::int64_t i = row0 + ChunksA::line(j);
+    a_rows[j] = i < row_end ? a_base + p.a.row(i) * p.a.ld + ChunksA::off() : nullptr;
+  }
+  auto load_a = [&](int stage, int k_tile) {
+    const std::int64_t k0 = static_cast<std::int64_t>(k_tile) * kBK;
+    const int valid = valid_elements<Config::kVec>(p.k, k0 + ChunksA::off());
+    CUTE_UNROLL
+    for (int j = 0; j < ChunksA::kCount; ++j) {
+      chunks_a.template copy<kAligned>(smem_a, stage, j, a_rows[j] + k0, a_rows[j] ? valid : 0, a_base);
+    }
+  };
+
+  // Operand B: expert e's weight, K-major (lines are columns n) or N-major (lines are k).
+  using ChunksB = TileChunks<Config, kBKMajor, kBN>;
+  const ChunksB chunks_b(layout_b);
+  const T* b_base = static_cast<const T*>(p.b) + e * p.b_expert_stride;
+  const T* b_lines[ChunksB::kCount];
+  int b_valid = 0;  // N-major: elements of the chunk inside N (fixed for the block)
+  CUTE_UNROLL
+  for (int j = 0; j < ChunksB::kCount; ++j) {
+    if constexpr (kBKMajor) {
+      const std::int64_t n = n0 + ChunksB::line(j);
+      b_lines[j] = n < p.n ? b_base + n * p.b_stride_n + ChunksB::off() : nullptr;
+    } else {
+      b_lines[j] = b_base + ChunksB::line(j) * p.b_stride_k + n0 + ChunksB::off();
+    }
+  }
+  if constexpr (!kBKMajor) b_valid = valid_elements<Config::kVec>(p.n, n0 + ChunksB::off());
+  auto load_b = [&](int stage, int k_tile) {
+    const std::int64_t k0 = static_cast<std::int64_t>(k_tile) * kBK;
+    if constexpr (kBKMajor) {
+      const int valid = valid_elements<Config::kVec>(p.k, k0 + ChunksB::off());
+      CUTE_UNROLL
+      for (int j = 0; j < ChunksB::kCount; ++j) {
+        chunks_b.template copy<kAligned>(smem_b, stage, j, b_lines[j] + k0, b_lines[j] ? valid : 0, b_base);
+      }
+    } else {
+      const std::int64_t advance = k0 * p.b_stride_k;
+      CUTE_UNROLL
+      for (int j = 0; j < ChunksB::kCount; ++j) {
+        const bool inside = k0 + ChunksB::line(j) < p.k;
+        chunks_b.template copy<kAligned>(smem_b, stage, j, b_lines[j] + advance, inside ? b_valid : 0, b_base);
+      }
+    }
+  };
+
+  typename Config::template TiledMma<true, kBKMajor> mma;
+  Tensor acc = partition_fragment_C(mma, make_shape(Int<kBM>{}, Int<kBN>{}));  // (MMA,MMA_M,MMA_N)
+  clear(acc);
+  const int k_tiles = static_cast<int>((p.k + kBK - 1) / kBK);
+  Config::template mainloop<true, kBKMajor>(smem_a, smem_b, k_tiles, load_a, load_b, acc);
+
+  // Epilogue: bias, convert, scatter rows to their destination (pairs of columns at a time).
+  Tensor coord = mma.get_slice(threadIdx.x).partition_C(make_identity_tensor(make_shape(Int<kBM>{}, Int<kBN>{})));
+  const T* bias = static_cast<const T*>(p.bias);
+  T* c = static_cast<T*>(p.c);
+  // The tensor-op fragments hold pairs of adjacent columns; the fp32 FMA ones do not.
+  constexpr int kStep = sizeof(T) == 2 ? 2 : 1;
+  CUTE_UNROLL
+  for (int v = 0; v < size(acc); v += kStep) {
+    const std::int64_t i = row0 + get<0>(coord(v));
+    const std::int64_t n = n0 + get<1>(coord(v));
+    if (i < row_end && n < p.n) {
+      const std::int64_t out_row = p.c_index ? p.c_index[i] : i;
+      T* dst = c + out_row * p.ldc + n;
+      float first = acc(v);
+      if (bias) first += to_float(bias[e * p.bias_expert_stride + n * p.bias_stride_n]);
+      if constexpr (kStep == 2) {
+        const bool second_in = n + 1 < p.n && adjacent_columns(coord, v);
+        float second = acc(v + 1);
+        if (bias && second_in) second += to_float(bias[e * p.bias_expert_stride + (n + 1) * p.bias_stride_n]);
+        if (second_in) {
+          store_pair(dst, first, second, true);
+        } else {
+          *dst = T(first);
+          const std::int64_t i2 = row0 + get<0>(coord(v + 1));
+          const std::int64_t n2 = n0 + get<1>(coord(v + 1));
+          if (i2 < row_end && n2 < p.n) {
+            float x = acc(v + 1);
+            if (bias) x += to_float(bias[e * p.bias_expert_stride + n2 * p.bias_stride_n]);
+            c[(p.c_index ? p.c_index[i2] : i2) * p.ldc + n2] = T(x);
+          }
+        }
+      } else {
+        *dst = T(first);
+      }
+    }
+  }
+}
+
+// Launches the varlen-M kernel of Config; kAlignedOnly configurations have no element-wise
+// copy path (the caller checked chunks_aligned).
+template <class Config, bool kBKMajor, bool kAlignedOnly = false>
+void launch_varlen_m_gemm_with(const VarlenMGemm& g, const int* tile_prefix, cudaStream_t stream) {
+  constexpr int smem = gemm_smem_bytes<Config, true, kBKMajor>();
+  auto kernel = varlen_m_gemm_kernel<Config, kBKMajor, true>;
+  if constexpr (!kAlignedOnly) {
+    if (!chunks_aligned(g, Config::kVec)) kernel = varlen_m_gemm_kernel<Config, kBKMajor, false>;
+  }
+  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
+             "varlen-M GEMM: shared memory size");
+  // At most ceil(L / BM) + E row tiles exist; the blocks past the device-built count return.
+  const dim3 grid(ceil_div(g.rows, Config::kBM) + static_cast<unsigned>(g.num_experts),
+                  ceil_div(g.n, Config::kBN));
+  kernel<<<grid, Config::kThreads, smem, stream>>>(g, tile_prefix);
+  check_launch("varlen-M GEMM");
+}
+
+// ---------------------------------------------------------------------------------------------
+// varlen-K: grid (M tiles, N tiles, experts); each block reduces over its expert's rows.
+template <class Config, bool kAligned>
+__global__ void __launch_bounds__(Config::kThreads)
+    varlen_k_gemm_kernel(VarlenKGemm p) {
+  using namespace cute;
+  using T = typename Config::Element;
+  constexpr int kBM = Config::kBM;
+  constexpr int kBN = Config::kBN;
+  constexpr int kBK = Config::kBK;
+
+  const int e = static_cast<int>(blockIdx.z);
+  const std::int64_t r0 = e ? p.expert_offsets[e - 1] : 0;
+  const std::int64_t r1 = p.expert_offsets[e];
+  // Grouped raster over (M tiles, N tiles) within the expert, as in varlen-M.
+  const RasterTile raster = grouped_raster(8);
+  const std::int64_t m0 = static_cast<std::int64_t>(raster.row) * kBM;
+  const std::int64_t n0 = static_cast<std::int64_t>(raster.column) * kBN;
+
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  constexpr auto layout_a = Config::template copy_layout<false, kBM>();
+  constexpr auto layout_b = Config::template copy_layout<false, kBN>();
+  T* smem_a = reinterpret_cast<T*>(smem_raw);
+  T* smem_b = smem_a + cosize(layout_a);
+
+  // Both operands are MN-major: a line is one routed row. The B tile is kHalves A-tiles wide
+  // and each of its parts copies with A's line mapping, so each row index is resolved once for
+  // both operands.
+  static_assert(kBN % kBM == 0, "varlen-K shares row lines between its operands");
+  constexpr int kParts = kBN / kBM;
+  using Chunks = TileChunks<Config, false, kBM>;
+  const Chunks chunks_a(layout_a);
+  Chunks chunks_b[kParts];
+  CUTE_UNROLL
+  for (int h = 0; h < kParts; ++h) chunks_b[h] = Chunks(layout_b, h * kBM);
+  const T* a_base = static_cast<const T*>(p.a.ptr) + m0 + Chunks::off();
+  const T* b_base = static_cast<const T*>(p.b.ptr) + n0 + Chunks::off();
+  const int a_valid = valid_elements<Config::kVec>(p.m, m0 + Chunks::off());
+  int b_valid[kParts];
+  CUTE_UNROLL
+  for (int h = 0; h < kParts; ++h) b_valid[h] = valid_elements<Config::kVec>(p.n, n0 + h * kBM + Chunks::off());
+  // The rows of a tile: loaded by load_a, used by load_b right after it.
+  std::int64_t b_rows[Chunks::kCount];
+  auto load_a = [&](int stage, int k_tile) {
+    const std::int64_t k0 = r0 + static_cast<std::int64_t>(k_tile) * kBK;
+    CUTE_UNROLL
+    for (int j = 0; j < Chunks::kCount; ++j) {
+      const std::int64_t r = k0 + Chunks::line(j);
+      const bool inside = r < r1;
+      b_rows[j] = inside ? p.b.row(r) : -1;
+      const T* src = a_base + (inside ? p.a.row(r) : 0) * p.a.ld;
+      chunks_a.template copy<kAligned>(smem_a, stage, j, src, inside ? a_valid : 0, a_base - Chunks::off() - m0);
+    }
+  };
+  auto load_b = [&](int stage, int) {
+    CUTE_UNROLL
+    for (int j = 0; j < Chunks::kCount; ++j) {
+      const bool inside = b_rows[j] >= 0;
+      const T* src = b_base + (inside ? b_rows[j] : 0) * p.b.ld;
+      CUTE_UNROLL
+      for (int h = 0; h < kParts; ++h) {
+        chunks_b[h].template copy<kAligned>(smem_b, stage, j, src + h * kBM, inside ? b_valid[h] : 0,
+                                            b_base - Chunks::off() - n0);
+      }
+    }
+  };
+
+  typename Config::template TiledMma<false, false> mma;
+  Tensor acc = partition_fragment_C(mma, make_shape(Int<kBM>{}, Int<kBN>{}));
+  clear(acc);
+  const int k_tiles = static_cast<int>((r1 - r0 + kBK - 1) / kBK);
+  Config::template mainloop<false, false>(smem_a, smem_b, k_tiles, load_a, load_b, acc);
+
+  Tensor coord = mma.get_slice(threadIdx.x).partition_C(make_identity_tensor(make_shape(Int<kBM>{}, Int<kBN>{})));
+  T* c = static_cast<T*>(p.c) + e * p.c_expert_stride;
+  constexpr int kStep = sizeof(T) == 2 ? 2 : 1;
+  CUTE_UNROLL
+  for (int v = 0; v < size(acc); v += kStep) {
+    const std::int64_t m = m0 + get<0>(coord(v));
+    const std::int64_t n = n0 + get<1>(coord(v));
+    if (m < p.m && n < p.n) {
+      if constexpr (kStep == 2) {
+        if (adjacent_columns(coord, v)) {
+          store_pair(c + m * p.ldc + n, acc(v), acc(v + 1), n + 1 < p.n);
+          continue;
+        }
+      }
+      c[m * p.ldc + n] = T(acc(v));
+    }
+    if constexpr (kStep == 2) {
+      if (!adjacent_columns(coord, v)) {
+        const std::int64_t m2 = m0 + get<0>(coord(v + 1));
+        const std::int64_t n2 = n0 + get<1>(coord(v + 1));
+        if (m2 < p.m && n2 < p.n) c[m2 * p.ldc + n2] = T(acc(v + 1));
+      }
+    }
+  }
+}
+
+template <class Config, bool kAlignedOnly = false>
+void launch_varlen_k_gemm_with(const VarlenKGemm& g, cudaStream_t stream) {
+  constexpr int smem = gemm_smem_bytes<Config, false, false>();
+  auto kernel = varlen_k_gemm_kernel<Config, true>;
+  if constexpr (!kAlignedOnly) {
+    if (!chunks_aligned(g, Config::kVec)) kernel = varlen_k_gemm_kernel<Config, false>;
+  }
+  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
+             "varlen-K GEMM: shared memory size");
+  const dim3 grid(ceil_div(g.m, Config::kBM), ceil_div(g.n, Config::kBN),
+                  static_cast<unsigned>(g.num_experts));
+  kernel<<<grid, Config::kThreads, smem, stream>>>(g);
+  check_launch("varlen-K GEMM");
+}
+
+}  // namespace scattermoe::cuda
