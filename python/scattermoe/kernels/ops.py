@@ -25,6 +25,14 @@ def _single_expert_plan(sorted_scattered_idxs: torch.Tensor):
     return sorted_expert_idxs, expert_offsets
 
 
+def _offsets_of_sorted(sorted_expert_idxs: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Inclusive end offsets (E,) of sorted expert ids, with no host sync: CUDA's bincount reads
+    the ids' maximum back to the host, which a CUDA-graph capture refuses."""
+    experts = torch.arange(num_experts, device=sorted_expert_idxs.device,
+                           dtype=sorted_expert_idxs.dtype)
+    return torch.searchsorted(sorted_expert_idxs, experts, right=True)
+
+
 def _plan_from_offsets(expert_offsets: torch.Tensor, rows: int):
     """The plan of rows already in grouped order, from inclusive end offsets (no host sync)."""
     counts = torch.diff(expert_offsets, prepend=expert_offsets.new_zeros(1))
@@ -45,8 +53,7 @@ def scatter2scatter(X: torch.Tensor, W: torch.Tensor, sorted_expert_idxs: torch.
     """
     sorted_expert_idxs = sorted_expert_idxs.long()
     if expert_offsets is None:
-        counts = torch.bincount(sorted_expert_idxs, minlength=W.size(0))
-        expert_offsets = counts.cumsum(-1)
+        expert_offsets = _offsets_of_sorted(sorted_expert_idxs, W.size(0))
     y = _ops.scatter2scatter(X, W, sorted_expert_idxs, sorted_scattered_idxs.long(),
                              expert_offsets.long(), k, b, x_grouped, y_grouped)
     return _into(y, out)
