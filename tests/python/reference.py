@@ -68,10 +68,40 @@ def reference_moe_mlp(x, expert_p, expert_idxs, w1, b1, w2, b2, activation, glu)
 
 
 def f64(t):
-    return None if t is None else t.detach().double().requires_grad_(t.requires_grad)
+    """A float64 CPU leaf copy of t (keeping requires_grad): the reference runs on the CPU."""
+    return None if t is None else t.detach().cpu().double().requires_grad_(t.requires_grad)
+
+
+def cpu(t):
+    return None if t is None else t.detach().cpu()
 
 
 def assert_close(actual, expected, name="", atol=2e-5, rtol=1e-4):
-    """fp32 results against a float64 reference: fp32 accumulation over d <= 128 terms."""
-    torch.testing.assert_close(actual.double(), expected.double(), atol=atol, rtol=rtol,
-                               msg=lambda m: f"{name}: {m}")
+    """fp32 results (any device) against a float64 reference: fp32 accumulation over d <= 128
+    terms."""
+    torch.testing.assert_close(actual.detach().cpu().double(), expected.detach().cpu().double(),
+                               atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
+
+
+BF16_ULP = 2.0 ** -8  # bf16 keeps 8 significant bits: one rounding errs by <= 2^-9 relative
+
+
+def assert_bf16_close(actual, expected, name, reduction):
+    """bf16 results against a float64 reference computed from the same bf16 values (inputs,
+    weights and incoming gradients rounded to bf16 first, then widened).
+
+    The error left is the library's: fp32 accumulation (negligible next to bf16) and the
+    roundings to bf16 of the output and of intermediate rows, <= 2^-9 relative each. Summed over
+    `reduction` terms, independent roundings grow like sqrt(reduction) (a random walk), so the
+    bound is 2^-8 * sqrt(reduction) * max|expected| (the terms' scale is at most the result's
+    largest magnitude for these random inputs), twice the 2^-9 estimate. A wrong row, expert or
+    weight gives an error of the order of max|expected| and fails it for reduction < 2^14.
+    """
+    actual, expected = actual.detach().cpu().double(), expected.detach().cpu().double()
+    assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
+    assert torch.isfinite(actual).all(), f"{name}: non-finite values"
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    tol = BF16_ULP * reduction ** 0.5 * scale + 1e-30
+    err = (actual - expected).abs().max().item() if expected.numel() else 0.0
+    assert err <= tol, (f"{name}: max error {err:.3g} > 2^-8 * sqrt({reduction}) * {scale:.3g} "
+                        f"= {tol:.3g}")

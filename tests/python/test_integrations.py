@@ -1,4 +1,5 @@
-"""scattermoe.integrations against transformers' own eager experts forward (tiny random configs)."""
+"""scattermoe.integrations against transformers' own eager experts forward (tiny random configs;
+fp32 on cpu and cuda, bf16 for Mixtral and Qwen3-MoE)."""
 import copy
 
 import pytest
@@ -12,16 +13,16 @@ pytest.importorskip("transformers.integrations.moe",
 from scattermoe.integrations import replace_moe_blocks  # noqa: E402
 
 
-def _mixtral():
+def _mixtral(layers=2):
     cfg = transformers.MixtralConfig(
-        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        hidden_size=64, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4,
         num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, vocab_size=128)
     return transformers.MixtralForCausalLM(cfg)
 
 
-def _qwen3_moe(norm_topk_prob):
+def _qwen3_moe(norm_topk_prob, layers=2):
     cfg = transformers.Qwen3MoeConfig(
-        hidden_size=64, intermediate_size=96, moe_intermediate_size=48, num_hidden_layers=2,
+        hidden_size=64, intermediate_size=96, moe_intermediate_size=48, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8,
         num_experts_per_tok=3, vocab_size=128, norm_topk_prob=norm_topk_prob,
         decoder_sparse_step=1, mlp_only_layers=[])
@@ -71,17 +72,18 @@ def _run(model, ids):
               _granitemoe, _gpt_oss],
     ids=["mixtral", "qwen3_moe_norm_topk", "qwen3_moe_no_norm", "olmoe", "qwen2_moe",
          "granitemoe", "gpt_oss"])
-def test_matches_eager_forward_and_gradients(build, monkeypatch):
+def test_matches_eager_forward_and_gradients(build, device, monkeypatch):
+    """fp32: our kernels and the eager loop differ only in the order of fp32 sums."""
     import scattermoe.integrations as integ
     calls = []
     real = integ.parallel_linear
     monkeypatch.setattr(integ, "parallel_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
     torch.manual_seed(0)
-    model = build().float()
+    model = build().float().to(device)
     model.set_attn_implementation("eager")
     model.set_experts_implementation("eager")
     model.train()
-    ids = torch.randint(0, model.config.vocab_size, (2, 7))
+    ids = torch.randint(0, model.config.vocab_size, (2, 7)).to(device)
     ref_logits, ref_grads = _run(model, ids)
 
     ours = copy.deepcopy(model)
@@ -104,6 +106,43 @@ def test_matches_eager_forward_and_gradients(build, monkeypatch):
     assert any(".gate." in n or ".router." in n for n in grads)  # router weights
     for n in grads:
         torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def _within_twice_eager_error(name, ours, eager, ref):
+    """ours and eager in bf16 against ref (fp32 on the same bf16 weights): our error at most twice
+    the eager bf16 model's own, plus one bf16 rounding (2^-8 relative) at the reference's scale,
+    the rule FlashAttention's tests use for a reduced-precision kernel."""
+    ours, eager, ref = (t.detach().cpu().double() for t in (ours, eager, ref))
+    err, err_eager = (ours - ref).abs().max().item(), (eager - ref).abs().max().item()
+    atol = 2.0 ** -8 * ref.abs().max().item()
+    assert err <= 2 * err_eager + atol, (f"{name}: error {err:.3g} > 2 * eager bf16 error "
+                                         f"{err_eager:.3g} + {atol:.3g}")
+
+
+@pytest.mark.parametrize("build", [lambda: _mixtral(layers=1), lambda: _qwen3_moe(True, layers=1)],
+                         ids=["mixtral", "qwen3_moe"])
+def test_bf16_error_within_twice_eager_bf16(build, device):
+    """The bf16 model with our experts against the same bf16 model with transformers' eager
+    experts, both measured against fp32 computation on the same (bf16-rounded) weights. One
+    layer: its router sees the same input in both bf16 models, so both route alike (a second
+    layer's router could flip a near tie on one model's rounding and not the other's)."""
+    torch.manual_seed(0)
+    model = build().to(device=device, dtype=torch.bfloat16)
+    model.set_attn_implementation("eager")
+    model.set_experts_implementation("eager")
+    model.train()
+    reference = copy.deepcopy(model).float()
+    ours = replace_moe_blocks(copy.deepcopy(model))
+    ids = torch.randint(0, model.config.vocab_size, (2, 7)).to(device)
+    ref_logits, ref_grads = _run(reference, ids)
+    eager_logits, eager_grads = _run(model, ids)
+    logits, grads = _run(ours, ids)
+    assert logits.dtype == torch.bfloat16
+    _within_twice_eager_error("logits", logits, eager_logits, ref_logits)
+    assert grads.keys() == ref_grads.keys() == eager_grads.keys()
+    assert any(".experts.gate_up_proj" in n for n in grads)
+    for n in grads:
+        _within_twice_eager_error(n, grads[n], eager_grads[n], ref_grads[n])
 
 
 def test_mixtral_expert_weight_layout():
