@@ -5,21 +5,27 @@ eager per-expert loop, forward and forward+backward, same inputs, one process.
     python bench/torch_bench.py --preset tiny --device cpu          # smoke test, seconds
     python bench/torch_bench.py --preset all --device cuda --json out.json
 
-The model presets (those of /work/shared/perf-anchors.md) are meant for the GPU; on a CPU only
-`tiny` finishes in reasonable time. torch._grouped_mm is probed on the device (forward and
-backward on a small problem; its CUDA kernel needs sm90+): where it does not run, its row reads
-"n/a". (torch 2.11 also runs it on a CPU, so the CPU smoke test cross-checks it too.)
+The model presets (those of the shared performance anchors) are meant for the GPU; on a CPU only
+`tiny` finishes in reasonable time. torch._grouped_mm is probed first (forward and backward with
+uneven and empty groups, as routing makes them; its CUDA kernel needs sm90+ and bf16; on CUDA
+the probe runs in a child process, since a failed device-side check would end this one): where
+it does not run, its row reads "n/a". (torch 2.11 also runs it on a CPU, so the CPU smoke test
+cross-checks it too.)
 
 FLOPs: forward = 6*T*k*d*h, forward+backward = 3x forward. Times are medians; on CUDA they are
 measured with torch.cuda.Event after warm-up, with the L2 cache flushed (a 256 MB buffer
 written) before every iteration; on a CPU with time.perf_counter. Routing (top-k of a softmax
 over random logits, renormalised over the k picks) is done once, outside the timings; the
-routing plan (sort by expert), the gather and the aggregation are inside them.
+routing plan (sort by expert), the gather and the aggregation are inside them. The largest
+preset (deepseek-v3: 22.5 GB of bf16 expert weights) needs about 80 GB of GPU memory: the
+weights, the reference gradients of the cross-check and one set being timed.
 """
 import argparse
 import json
 import statistics
+import subprocess
 import sys
+import textwrap
 import time
 
 import torch
@@ -52,9 +58,10 @@ def run_grouped_mm(mlp, x, p, idx, W1, W2):
     E, two_h, _ = W1.shape
     h = two_h // 2
     flat = idx.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=E)
-    offs = torch.cumsum(counts, 0).to(torch.int32)
+    sorted_e, order = torch.sort(flat, stable=True)
+    # Group end offsets without a host sync (bincount on CUDA reads its input's max back).
+    experts = torch.arange(E, device=flat.device, dtype=sorted_e.dtype)
+    offs = torch.searchsorted(sorted_e, experts, right=True).to(torch.int32)
     tok = order // k
     xs = x.index_select(0, tok)
     hh = torch._grouped_mm(xs, W1.transpose(1, 2), offs=offs)
@@ -67,14 +74,17 @@ def run_grouped_mm(mlp, x, p, idx, W1, W2):
 def run_eager(mlp, x, p, idx, W1, W2):
     E = W1.shape[0]
     h = W1.shape[1] // 2
+    # unbind: one stacked weight gradient in backward (W1[e] would add a zero-filled
+    # full-size gradient per expert).
+    W1s, W2s = W1.unbind(0), W2.unbind(0)
     y = torch.zeros_like(x)
     for e in range(E):
         tok, slot = torch.where(idx == e)
         if tok.numel() == 0:
             continue
-        hh = x[tok] @ W1[e].t()
+        hh = x[tok] @ W1s[e].t()
         a = F.silu(hh[:, h:]) * hh[:, :h]
-        ye = (a @ W2[e].t()) * p[tok, slot].unsqueeze(1).to(x.dtype)
+        ye = (a @ W2s[e].t()) * p[tok, slot].unsqueeze(1).to(x.dtype)
         y = y.index_add(0, tok, ye)
     return y
 
@@ -82,21 +92,43 @@ def run_eager(mlp, x, p, idx, W1, W2):
 FNS = {"scattermoe": run_ours, "grouped_mm": run_grouped_mm, "eager": run_eager}
 
 
+# run_grouped_mm's calls on a small problem with uneven groups (13 and 19 rows) and an empty one,
+# weights passed as transposed views of (E, out, in) storage, forward and backward.
+GROUPED_MM_PROBE = textwrap.dedent("""
+    import torch
+    device, dtype = torch.device({device!r}), getattr(torch, {dtype!r})
+    a = torch.randn(40, 64, device=device, dtype=dtype, requires_grad=True)
+    w = torch.randn(4, 32, 64, device=device, dtype=dtype, requires_grad=True)
+    offs = torch.tensor([8, 8, 21, 40], device=device, dtype=torch.int32)
+    out = torch._grouped_mm(a, w.transpose(1, 2), offs=offs)
+    out.backward(torch.randn_like(out))
+    ref = torch.cat([a[s:e] @ w[g].t() for g, (s, e) in enumerate(zip([0, 8, 8, 21], offs.tolist()))])
+    err = (out.float() - ref.float()).abs().max().item() / ref.float().abs().max().item()
+    assert err < 3e-2, f"torch._grouped_mm differs from a per-group matmul: {{err:.2e}}"
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+""")
+
+
 def grouped_mm_available(device, dtype):
     if not hasattr(torch, "_grouped_mm"):
         return False, "this torch has no torch._grouped_mm"
+    code = GROUPED_MM_PROBE.format(device=str(device), dtype=str(dtype).replace("torch.", ""))
+    if device.type != "cuda":
+        try:
+            exec(code, {})  # noqa: S102  (our own probe)
+            return True, ""
+        except Exception as exc:  # noqa: BLE001  (unsupported dtype)
+            return False, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     try:
-        a = torch.randn(32, 64, device=device, dtype=dtype)
-        b = torch.randn(2, 64, 32, device=device, dtype=dtype)
-        offs = torch.tensor([16, 32], device=device, dtype=torch.int32)
-        a.requires_grad_()
-        out = torch._grouped_mm(a, b, offs=offs)
-        out.backward(torch.randn_like(out))
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             timeout=300)
+    except subprocess.TimeoutExpired:
+        return False, "the probe did not finish in 300 s"
+    if run.returncode == 0:
         return True, ""
-    except Exception as exc:  # noqa: BLE001  (unsupported arch / dtype)
-        return False, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    lines = [ln for ln in run.stderr.splitlines() if ln.strip()]
+    return False, lines[-1] if lines else f"the probe exited with status {run.returncode}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,14 +163,25 @@ class Timer:
 
 
 def rel_err(a, b):
-    a, b = a.float(), b.float()
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+    """max|a - b| / max|b|, in float32 chunks of dim 0 (the weight gradients of the large
+    presets are too big to widen whole)."""
+    a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+    rows = max(1, (1 << 26) // max(1, a.shape[1]))
+    err = scale = 0.0
+    for i in range(0, a.shape[0], rows):
+        ai, bi = a[i:i + rows].float(), b[i:i + rows].float()
+        err = max(err, (ai - bi).abs().max().item())
+        scale = max(scale, bi.abs().max().item())
+    return err / max(scale, 1e-30)
 
 
 def bench_preset(name, device, dtype, iters, warmup, impls, gmm_ok):
     T, d, h, E, k = PRESETS[name]
     gen = torch.Generator(device="cpu").manual_seed(0)
-    mlp = GLUMLP(d, h, E, k).to(device=device, dtype=dtype)
+    torch.manual_seed(0)
+    with torch.device(device):  # initialised where it runs: deepseek-v3's fp32 init is 45 GB
+        mlp = GLUMLP(d, h, E, k)
+    mlp = mlp.to(dtype)
     W1, W2 = mlp.experts.weight, mlp.output_experts.weight
     x = torch.randn(T, d, generator=gen).to(device=device, dtype=dtype).requires_grad_()
     logits = torch.randn(T, E, generator=gen).to(device)
@@ -149,11 +192,15 @@ def bench_preset(name, device, dtype, iters, warmup, impls, gmm_ok):
 
     fwd_flops = 6.0 * T * k * d * h
     timer = Timer(device)
-    rows, outs = {}, {}
-    for impl in impls:
-        if impl == "grouped_mm" and not gmm_ok:
-            rows[impl] = None
-            continue
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    rows = {impl: None for impl in impls}  # None: n/a
+    check = {}
+    run = [i for i in impls if i != "grouped_mm" or gmm_ok]
+    # Cross-check against the eager loop (or the first one run): its outputs are kept, and the
+    # others' are compared and dropped at once, so at most two sets of gradients are alive.
+    ref_name = "eager" if "eager" in run else (run[0] if run else None)
+    ref = None
+    for impl in sorted(run, key=lambda i: i != ref_name):
         fn = FNS[impl]
 
         def fwd():
@@ -165,9 +212,15 @@ def bench_preset(name, device, dtype, iters, warmup, impls, gmm_ok):
             return torch.autograd.grad(y, inputs, dy)
 
         y = fn(mlp, x, p, idx, W1, W2)
-        grads = torch.autograd.grad(y, inputs, dy)
-        outs[impl] = (y.detach(), [g.detach() for g in grads])
-        del y, grads
+        out = [y.detach()] + [g.detach() for g in torch.autograd.grad(y, inputs, dy)]
+        del y
+        if impl == ref_name:
+            ref = out
+        else:
+            errs = {name: rel_err(a, b)
+                    for name, a, b in zip(("y", "dx", "dW1", "dW2", "dp"), out, ref)}
+            check[impl] = {"vs": ref_name, "max_rel_err": errs, "ok": max(errs.values()) <= tol}
+        del out
         t_f = timer.median_ms(fwd, iters, warmup)
         t_fb = timer.median_ms(fwd_bwd, iters, warmup)
         peak = None
@@ -182,19 +235,7 @@ def bench_preset(name, device, dtype, iters, warmup, impls, gmm_ok):
                       "fwd_bwd_ms": t_fb, "fwd_bwd_tflops": 3 * fwd_flops / t_fb / 1e9,
                       "peak_extra_mib": peak}
 
-    # Cross-check: each implementation against the eager loop (or the first one run).
-    ref_name = "eager" if "eager" in outs else next(iter(outs))
-    ry, rg = outs[ref_name]
-    tol = 1e-4 if dtype == torch.float32 else 3e-2
-    check = {}
-    for impl, (y, g) in outs.items():
-        if impl == ref_name:
-            continue
-        errs = {"y": rel_err(y, ry)}
-        for gname, a, b in zip(("dx", "dW1", "dW2", "dp"), g, rg):
-            errs[gname] = rel_err(a, b)
-        check[impl] = {"vs": ref_name, "max_rel_err": errs, "ok": max(errs.values()) <= tol}
-    del mlp, x, p, dy, outs
+    del mlp, x, p, dy, ref
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return {"preset": name, "T": T, "d": d, "h": h, "E": E, "k": k,
