@@ -32,9 +32,12 @@ struct RowSource {
   const std::int64_t* index = nullptr;
   std::int64_t divisor = 1;
 
+  __device__ __forceinline__ std::int64_t row(std::int64_t i) const { return divide(entry(i)); }
+
+  // row(i) in two steps, so a kernel can fetch the entries ahead and divide when it uses them.
+  __device__ __forceinline__ std::int64_t entry(std::int64_t i) const { return index ? index[i] : i; }
   // Routed-row counts stay below 2^31 on CUDA (checked on entry), so the division is 32-bit.
-  __device__ __forceinline__ std::int64_t row(std::int64_t i) const {
-    const std::int64_t r = index ? index[i] : i;
+  __device__ __forceinline__ std::int64_t divide(std::int64_t r) const {
     return divisor == 1 ? r
                         : static_cast<std::int64_t>(static_cast<std::uint32_t>(r) /
                                                     static_cast<std::uint32_t>(divisor));

@@ -85,14 +85,6 @@ bool use_sm90_kernels() {
 #endif
 }
 
-// The column tile of the wgmma varlen-M kernel: 256 for wide outputs, 128 for narrow ones
-// (SCATTERMOE_SM90_TILE_N=128 or 256 overrides it for measurements).
-int sm90_tile_n(std::int64_t n) {
-  static const int forced = env_int("SCATTERMOE_SM90_TILE_N", 0);
-  if (forced == 128 || forced == 256) return forced;
-  return n >= 2048 ? 256 : 128;
-}
-
 }  // namespace
 
 std::size_t varlen_m_gemm_workspace_size(int num_experts) {
@@ -123,13 +115,10 @@ void run_varlen_m_gemm(DType dtype, const VarlenMGemm& g, void* workspace, cudaS
     if constexpr (sizeof(T) == 2) {
       if (use_sm90_kernels() && chunks_aligned(g, 8)) {
         // The wgmma tiles have 128 rows, like the mma.sync ones: the same tile list serves.
-        const bool wide = sm90_tile_n(g.n) == 256;
         if (b_k_major) {
-          wide ? launch_sm90_varlen_m_gemm<T, true, 256>(tuned, tile_prefix, stream)
-               : launch_sm90_varlen_m_gemm<T, true, 128>(tuned, tile_prefix, stream);
+          launch_sm90_varlen_m_gemm<T, true>(tuned, tile_prefix, stream);
         } else {
-          wide ? launch_sm90_varlen_m_gemm<T, false, 256>(tuned, tile_prefix, stream)
-               : launch_sm90_varlen_m_gemm<T, false, 128>(tuned, tile_prefix, stream);
+          launch_sm90_varlen_m_gemm<T, false>(tuned, tile_prefix, stream);
         }
         return;
       }

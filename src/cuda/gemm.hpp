@@ -80,8 +80,9 @@ void launch_varlen_k_gemm(const VarlenKGemm& g, cudaStream_t stream);
 template <class T>
 int varlen_m_tile_rows();
 // The wgmma path (sm90_*.cu, built when the archs include 90a): 16-bit types, chunks_aligned
-// operands, a device of compute capability 9.0; 128 x kBN tiles (the same 128-row tile list).
-template <class T, bool kBKMajor, int kBN>
+// operands, a device of compute capability 9.0; 128 x 256 tiles (the same 128-row tile list
+// as the mma.sync kernels).
+template <class T, bool kBKMajor>
 void launch_sm90_varlen_m_gemm(const VarlenMGemm& g, const int* tile_prefix, cudaStream_t stream);
 template <class T>
 void launch_sm90_varlen_k_gemm(const VarlenKGemm& g, cudaStream_t stream);

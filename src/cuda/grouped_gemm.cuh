@@ -7,7 +7,7 @@
 // writes rows straight to their destination.
 //
 // A configuration provides: Element, kBM, kBN, kBK, kStages, kThreads, kVec (elements per
-// 16-byte chunk), copy_layout<kKMajor, kMN>() (the (MN, BK, STAGES) shared-memory layout, as
+// 16-byte chunk), kMinBlocks (blocks per SM to fit in registers), copy_layout<kKMajor, kMN>() (the (MN, BK, STAGES) shared-memory layout, as
 // plain offsets), TiledMma<kAKMajor, kBKMajor> (for the accumulator fragment and its
 // coordinates) and mainloop<kAKMajor, kBKMajor>(smem_a, smem_b, k_tiles, load_a, load_b, acc).
 // Included only by the instantiation files.
@@ -132,7 +132,7 @@ __device__ __forceinline__ RasterTile grouped_raster(int group_rows) {
 // (tile_prefix[e] = inclusive count of kBM-row tiles of experts 0..e), visited in groups.
 
 template <class Config, bool kBKMajor, bool kAligned>
-__global__ void __launch_bounds__(Config::kThreads)
+__global__ void __launch_bounds__(Config::kThreads, Config::kMinBlocks)
     varlen_m_gemm_kernel(VarlenMGemm p, const int* __restrict__ tile_prefix) {
   using namespace cute;
   using T = typename Config::Element;
@@ -280,7 +280,7 @@ void launch_varlen_m_gemm_with(const VarlenMGemm& g, const int* tile_prefix, cud
 // ---------------------------------------------------------------------------------------------
 // varlen-K: grid (M tiles, N tiles, experts); each block reduces over its expert's rows.
 template <class Config, bool kAligned>
-__global__ void __launch_bounds__(Config::kThreads)
+__global__ void __launch_bounds__(Config::kThreads, Config::kMinBlocks)
     varlen_k_gemm_kernel(VarlenKGemm p) {
   using namespace cute;
   using T = typename Config::Element;
@@ -318,16 +318,35 @@ __global__ void __launch_bounds__(Config::kThreads)
   int b_valid[kParts];
   CUTE_UNROLL
   for (int h = 0; h < kParts; ++h) b_valid[h] = valid_elements<Config::kVec>(p.n, n0 + h * kBM + Chunks::off());
-  // The rows of a tile: loaded by load_a, used by load_b right after it.
-  std::int64_t b_rows[Chunks::kCount];
-  auto load_a = [&](int stage, int k_tile) {
+  // The index entries of this thread's lines are fetched one k tile ahead (load_a runs over the
+  // k tiles in order), so their latency hides behind a whole tile instead of stalling the copies.
+  std::int64_t a_next[Chunks::kCount];
+  std::int64_t b_next[Chunks::kCount];
+  auto fetch_entries = [&](int k_tile) {
     const std::int64_t k0 = r0 + static_cast<std::int64_t>(k_tile) * kBK;
     CUTE_UNROLL
     for (int j = 0; j < Chunks::kCount; ++j) {
       const std::int64_t r = k0 + Chunks::line(j);
       const bool inside = r < r1;
-      b_rows[j] = inside ? p.b.row(r) : -1;
-      const T* src = a_base + (inside ? p.a.row(r) : 0) * p.a.ld;
+      a_next[j] = inside ? p.a.entry(r) : -1;
+      b_next[j] = inside ? p.b.entry(r) : -1;
+    }
+  };
+  fetch_entries(0);
+  // The rows of a tile: resolved by load_a, used by load_b right after it.
+  std::int64_t b_rows[Chunks::kCount];
+  auto load_a = [&](int stage, int k_tile) {
+    std::int64_t a_entries[Chunks::kCount];
+    CUTE_UNROLL
+    for (int j = 0; j < Chunks::kCount; ++j) {
+      a_entries[j] = a_next[j];
+      b_rows[j] = b_next[j] >= 0 ? p.b.divide(b_next[j]) : -1;
+    }
+    fetch_entries(k_tile + 1);
+    CUTE_UNROLL
+    for (int j = 0; j < Chunks::kCount; ++j) {
+      const bool inside = a_entries[j] >= 0;
+      const T* src = a_base + (inside ? p.a.divide(a_entries[j]) : 0) * p.a.ld;
       chunks_a.template copy<kAligned>(smem_a, stage, j, src, inside ? a_valid : 0, a_base - Chunks::off() - m0);
     }
   };

@@ -116,6 +116,7 @@ struct Sm80TensorOpConfig : Sm80Mainloop<Sm80TensorOpConfig<T16, MmaAtom>> {
   static constexpr int kBK = 64;
   static constexpr int kStages = SCATTERMOE_SM80_STAGES;
   static constexpr int kThreads = 256;
+  static constexpr int kMinBlocks = 1;
   static constexpr int kVec = 8;  // elements per 16-byte chunk
   // 2x4 warps, each 64x32 of the 128x128 tile (64 fp32 accumulators per thread). Measured
   // against 128x256x32 with 64x64 warp tiles (which spills at 255 registers): docs/perf.md.
@@ -156,6 +157,7 @@ struct Sm80GemmConfig<float> : Sm80Mainloop<Sm80GemmConfig<float>> {
   static constexpr int kBK = 16;
   static constexpr int kStages = 3;
   static constexpr int kThreads = 256;
+  static constexpr int kMinBlocks = 1;
   static constexpr int kVec = 4;
   template <bool, bool>
   using TiledMma = cute::TiledMMA<cute::MMA_Atom<cute::UniversalFMA<float, float, float, float>>,

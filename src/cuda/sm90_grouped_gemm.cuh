@@ -19,7 +19,7 @@
 
 namespace scattermoe::cuda {
 
-template <class T, int BM, int BN, int Stages>
+template <class T, int BM, int BN, int Stages, int MinBlocks = 1>
 struct Sm90GemmConfig {
   static_assert(sizeof(T) == 2, "the wgmma path takes 16-bit operands");
   static_assert(BM % 64 == 0 && Stages >= 3, "one warpgroup per 64 rows; at least three stages");
@@ -29,6 +29,7 @@ struct Sm90GemmConfig {
   static constexpr int kBK = 64;
   static constexpr int kStages = Stages;
   static constexpr int kThreads = BM / 64 * 128;
+  static constexpr int kMinBlocks = MinBlocks;
   static constexpr int kVec = 8;
 
   static constexpr cute::GMMA::Major major(bool k_major) {
@@ -120,19 +121,20 @@ struct Sm90GemmConfig {
 };
 
 // ---- the entry points of the sm90_*.cu instantiation files (declared in gemm.hpp) ----
-template <class T, bool kBKMajor, int BN>
+// 128 x 256 tiles, 4 stages, one block per SM: 128 x 128 ones (85 -> 64 flop per byte copied
+// through L2), even two to an SM so that one's prologue and epilogue overlap the other's wgmma,
+// measured slower on every model shape (docs/perf.md).
+template <class T>
+using Sm90Config = Sm90GemmConfig<T, 128, 256, 4>;
+
+template <class T, bool kBKMajor>
 void launch_sm90_varlen_m_gemm(const VarlenMGemm& g, const int* tile_prefix, cudaStream_t stream) {
-  // 128 x BN tiles, as many stages of 64 as fit in about 192 KiB of shared memory.
-  constexpr int kStageBytes = (128 + BN) * 64 * 2;
-  using Config = Sm90GemmConfig<T, 128, BN, 196608 / kStageBytes>;
-  launch_varlen_m_gemm_with<Config, kBKMajor, true>(g, tile_prefix, stream);
+  launch_varlen_m_gemm_with<Sm90Config<T>, kBKMajor, true>(g, tile_prefix, stream);
 }
 
-// 128 x 256 tiles: 128 x 128 ones need more L2 bandwidth per flop than the H200 has (64 flop
-// per byte copied vs 85; measured in docs/perf.md).
 template <class T>
 void launch_sm90_varlen_k_gemm(const VarlenKGemm& g, cudaStream_t stream) {
-  launch_varlen_k_gemm_with<Sm90GemmConfig<T, 128, 256, 4>, true>(g, stream);
+  launch_varlen_k_gemm_with<Sm90Config<T>, true>(g, stream);
 }
 
 }  // namespace scattermoe::cuda

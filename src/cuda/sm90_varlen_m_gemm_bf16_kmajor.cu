@@ -2,5 +2,5 @@
 #include "cuda/sm90_grouped_gemm.cuh"
 
 namespace scattermoe::cuda {
-template void launch_sm90_varlen_m_gemm<cute::bfloat16_t, false, 128>(const VarlenMGemm&, const int*, cudaStream_t);
+template void launch_sm90_varlen_m_gemm<cute::bfloat16_t, true>(const VarlenMGemm&, const int*, cudaStream_t);
 }  // namespace scattermoe::cuda
