@@ -57,33 +57,44 @@ int env_int(const char* name, int otherwise) {
   return env && *env ? std::atoi(env) : otherwise;
 }
 
-// Whether the wgmma kernels serve 16-bit GEMMs on the current device: built for sm_90a, the
-// device of compute capability 9.0 (sm_90a code runs there only), and not switched off with
-// SCATTERMOE_SM90=0.
-bool use_sm90_kernels() {
+// The wgmma kernels serve 16-bit GEMMs on the current device when the library is built for
+// sm_90a, the device has compute capability 9.0 (sm_90a code runs there only), and
+// SCATTERMOE_SM90=0 does not switch them off. Returns the device's SM count then, else 0.
+int sm90_device_sms() {
 #ifdef SCATTERMOE_HAS_SM90
-  static const std::vector<bool> capable = [] {
+  static const std::vector<int> sms = [] {
     int count = 0;
     if (cudaGetDeviceCount(&count) != cudaSuccess) count = 0;
-    std::vector<bool> result(static_cast<std::size_t>(count), false);
+    std::vector<int> result(static_cast<std::size_t>(count), 0);
     for (int d = 0; d < count; ++d) {
       int major = 0;
       int minor = 0;
+      int processors = 0;
       cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, d);
       cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, d);
-      result[static_cast<std::size_t>(d)] = major == 9 && minor == 0;
+      cudaDeviceGetAttribute(&processors, cudaDevAttrMultiProcessorCount, d);
+      result[static_cast<std::size_t>(d)] = major == 9 && minor == 0 ? processors : 0;
     }
     return result;
   }();
   static const bool enabled = env_int("SCATTERMOE_SM90", 1) != 0;
   int device = 0;
   check_cuda(cudaGetDevice(&device), "grouped GEMM: current device");
-  return enabled && device >= 0 && static_cast<std::size_t>(device) < capable.size() &&
-         capable[static_cast<std::size_t>(device)];
+  if (!enabled || device < 0 || static_cast<std::size_t>(device) >= sms.size()) return 0;
+  return sms[static_cast<std::size_t>(device)];
 #else
-  return false;
+  return 0;
 #endif
 }
+
+#ifdef SCATTERMOE_HAS_SM90
+// The persistent warp-specialised kernels when SCATTERMOE_SM90_WS=1; by default the multistage
+// ones, measured faster so far (docs/perf.md).
+bool use_warp_specialised() {
+  static const bool enabled = env_int("SCATTERMOE_SM90_WS", 0) != 0;
+  return enabled;
+}
+#endif
 
 }  // namespace
 
@@ -113,9 +124,13 @@ void run_varlen_m_gemm(DType dtype, const VarlenMGemm& g, void* workspace, cudaS
     const bool b_k_major = g.b_stride_k == 1;
 #ifdef SCATTERMOE_HAS_SM90
     if constexpr (sizeof(T) == 2) {
-      if (use_sm90_kernels() && chunks_aligned(g, 8)) {
+      const int sms = sm90_device_sms();
+      if (sms > 0 && chunks_aligned(g, 8)) {
         // The wgmma tiles have 128 rows, like the mma.sync ones: the same tile list serves.
-        if (b_k_major) {
+        if (use_warp_specialised()) {
+          b_k_major ? launch_sm90_ws_varlen_m_gemm<T, true>(tuned, tile_prefix, sms, stream)
+                    : launch_sm90_ws_varlen_m_gemm<T, false>(tuned, tile_prefix, sms, stream);
+        } else if (b_k_major) {
           launch_sm90_varlen_m_gemm<T, true>(tuned, tile_prefix, stream);
         } else {
           launch_sm90_varlen_m_gemm<T, false>(tuned, tile_prefix, stream);
@@ -138,8 +153,13 @@ void run_varlen_k_gemm(DType dtype, const VarlenKGemm& g, cudaStream_t stream) {
     using T = decltype(element);
 #ifdef SCATTERMOE_HAS_SM90
     if constexpr (sizeof(T) == 2) {
-      if (use_sm90_kernels() && chunks_aligned(g, 8)) {
-        launch_sm90_varlen_k_gemm<T>(g, stream);
+      const int sms = sm90_device_sms();
+      if (sms > 0 && chunks_aligned(g, 8)) {
+        if (use_warp_specialised()) {
+          launch_sm90_ws_varlen_k_gemm<T>(g, sms, stream);
+        } else {
+          launch_sm90_varlen_k_gemm<T>(g, stream);
+        }
         return;
       }
     }

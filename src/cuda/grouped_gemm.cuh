@@ -127,6 +127,79 @@ __device__ __forceinline__ RasterTile grouped_raster(int group_rows) {
   return RasterTile{first_row_tile + in_group % rows_here, in_group / rows_here};
 }
 
+// varlen-M epilogue: bias, convert, scatter rows [row0, row_end) of expert e to their
+// destination (pairs of columns at a time). coord maps each accumulator to its (row, column).
+template <class T, class Acc, class Coord>
+__device__ __forceinline__ void store_varlen_m_tile(const VarlenMGemm& p, const Acc& acc, const Coord& coord,
+                                                    int e, std::int64_t row0, std::int64_t row_end,
+                                                    std::int64_t n0) {
+  using namespace cute;
+  const T* bias = static_cast<const T*>(p.bias);
+  T* c = static_cast<T*>(p.c);
+  // The tensor-op fragments hold pairs of adjacent columns; the fp32 FMA ones do not.
+  constexpr int kStep = sizeof(T) == 2 ? 2 : 1;
+  CUTE_UNROLL
+  for (int v = 0; v < size(acc); v += kStep) {
+    const std::int64_t i = row0 + get<0>(coord(v));
+    const std::int64_t n = n0 + get<1>(coord(v));
+    if (i < row_end && n < p.n) {
+      const std::int64_t out_row = p.c_index ? p.c_index[i] : i;
+      T* dst = c + out_row * p.ldc + n;
+      float first = acc(v);
+      if (bias) first += to_float(bias[e * p.bias_expert_stride + n * p.bias_stride_n]);
+      if constexpr (kStep == 2) {
+        const bool second_in = n + 1 < p.n && adjacent_columns(coord, v);
+        float second = acc(v + 1);
+        if (bias && second_in) second += to_float(bias[e * p.bias_expert_stride + (n + 1) * p.bias_stride_n]);
+        if (second_in) {
+          store_pair(dst, first, second, true);
+        } else {
+          *dst = T(first);
+          const std::int64_t i2 = row0 + get<0>(coord(v + 1));
+          const std::int64_t n2 = n0 + get<1>(coord(v + 1));
+          if (i2 < row_end && n2 < p.n) {
+            float x = acc(v + 1);
+            if (bias) x += to_float(bias[e * p.bias_expert_stride + n2 * p.bias_stride_n]);
+            c[(p.c_index ? p.c_index[i2] : i2) * p.ldc + n2] = T(x);
+          }
+        }
+      } else {
+        *dst = T(first);
+      }
+    }
+  }
+}
+
+// varlen-K epilogue: the (m0, n0) tile of C[e], converted, pairs of columns at a time.
+template <class T, class Acc, class Coord>
+__device__ __forceinline__ void store_varlen_k_tile(const VarlenKGemm& p, const Acc& acc, const Coord& coord,
+                                                    int e, std::int64_t m0, std::int64_t n0) {
+  using namespace cute;
+  T* c = static_cast<T*>(p.c) + e * p.c_expert_stride;
+  constexpr int kStep = sizeof(T) == 2 ? 2 : 1;
+  CUTE_UNROLL
+  for (int v = 0; v < size(acc); v += kStep) {
+    const std::int64_t m = m0 + get<0>(coord(v));
+    const std::int64_t n = n0 + get<1>(coord(v));
+    if (m < p.m && n < p.n) {
+      if constexpr (kStep == 2) {
+        if (adjacent_columns(coord, v)) {
+          store_pair(c + m * p.ldc + n, acc(v), acc(v + 1), n + 1 < p.n);
+          continue;
+        }
+      }
+      c[m * p.ldc + n] = T(acc(v));
+    }
+    if constexpr (kStep == 2) {
+      if (!adjacent_columns(coord, v)) {
+        const std::int64_t m2 = m0 + get<0>(coord(v + 1));
+        const std::int64_t n2 = n0 + get<1>(coord(v + 1));
+        if (m2 < p.m && n2 < p.n) c[m2 * p.ldc + n2] = T(acc(v + 1));
+      }
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // varlen-M: the grid spans (row tiles, column tiles); row tiles index the device-built tile list
 // (tile_prefix[e] = inclusive count of kBM-row tiles of experts 0..e), visited in groups.
@@ -221,42 +294,9 @@ __global__ void __launch_bounds__(Config::kThreads, Config::kMinBlocks)
   const int k_tiles = static_cast<int>((p.k + kBK - 1) / kBK);
   Config::template mainloop<true, kBKMajor>(smem_a, smem_b, k_tiles, load_a, load_b, acc);
 
-  // Epilogue: bias, convert, scatter rows to their destination (pairs of columns at a time).
+  // Epilogue: bias, convert, scatter rows to their destination.
   Tensor coord = mma.get_slice(threadIdx.x).partition_C(make_identity_tensor(make_shape(Int<kBM>{}, Int<kBN>{})));
-  const T* bias = static_cast<const T*>(p.bias);
-  T* c = static_cast<T*>(p.c);
-  // The tensor-op fragments hold pairs of adjacent columns; the fp32 FMA ones do not.
-  constexpr int kStep = sizeof(T) == 2 ? 2 : 1;
-  CUTE_UNROLL
-  for (int v = 0; v < size(acc); v += kStep) {
-    const std::int64_t i = row0 + get<0>(coord(v));
-    const std::int64_t n = n0 + get<1>(coord(v));
-    if (i < row_end && n < p.n) {
-      const std::int64_t out_row = p.c_index ? p.c_index[i] : i;
-      T* dst = c + out_row * p.ldc + n;
-      float first = acc(v);
-      if (bias) first += to_float(bias[e * p.bias_expert_stride + n * p.bias_stride_n]);
-      if constexpr (kStep == 2) {
-        const bool second_in = n + 1 < p.n && adjacent_columns(coord, v);
-        float second = acc(v + 1);
-        if (bias && second_in) second += to_float(bias[e * p.bias_expert_stride + (n + 1) * p.bias_stride_n]);
-        if (second_in) {
-          store_pair(dst, first, second, true);
-        } else {
-          *dst = T(first);
-          const std::int64_t i2 = row0 + get<0>(coord(v + 1));
-          const std::int64_t n2 = n0 + get<1>(coord(v + 1));
-          if (i2 < row_end && n2 < p.n) {
-            float x = acc(v + 1);
-            if (bias) x += to_float(bias[e * p.bias_expert_stride + n2 * p.bias_stride_n]);
-            c[(p.c_index ? p.c_index[i2] : i2) * p.ldc + n2] = T(x);
-          }
-        }
-      } else {
-        *dst = T(first);
-      }
-    }
-  }
+  store_varlen_m_tile<T>(p, acc, coord, e, row0, row_end, n0);
 }
 
 // Launches the varlen-M kernel of Config; kAlignedOnly configurations have no element-wise
@@ -370,29 +410,7 @@ __global__ void __launch_bounds__(Config::kThreads, Config::kMinBlocks)
   Config::template mainloop<false, false>(smem_a, smem_b, k_tiles, load_a, load_b, acc);
 
   Tensor coord = mma.get_slice(threadIdx.x).partition_C(make_identity_tensor(make_shape(Int<kBM>{}, Int<kBN>{})));
-  T* c = static_cast<T*>(p.c) + e * p.c_expert_stride;
-  constexpr int kStep = sizeof(T) == 2 ? 2 : 1;
-  CUTE_UNROLL
-  for (int v = 0; v < size(acc); v += kStep) {
-    const std::int64_t m = m0 + get<0>(coord(v));
-    const std::int64_t n = n0 + get<1>(coord(v));
-    if (m < p.m && n < p.n) {
-      if constexpr (kStep == 2) {
-        if (adjacent_columns(coord, v)) {
-          store_pair(c + m * p.ldc + n, acc(v), acc(v + 1), n + 1 < p.n);
-          continue;
-        }
-      }
-      c[m * p.ldc + n] = T(acc(v));
-    }
-    if constexpr (kStep == 2) {
-      if (!adjacent_columns(coord, v)) {
-        const std::int64_t m2 = m0 + get<0>(coord(v + 1));
-        const std::int64_t n2 = n0 + get<1>(coord(v + 1));
-        if (m2 < p.m && n2 < p.n) c[m2 * p.ldc + n2] = T(acc(v + 1));
-      }
-    }
-  }
+  store_varlen_k_tile<T>(p, acc, coord, e, m0, n0);
 }
 
 template <class Config, bool kAlignedOnly = false>
