@@ -71,7 +71,9 @@ class ParallelLinear(torch.autograd.Function):
         (x, expert_weights, expert_biases, gates, sorted_expert_idxs, sorted_scattered_idxs,
          expert_offsets) = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        grad_out = _to(grad_out, x.dtype)  # the compute dtype (the autocast one, if any)
+        # The compute dtype (the autocast one, if any), with unit-stride rows: the gradient of a
+        # sum arrives as an expanded (stride 0) tensor, which the CUDA kernels do not take.
+        grad_out = _to(grad_out, x.dtype).contiguous()
         output_mask = [needs[0], needs[1], needs[6], needs[7]]
         d_x, d_weights, d_biases, d_gates = _ops.parallel_linear_backward(
             grad_out, x, expert_weights, expert_biases, gates, sorted_expert_idxs,
