@@ -515,6 +515,54 @@ TEST(CudaMlp, GraphReplayWithNewRouting) {
 }
 
 // L * d_out beyond 2^31 elements: rows far into the output are addressed with 64-bit offsets.
+// The CUDA entry points' own checks (what only the kernels require) throw InvalidArgument
+// naming the argument, before any kernel runs: here a gradient with zero strides (what a sum's
+// gradient looks like before it is made contiguous) and a weight with no unit stride.
+TEST(CudaErrors, LayoutsTheKernelsCannotTakeAreRejectedBeforeAnyWrite) {
+  SCATTERMOE_REQUIRE_GPU();
+  std::mt19937_64 rng(21);
+  const Case c{8, 2, 4, 6, 5, -1, false};
+  Plans plans(route(c, rng), c.tokens, c.k, c.experts);
+  Pair x(DType::kFloat32, {c.tokens, c.d_in});
+  Pair w(DType::kFloat32, {c.experts, c.d_in, c.d_out});
+  Pair gates(DType::kFloat32, {c.tokens, c.k});
+  Pair d_out(DType::kFloat32, {c.tokens, c.d_out});
+  Pair dw(DType::kFloat32, {c.experts, c.d_in, c.d_out});
+  for (Pair* p : {&x, &w, &gates, &d_out}) p->fill_and_upload(true, rng);
+  dw.poison();
+  const ParallelLinearArgs args{x.dev.view(), w.dev.view(), TensorView{}, gates.dev.view(), c.k,
+                                false, false};
+  ParallelLinearGrads grads;
+  grads.dw = dw.dev.view();
+  DeviceBuffer ws(parallel_linear_backward_workspace_size(args, plans.dev, grads));
+  const Context ctx{nullptr, {ws.data(), ws.bytes()}};
+  const std::int64_t shape[2] = {c.tokens, c.d_out};
+  const std::int64_t zero[2] = {0, 0};
+  const TensorView expanded(d_out.dev.view().data(), DType::kFloat32, 2, shape, zero, Device::cuda(0));
+  try {
+    parallel_linear_backward(args, plans.dev, expanded, grads, ctx);
+    ADD_FAILURE() << "a zero-stride d_out was accepted";
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("'d_out'"), std::string::npos) << e.what();
+  }
+  // A weight with no unit stride (every dim strided) is named too.
+  const std::int64_t w_shape[3] = {c.experts, c.d_in, c.d_out};
+  DeviceBuffer wide(static_cast<std::size_t>(c.experts * c.d_in * c.d_out * 2) * sizeof(float));
+  const std::int64_t w_strides[3] = {c.d_in * c.d_out * 2, c.d_out * 2, 2};
+  ParallelLinearArgs strided = args;
+  strided.w = TensorView(wide.data(), DType::kFloat32, 3, w_shape, w_strides, Device::cuda(0));
+  try {
+    parallel_linear_backward(strided, plans.dev, d_out.dev.view(), grads, ctx);
+    ADD_FAILURE() << "a weight with no unit stride was accepted";
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("'w'"), std::string::npos) << e.what();
+  }
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  HostTensor got = dw.host;
+  dw.dev.download(got);
+  EXPECT_TRUE(got.same_bytes(dw.host)) << "grads.dw was written";
+}
+
 TEST(CudaScatter2Scatter, AddressesBeyondTwoToThe31Elements) {
   SCATTERMOE_REQUIRE_GPU();
   std::mt19937_64 rng(18);

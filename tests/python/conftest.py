@@ -3,7 +3,18 @@
 `device` gives "cpu" and "cuda"; the cuda cases skip, saying why, where there is no GPU or the
 package was built without its CUDA backend (SCATTERMOE_CUDA=1). `cuda` is for the tests that
 exist only on a GPU (CUDA graphs, large tensors).
+
+Tests marked `raises` expect the library to raise on bad input. Their cuda cases first check,
+once, in a child process, that such an error comes back as a ValueError: on the lent H200 one
+ended the whole Python process instead (SIGSEGV), which would stop every test after it. If the
+check fails they skip, and test_cuda.py::test_library_errors_on_cuda_raise_value_error fails
+with the child's output.
 """
+import functools
+import os
+import subprocess
+import sys
+
 import pytest
 
 try:
@@ -28,18 +39,41 @@ def _cuda_skip_reason():
     return None
 
 
+@functools.lru_cache(maxsize=None)
+def _cuda_errors_raise_cleanly():
+    """Whether a library error on CUDA tensors raises ValueError in a fresh process."""
+    code = ("import torch, scattermoe\n"
+            "from scattermoe.parallel_experts import flatten_sort_count\n"
+            "try:\n"
+            "    flatten_sort_count(torch.zeros(3, 5, dtype=torch.long, device='cuda'), 4)\n"
+            "except ValueError:\n"
+            "    print('raised')\n")
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           timeout=120, env=dict(os.environ))
+    return child.returncode == 0 and "raised" in child.stdout
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "raises: expects the library to raise on bad input")
+
+
+def _skip_unless_cuda_runs(request):
+    reason = _cuda_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    if request.node.get_closest_marker("raises") and not _cuda_errors_raise_cleanly():
+        pytest.skip("a library error on CUDA tensors ends the process on this machine "
+                    "(test_cuda.py::test_library_errors_on_cuda_raise_value_error has the details)")
+
+
 @pytest.fixture(params=["cpu", "cuda"])
 def device(request):
     if request.param == "cuda":
-        reason = _cuda_skip_reason()
-        if reason:
-            pytest.skip(reason)
+        _skip_unless_cuda_runs(request)
     return request.param
 
 
 @pytest.fixture
-def cuda():
-    reason = _cuda_skip_reason()
-    if reason:
-        pytest.skip(reason)
+def cuda(request):
+    _skip_unless_cuda_runs(request)
     return "cuda"

@@ -142,6 +142,7 @@ def test_ops_pass_opcheck(device):
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
 
 
+@pytest.mark.raises
 class TestBadInput:
     """Shapes and dtypes are checked before any backend runs (cpu and cuda alike). Expert ids
     and plan contents are checked only on the CPU: on CUDA that would need a host round trip,

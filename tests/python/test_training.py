@@ -226,6 +226,7 @@ def test_glumlp_forward_backward_is_bitwise_deterministic(device, autocast):
 
 # ----------------------------------------------------------------------------------- bad inputs
 
+@pytest.mark.raises
 @pytest.mark.parametrize("cls", [MLP, GLUMLP])
 def test_wrong_x_width_names_x(cls, device):
     module = cls(8, 16, 4, 2, activation=nn.GELU()).to(device)
@@ -248,6 +249,7 @@ def test_expert_ids_out_of_range_name_expert_idxs(cls, shift):
         flatten_sort_count(bad, 4)
 
 
+@pytest.mark.raises
 def test_parallel_experts_wrong_width_and_gate_shape(device):
     experts = ParallelExperts(4, 8, 6).to(device)
     idxs, gates = routing(6, 2, 4, device=device)
@@ -260,6 +262,7 @@ def test_parallel_experts_wrong_width_and_gate_shape(device):
         experts(torch.randn(5, 8, device=device), 2, *plan)
 
 
+@pytest.mark.raises
 @pytest.mark.parametrize("cls", [MLP, GLUMLP])
 def test_mismatched_routing_shapes_raise(cls, device):
     module = cls(8, 16, 4, 2, activation=nn.GELU()).to(device)
