@@ -186,6 +186,89 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> parallel_linear_backw
   return {dx, dw, db, d_gates};
 }
 
+Activation activation_of(c10::string_view name) {
+  if (name == "gelu") return Activation::kGelu;
+  if (name == "gelu_tanh") return Activation::kGeluTanh;
+  if (name == "silu") return Activation::kSilu;
+  if (name == "relu") return Activation::kRelu;
+  TORCH_CHECK_VALUE(false, "scattermoe.mlp: activation is \"", std::string(name),
+                    "\"; expected gelu, gelu_tanh, silu or relu");
+}
+
+MlpArgs mlp_args(const at::Tensor& x, const at::Tensor& w1, const OptTensor& b1,
+                 const at::Tensor& w2, const OptTensor& b2, const at::Tensor& gates,
+                 c10::string_view activation, bool glu) {
+  MlpArgs args;
+  args.x = view("x", x);
+  args.w1 = view("w1", w1);
+  args.b1 = view("b1", b1);
+  args.w2 = view("w2", w2);
+  args.b2 = view("b2", b2);
+  args.gates = view("gates", gates);
+  args.activation = activation_of(activation);
+  args.glu = glu;
+  return args;
+}
+
+// The SMoE MLP in one call: out (T, d) and the pre-activation hidden H (L, h | 2h) in grouped
+// order, which is all backward needs besides the inputs and the plan. w1 (E, d, h | 2h) and
+// w2 (E, h, d), any strides (the transposed views of (E, out, in) parameters).
+std::tuple<at::Tensor, at::Tensor> mlp_forward(
+    const at::Tensor& x, const at::Tensor& w1, const OptTensor& b1, const at::Tensor& w2,
+    const OptTensor& b2, const at::Tensor& gates, const at::Tensor& sorted_expert_idxs,
+    const at::Tensor& sorted_scattered_idxs, const at::Tensor& expert_offsets,
+    c10::string_view activation, bool glu) {
+  const c10::DeviceGuard guard(x.device());
+  expect_dim("mlp", "x", x, 2);
+  expect_dim("mlp", "w1", w1, 3);
+  expect_dim("mlp", "w2", w2, 3);
+  at::Tensor out = at::empty({x.size(0), w2.size(2)}, x.options());
+  at::Tensor hidden = at::empty({sorted_expert_idxs.size(0), w1.size(2)}, x.options());
+  const MlpArgs args = mlp_args(x, w1, b1, w2, b2, gates, activation, glu);
+  const RoutingPlan plan = plan_view(sorted_expert_idxs, sorted_scattered_idxs, expert_offsets);
+  call([&] {
+    const OwnedContext owned = make_context(x.device(), mlp_forward_workspace_size(args, plan));
+    scattermoe::mlp_forward(args, plan, view("out", out), view("hidden", hidden), owned.ctx);
+  });
+  return {out, hidden};
+}
+
+// (dx, dw1, db1, dw2, db2, d_gates); output_mask picks which are computed, the others come back
+// empty. dw1 and dw2 have w1's and w2's strides.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_backward(
+    const at::Tensor& d_out, const at::Tensor& x, const at::Tensor& w1, const OptTensor& b1,
+    const at::Tensor& w2, const OptTensor& b2, const at::Tensor& gates,
+    const at::Tensor& sorted_expert_idxs, const at::Tensor& sorted_scattered_idxs,
+    const at::Tensor& expert_offsets, const at::Tensor& hidden, c10::string_view activation,
+    bool glu, std::array<bool, 6> output_mask) {
+  const c10::DeviceGuard guard(x.device());
+  const auto empty = [&](const at::Tensor& like) { return at::empty({0}, like.options()); };
+  const auto grad_if = [&](bool wanted, const at::Tensor& like) {
+    return wanted ? at::empty_like(like) : empty(x);
+  };
+  at::Tensor dx = grad_if(output_mask[0], x);
+  at::Tensor dw1 = grad_if(output_mask[1], w1);
+  at::Tensor db1 = grad_if(output_mask[2] && b1.has_value(), b1.has_value() ? *b1 : x);
+  at::Tensor dw2 = grad_if(output_mask[3], w2);
+  at::Tensor db2 = grad_if(output_mask[4] && b2.has_value(), b2.has_value() ? *b2 : x);
+  at::Tensor d_gates = grad_if(output_mask[5], gates);
+  const MlpArgs args = mlp_args(x, w1, b1, w2, b2, gates, activation, glu);
+  const RoutingPlan plan = plan_view(sorted_expert_idxs, sorted_scattered_idxs, expert_offsets);
+  MlpGrads grads;
+  if (output_mask[0]) grads.dx = view("dx", dx);
+  if (output_mask[1]) grads.dw1 = view("dw1", dw1);
+  if (output_mask[2] && b1.has_value()) grads.db1 = view("db1", db1);
+  if (output_mask[3]) grads.dw2 = view("dw2", dw2);
+  if (output_mask[4] && b2.has_value()) grads.db2 = view("db2", db2);
+  if (output_mask[5]) grads.d_gates = view("d_gates", d_gates);
+  call([&] {
+    const OwnedContext owned = make_context(x.device(), mlp_backward_workspace_size(args, plan));
+    scattermoe::mlp_backward(args, plan, view("hidden", hidden), view("d_out", d_out), grads,
+                             owned.ctx);
+  });
+  return {dx, dw1, db1, dw2, db2, d_gates};
+}
+
 }  // namespace
 }  // namespace scattermoe::torch_binding
 
@@ -209,6 +292,15 @@ TORCH_LIBRARY(scattermoe, m) {
       "parallel_linear_backward(Tensor d_out, Tensor x, Tensor w, Tensor? bias, Tensor? gates, "
       "Tensor sorted_expert_idxs, Tensor sorted_scattered_idxs, Tensor expert_offsets, int k, "
       "bool grouped_in, bool grouped_out, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "mlp_forward(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, Tensor gates, "
+      "Tensor sorted_expert_idxs, Tensor sorted_scattered_idxs, Tensor expert_offsets, "
+      "str activation, bool glu) -> (Tensor, Tensor)");
+  m.def(
+      "mlp_backward(Tensor d_out, Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, "
+      "Tensor gates, Tensor sorted_expert_idxs, Tensor sorted_scattered_idxs, "
+      "Tensor expert_offsets, Tensor hidden, str activation, bool glu, bool[6] output_mask) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 #define SCATTERMOE_REGISTER_KERNELS(m)                                                   \
@@ -220,6 +312,8 @@ TORCH_LIBRARY(scattermoe, m) {
     m.impl("group_bwd_W", &group_bwd_W);                                                 \
     m.impl("parallel_linear_forward", &parallel_linear_forward);                         \
     m.impl("parallel_linear_backward", &parallel_linear_backward);                       \
+    m.impl("mlp_forward", &mlp_forward);                                                 \
+    m.impl("mlp_backward", &mlp_backward);                                               \
   } while (0)
 
 TORCH_LIBRARY_IMPL(scattermoe, CPU, m) { SCATTERMOE_REGISTER_KERNELS(m); }

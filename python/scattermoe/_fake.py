@@ -50,3 +50,18 @@ def _parallel_linear_backward(d_out, x, w, bias, gates, sorted_expert_idxs,
     db = torch.empty_like(bias) if output_mask[2] and bias is not None else x.new_empty(0)
     d_gates = torch.empty_like(gates) if output_mask[3] and gates is not None else x.new_empty(0)
     return dx, dw, db, d_gates
+
+
+@torch.library.register_fake("scattermoe::mlp_forward")
+def _mlp_forward(x, w1, b1, w2, b2, gates, sorted_expert_idxs, sorted_scattered_idxs,
+                 expert_offsets, activation, glu):
+    return x.new_empty(x.size(0), w2.size(2)), x.new_empty(sorted_expert_idxs.size(0), w1.size(2))
+
+
+@torch.library.register_fake("scattermoe::mlp_backward")
+def _mlp_backward(d_out, x, w1, b1, w2, b2, gates, sorted_expert_idxs, sorted_scattered_idxs,
+                  expert_offsets, hidden, activation, glu, output_mask):
+    def grad(wanted, like):
+        return torch.empty_like(like) if wanted and like is not None else x.new_empty(0)
+    return (grad(output_mask[0], x), grad(output_mask[1], w1), grad(output_mask[2], b1),
+            grad(output_mask[3], w2), grad(output_mask[4], b2), grad(output_mask[5], gates))

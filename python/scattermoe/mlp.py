@@ -1,11 +1,71 @@
 """SMoE MLP and GLU-MLP with the signatures of the original ScatterMoE.
 
-The hidden activations stay in grouped (expert-sorted) order between the two projections.
+The hidden activations stay in grouped (expert-sorted) order between the two projections. With
+one of the activations the library implements (nn.SiLU, nn.GELU with approximate "none" or
+"tanh", nn.ReLU, or their torch.nn.functional forms), the whole layer is one library call each
+way (torch.ops.scattermoe.mlp_forward / mlp_backward): forward keeps only x, the pre-activation
+hidden rows and the routing plan for backward. Any other activation runs as two ParallelLinear
+calls around it.
 """
+from typing import Optional
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .parallel_experts import ParallelExperts, flatten_sort_count
+from .parallel_experts import (ParallelExperts, _autocast_dtype, _cast, _to,
+                               flatten_sort_count)
+
+_ops = torch.ops.scattermoe
+
+
+def _library_activation(activation) -> Optional[str]:
+    """The library's name for activation, or None when it is not one the library implements."""
+    if isinstance(activation, nn.GELU):
+        return {"none": "gelu", "tanh": "gelu_tanh"}.get(activation.approximate)
+    if isinstance(activation, nn.SiLU) or activation is F.silu:
+        return "silu"
+    if isinstance(activation, nn.ReLU) or activation is F.relu:
+        return "relu"
+    if activation is F.gelu:
+        return "gelu"
+    return None
+
+
+class _FusedMLP(torch.autograd.Function):
+    """out = sum_j gates[t, j] * (act(x W1[e] + b1[e]) W2[e] + b2[e]) over each token's experts;
+    under torch.autocast x, the weights and the biases are cast to the autocast dtype inside
+    (gates keep theirs), and gradients come back in their inputs' dtypes."""
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, gates, sorted_expert_idxs, sorted_scattered_idxs,
+                expert_offsets, activation, glu):
+        ctx.input_dtypes = tuple(None if t is None else t.dtype for t in (x, w1, b1, w2, b2))
+        cast_to = _autocast_dtype(x.device.type)
+        x, w1, b1, w2, b2 = (_cast(t, cast_to) for t in (x, w1, b1, w2, b2))
+        out, hidden = _ops.mlp_forward(x, w1, b1, w2, b2, gates, sorted_expert_idxs,
+                                       sorted_scattered_idxs, expert_offsets, activation, glu)
+        ctx.save_for_backward(x, w1, b1, w2, b2, gates, sorted_expert_idxs,
+                              sorted_scattered_idxs, expert_offsets, hidden)
+        ctx.activation = activation
+        ctx.glu = glu
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (x, w1, b1, w2, b2, gates, sorted_expert_idxs, sorted_scattered_idxs, expert_offsets,
+         hidden) = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        # The compute dtype, with unit-stride rows (a sum's gradient arrives expanded).
+        grad_out = _to(grad_out, x.dtype).contiguous()
+        mask = [needs[0], needs[1], needs[2] and b1 is not None, needs[3],
+                needs[4] and b2 is not None, needs[5]]
+        grads = _ops.mlp_backward(grad_out, x, w1, b1, w2, b2, gates, sorted_expert_idxs,
+                                  sorted_scattered_idxs, expert_offsets, hidden, ctx.activation,
+                                  ctx.glu, mask)
+        out = [_to(g, dtype) if wanted else None
+               for g, wanted, dtype in zip(grads[:5], mask[:5], ctx.input_dtypes)]
+        return (*out, grads[5] if mask[5] else None, None, None, None, None, None)
 
 
 def _check_width(x: torch.Tensor, input_size: int) -> None:
@@ -45,6 +105,13 @@ class _ExpertMLP(nn.Module):
         x = x.reshape(-1, x_shape[-1])
         sorted_expert_idxs, sorted_scattered_idxs, expert_offsets = flatten_sort_count(
             expert_idxs, num_experts=self.num_experts)
+        name = _library_activation(self.activation)
+        if name is not None and expert_p.dim() == 2:
+            y = _FusedMLP.apply(x, self.experts.weight.permute(0, 2, 1), self.experts.bias,
+                                self.output_experts.weight.permute(0, 2, 1),
+                                self.output_experts.bias, expert_p, sorted_expert_idxs,
+                                sorted_scattered_idxs, expert_offsets, name, self.width_factor == 2)
+            return y.view(*x_shape[:-1], y.size(-1))
         h = self.experts(x, self.top_k, sorted_expert_idxs, sorted_scattered_idxs,
                          expert_offsets, grouped_out=True)
         h = self._activate(h)

@@ -131,12 +131,23 @@ def test_parallel_experts_module(device):
     assert_close(out, expected, "out")
 
 
+# The library's activations run as one fused call (torch.ops.scattermoe.mlp_*); any other
+# (here tanh) as two ParallelLinear calls around torch's activation.
+ACTIVATIONS = {
+    "library": lambda glu: nn.SiLU() if glu else nn.GELU(),
+    "gelu_tanh": lambda glu: nn.GELU(approximate="tanh"),
+    "relu": lambda glu: nn.ReLU(),
+    "other": lambda glu: nn.Tanh(),
+}
+
+
 @pytest.mark.parametrize("glu", [False, True])
 @pytest.mark.parametrize("T,d,h,E,k", [(1, 8, 16, 4, 1), (17, 16, 24, 8, 2), (24, 12, 20, 8, 4)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_mlp(glu, T, d, h, E, k, bias, device):
+@pytest.mark.parametrize("act", sorted(ACTIVATIONS))
+def test_mlp(glu, T, d, h, E, k, bias, act, device):
     torch.manual_seed(1)
-    activation = nn.SiLU() if glu else nn.GELU()
+    activation = ACTIVATIONS[act](glu)
     module = (GLUMLP if glu else MLP)(d, h, E, k, bias=bias, activation=activation)
     for p in module.parameters():  # non-zero biases, weights large enough to matter
         nn.init.normal_(p, std=0.5)
