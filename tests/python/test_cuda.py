@@ -191,23 +191,26 @@ def test_addresses_beyond_two_to_the_31_elements(cuda):
     assert_bf16_close(dw, expected_dw, "dW", reduction=1)
 
 
-# Errors the library raises on CUDA tensors, each probed in a child process first: on the lent
-# H200 the first such error ended the Python process (SIGSEGV) instead of raising, so a crash
-# here fails these tests with the child's output instead of stopping the whole run.
+# Errors the library raises, each probed in a child process first: on the lent H200 the first
+# such error (on CUDA tensors) ended the Python process (SIGSEGV) instead of raising, so a crash
+# here fails these tests with the child's output instead of stopping the whole run. The CPU
+# case tells whether it is the CUDA path or any error raised through the extension there.
 ERROR_PROBES = {
-    "zero-stride gradient": (
+    "cuda: zero-stride gradient": (
         "dout = torch.ones(1, 1, device='cuda').expand(8, 5)\n"
         "torch.ops.scattermoe.parallel_linear_backward(dout, x, w, None, g, *plan, 2, False, False,"
         " [False, True, False, False])\n"),
-    "k larger than the experts": (
+    "cuda: k larger than the experts": (
         "flatten_sort_count(torch.zeros(3, 5, dtype=torch.long, device='cuda'), 4)\n"),
-    "mismatched feature size": (
+    "cuda: mismatched feature size": (
         "ops.scatter2scatter(x, torch.randn(4, 7, 5, device='cuda'), *plan[:2], 2)\n"),
+    "cpu: k larger than the experts": (
+        "flatten_sort_count(torch.zeros(3, 5, dtype=torch.long), 4)\n"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(ERROR_PROBES))
-def test_library_errors_on_cuda_raise_value_error(cuda, case):
+def test_library_errors_raise_value_error(cuda, case):
     import os
     import subprocess
     import sys
