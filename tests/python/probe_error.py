@@ -1,6 +1,6 @@
 """Makes the library raise on `device` tensors (python tests/python/probe_error.py cuda|cpu) and
-prints how the error came back. Run by test_cuda.py's error probes in a child process, and by
-scripts/gpu-check under gdb when those probes fail, for a native backtrace of the crash."""
+prints how the errors came back. scripts/gpu-check runs it under gdb when test_cuda.py's error
+probes fail, for a native backtrace of the crash. Not a test module (pytest collects test_*)."""
 import sys
 
 import torch
