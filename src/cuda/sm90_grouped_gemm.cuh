@@ -2,7 +2,7 @@
 //
 // Same kernels as the mma.sync path (grouped_gemm.cuh): cp.async gathers the operand rows into a
 // multi-stage pipeline of shared-memory tiles laid out for GMMA (128-byte swizzle, K-major or
-// MN-major), and one or two consumer warpgroups issue wgmma straight from shared memory, so no
+// MN-major), and one warpgroup per 64 tile rows issues wgmma straight from shared memory, so no
 // operand passes through registers and a 64xNx16 instruction replaces 16 mma.sync per warp.
 // The wgmma of k tile t is issued first and overlaps the copies of tile t + kStages - 2: a
 // warpgroup waits for its wgmma of tile t-1 before the next barrier, so after that barrier the
@@ -19,7 +19,7 @@
 
 namespace scattermoe::cuda {
 
-template <class T, int BM, int BN, int Stages, int MinBlocks = 1>
+template <class T, int BM, int BN, int Stages>
 struct Sm90GemmConfig {
   static_assert(sizeof(T) == 2, "the wgmma path takes 16-bit operands");
   static_assert(BM % 64 == 0 && Stages >= 3, "one warpgroup per 64 rows; at least three stages");
@@ -29,7 +29,7 @@ struct Sm90GemmConfig {
   static constexpr int kBK = 64;
   static constexpr int kStages = Stages;
   static constexpr int kThreads = BM / 64 * 128;
-  static constexpr int kMinBlocks = MinBlocks;
+  static constexpr int kMinBlocks = 1;
   static constexpr int kVec = 8;
 
   static constexpr cute::GMMA::Major major(bool k_major) {
