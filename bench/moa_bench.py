@@ -32,14 +32,13 @@ implementation's. On a CPU the scattermoe projections run in the library's refer
 """
 import argparse
 import json
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 import scattermoe  # noqa: F401  (import torch first: it loads libc10)
+from bench_common import Timer, fmt, rel_err
 from scattermoe.moa import MoA, gqa_attention
 
 PRESETS = {  # batch, seq, d_model, head_dim, kv_heads, experts, top_k
@@ -115,40 +114,6 @@ FNS = {"scattermoe": run_ours, "common": run_common, "dense": run_dense}
 
 # ---------------------------------------------------------------------------------------------
 
-class Timer:
-    def __init__(self, device):
-        self.device = device
-        self.flush = (torch.empty(256 * 1024 * 1024, dtype=torch.uint8, device=device)
-                      if device.type == "cuda" else None)
-
-    def median_ms(self, fn, iters, warmup):
-        for _ in range(warmup):
-            fn()
-        times = []
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            for _ in range(iters):
-                self.flush.zero_()
-                start = torch.cuda.Event(enable_timing=True)
-                end = torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-        else:
-            for _ in range(iters):
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
-
-
-def rel_err(a, b):
-    a, b = a.float(), b.float()
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
-
-
 def forward_flops(B, S, d, hd, H, E, k, causal):
     T, width = B * S, H * hd
     proj = 2.0 * T * d * (k * width) * 2 + 2.0 * T * d * 2 * width
@@ -221,10 +186,6 @@ def bench_preset(name, device, dtype, iters, warmup, impls, causal):
     return {"preset": name, "batch": B, "seq": S, "d_model": d, "head_dim": hd, "kv_heads": H,
             "experts": E, "top_k": k, "causal": causal, "fwd_gflop": fwd_flops / 1e9,
             "results": rows, "check": check, "tol": tol}
-
-
-def fmt(v, spec):
-    return "n/a" if v is None else format(v, spec)
 
 
 def print_table(all_res, impls):

@@ -22,16 +22,15 @@ weights, the reference gradients of the cross-check and one set being timed.
 """
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import textwrap
-import time
 
 import torch
 import torch.nn.functional as F
 
 import scattermoe  # noqa: F401  (import torch first: it loads libc10)
+from bench_common import Timer, fmt, rel_err
 from scattermoe.mlp import GLUMLP
 
 PRESETS = {  # T, d, h, E, k
@@ -133,48 +132,6 @@ def grouped_mm_available(device, dtype):
 
 # ---------------------------------------------------------------------------------------------
 
-class Timer:
-    def __init__(self, device):
-        self.device = device
-        self.flush = (torch.empty(256 * 1024 * 1024, dtype=torch.uint8, device=device)
-                      if device.type == "cuda" else None)
-
-    def median_ms(self, fn, iters, warmup):
-        for _ in range(warmup):
-            fn()
-        times = []
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            for _ in range(iters):
-                self.flush.zero_()
-                start = torch.cuda.Event(enable_timing=True)
-                end = torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-        else:
-            for _ in range(iters):
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
-
-
-def rel_err(a, b):
-    """max|a - b| / max|b|, in float32 chunks of dim 0 (the weight gradients of the large
-    presets are too big to widen whole)."""
-    a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
-    rows = max(1, (1 << 26) // max(1, a.shape[1]))
-    err = scale = 0.0
-    for i in range(0, a.shape[0], rows):
-        ai, bi = a[i:i + rows].float(), b[i:i + rows].float()
-        err = max(err, (ai - bi).abs().max().item())
-        scale = max(scale, bi.abs().max().item())
-    return err / max(scale, 1e-30)
-
-
 def bench_preset(name, device, dtype, iters, warmup, impls, gmm_ok):
     T, d, h, E, k = PRESETS[name]
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -240,10 +197,6 @@ def bench_preset(name, device, dtype, iters, warmup, impls, gmm_ok):
         torch.cuda.empty_cache()
     return {"preset": name, "T": T, "d": d, "h": h, "E": E, "k": k,
             "fwd_gflop": fwd_flops / 1e9, "results": rows, "check": check, "tol": tol}
-
-
-def fmt(v, spec):
-    return "n/a" if v is None else format(v, spec)
 
 
 def print_table(all_res, impls):

@@ -19,6 +19,22 @@
 
 namespace scattermoe::cuda {
 
+// The (MN, BK, STAGES) shared-memory layout of 16-bit operand tiles: 8 x 64 (K-major) or 64 x 8
+// (MN-major) atoms whose 16-byte chunks are swizzled by the line index (Swizzle<3,3,3> on element
+// offsets). ldmatrix reads it without bank conflicts, and it is GMMA's 128-byte swizzle for
+// 2-byte elements (byte address bits 4-6 XOR bits 7-9) when the tile starts 1024-byte aligned.
+template <bool kKMajor, int kMN, int kBK, int kStages>
+constexpr auto swizzled_tile_layout() {
+  using namespace cute;
+  if constexpr (kKMajor) {
+    auto atom = composition(Swizzle<3, 3, 3>{}, Layout<Shape<_8, _64>, Stride<_64, _1>>{});
+    return tile_to_shape(atom, make_shape(Int<kMN>{}, Int<kBK>{}, Int<kStages>{}));
+  } else {
+    auto atom = composition(Swizzle<3, 3, 3>{}, Layout<Shape<_64, _8>, Stride<_1, _64>>{});
+    return tile_to_shape(atom, make_shape(Int<kMN>{}, Int<kBK>{}, Int<kStages>{}));
+  }
+}
+
 template <class Config, bool kAKMajor, bool kBKMajor>
 constexpr int gemm_smem_bytes() {
   using T = typename Config::Element;

@@ -131,14 +131,7 @@ struct Sm80TensorOpConfig : Sm80Mainloop<Sm80TensorOpConfig<T16, MmaAtom>> {
   // (MN, BK, STAGES), swizzled so that ldmatrix reads are free of bank conflicts.
   template <bool kKMajor, int kMN>
   static constexpr auto copy_layout() {
-    using namespace cute;
-    if constexpr (kKMajor) {
-      auto atom = composition(Swizzle<3, 3, 3>{}, Layout<Shape<_8, _64>, Stride<_64, _1>>{});
-      return tile_to_shape(atom, make_shape(Int<kMN>{}, Int<kBK>{}, Int<kStages>{}));
-    } else {
-      auto atom = composition(Swizzle<3, 3, 3>{}, Layout<Shape<_64, _8>, Stride<_1, _64>>{});
-      return tile_to_shape(atom, make_shape(Int<kMN>{}, Int<kBK>{}, Int<kStages>{}));
-    }
+    return swizzled_tile_layout<kKMajor, kMN, kBK, kStages>();
   }
 };
 

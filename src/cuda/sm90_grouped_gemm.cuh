@@ -51,19 +51,11 @@ struct Sm90GemmConfig {
     return tile_to_shape(Atom{}, make_shape(Int<kMN>{}, Int<kBK>{}, Int<kStages>{}));
   }
 
-  // The same layouts as plain element offsets, for the copies: the GMMA atoms swizzle byte
-  // address bits 4-6 with bits 7-9, which for 2-byte elements is Swizzle<3,3,3> on element
-  // offsets (the shared-memory base is 1024-byte aligned).
+  // The same layouts as plain element offsets, for the copies (swizzled_tile_layout: the
+  // shared-memory base is 1024-byte aligned).
   template <bool kKMajor, int kMN>
   static constexpr auto copy_layout() {
-    using namespace cute;
-    if constexpr (kKMajor) {
-      auto atom = composition(Swizzle<3, 3, 3>{}, Layout<Shape<_8, _64>, Stride<_64, _1>>{});
-      return tile_to_shape(atom, make_shape(Int<kMN>{}, Int<kBK>{}, Int<kStages>{}));
-    } else {
-      auto atom = composition(Swizzle<3, 3, 3>{}, Layout<Shape<_64, _8>, Stride<_1, _64>>{});
-      return tile_to_shape(atom, make_shape(Int<kMN>{}, Int<kBK>{}, Int<kStages>{}));
-    }
+    return swizzled_tile_layout<kKMajor, kMN, kBK, kStages>();
   }
 
   template <bool kAKMajor, bool kBKMajor, class LoadA, class LoadB, class Accum>

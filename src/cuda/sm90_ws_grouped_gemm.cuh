@@ -58,6 +58,19 @@ struct Sm90WsConfig {
                         cute::cosize(Tile::template copy_layout<true, kBN>())) * sizeof(T));
   // Operand stages, then the pipeline's barriers.
   static constexpr int kSmemBytes = kTileBytes + static_cast<int>(sizeof(typename Pipeline::SharedStorage));
+
+  // The block's pipeline over the barriers after the operand stages. Every thread calls it; it
+  // returns once the barriers are initialised, before anyone waits on them.
+  static __device__ __forceinline__ Pipeline make_pipeline(unsigned char* smem) {
+    typename Pipeline::Params params;
+    params.role = threadIdx.x < kProducerThreads ? Pipeline::ThreadCategory::Producer
+                                                 : Pipeline::ThreadCategory::Consumer;
+    params.producer_arv_count = kProducerThreads;
+    params.consumer_arv_count = kConsumerThreads;
+    Pipeline pipeline(*reinterpret_cast<typename Pipeline::SharedStorage*>(smem + kTileBytes), params);
+    __syncthreads();
+    return pipeline;
+  }
 };
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -152,15 +165,8 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   constexpr auto layout_b = Tile::template copy_layout<kBKMajor, kBN>();
   T* smem_a = reinterpret_cast<T*>(smem_raw);
   T* smem_b = smem_a + cosize(layout_a);
-  auto* barriers = reinterpret_cast<typename Pipeline::SharedStorage*>(smem_raw + Config::kTileBytes);
-
+  Pipeline pipeline = Config::make_pipeline(smem_raw);
   const bool producer = threadIdx.x < Config::kProducerThreads;
-  typename Pipeline::Params params;
-  params.role = producer ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
-  params.producer_arv_count = Config::kProducerThreads;
-  params.consumer_arv_count = Config::kConsumerThreads;
-  Pipeline pipeline(*barriers, params);
-  __syncthreads();  // barriers initialised before anyone waits on them
 
   const int row_tiles = p.num_experts ? tile_prefix[p.num_experts - 1] : 0;
   const int column_tiles = static_cast<int>((p.n + kBN - 1) / kBN);
@@ -279,15 +285,8 @@ __global__ void __launch_bounds__(Config::kThreads, 1) sm90_ws_varlen_k_gemm_ker
   constexpr auto layout_b = Tile::template copy_layout<false, kBN>();
   T* smem_a = reinterpret_cast<T*>(smem_raw);
   T* smem_b = smem_a + cosize(layout_a);
-  auto* barriers = reinterpret_cast<typename Pipeline::SharedStorage*>(smem_raw + Config::kTileBytes);
-
+  Pipeline pipeline = Config::make_pipeline(smem_raw);
   const bool producer = threadIdx.x < Config::kProducerThreads;
-  typename Pipeline::Params params;
-  params.role = producer ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
-  params.producer_arv_count = Config::kProducerThreads;
-  params.consumer_arv_count = Config::kConsumerThreads;
-  Pipeline pipeline(*barriers, params);
-  __syncthreads();
 
   const int m_tiles = static_cast<int>((p.m + kBM - 1) / kBM);
   const int n_tiles = static_cast<int>((p.n + kBN - 1) / kBN);
