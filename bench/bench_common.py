@@ -36,6 +36,24 @@ class Timer:
                 times.append((time.perf_counter() - t0) * 1e3)
         return statistics.median(times)
 
+    def measure(self, fwd, fwd_bwd, fwd_flops, iters, warmup):
+        """The result row of one implementation: forward and forward+backward median ms and
+        TFLOP/s (forward+backward = 3x the forward flops), and on CUDA the peak memory that one
+        forward+backward allocates beyond what was allocated before it (MiB)."""
+        t_f = self.median_ms(fwd, iters, warmup)
+        t_fb = self.median_ms(fwd_bwd, iters, warmup)
+        peak = None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            base = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            fwd_bwd()
+            torch.cuda.synchronize(self.device)
+            peak = (torch.cuda.max_memory_allocated(self.device) - base) / 2**20
+        return {"fwd_ms": t_f, "fwd_tflops": fwd_flops / t_f / 1e9,
+                "fwd_bwd_ms": t_fb, "fwd_bwd_tflops": 3 * fwd_flops / t_fb / 1e9,
+                "peak_extra_mib": peak}
+
 
 def rel_err(a, b):
     """max|a - b| / max|b|, in float32 chunks of dim 0 (the weight gradients of the large

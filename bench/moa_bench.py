@@ -156,19 +156,7 @@ def bench_preset(name, device, dtype, iters, warmup, impls, causal):
         if impl != "dense":
             outs[impl] = (y.detach(), [g.detach() for g in grads])
         del y, grads
-        t_f = timer.median_ms(fwd, iters, warmup)
-        t_fb = timer.median_ms(fwd_bwd, iters, warmup)
-        peak = None
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            base = torch.cuda.memory_allocated(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            fwd_bwd()
-            torch.cuda.synchronize(device)
-            peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
-        rows[impl] = {"fwd_ms": t_f, "fwd_tflops": fwd_flops / t_f / 1e9,
-                      "fwd_bwd_ms": t_fb, "fwd_bwd_tflops": 3 * fwd_flops / t_fb / 1e9,
-                      "peak_extra_mib": peak}
+        rows[impl] = timer.measure(fwd, fwd_bwd, fwd_flops, iters, warmup)
 
     # Cross-check: scattermoe against the common implementation (same weights and routing).
     check = {}

@@ -178,19 +178,7 @@ def bench_preset(name, device, dtype, iters, warmup, impls, gmm_ok):
                     for name, a, b in zip(("y", "dx", "dW1", "dW2", "dp"), out, ref)}
             check[impl] = {"vs": ref_name, "max_rel_err": errs, "ok": max(errs.values()) <= tol}
         del out
-        t_f = timer.median_ms(fwd, iters, warmup)
-        t_fb = timer.median_ms(fwd_bwd, iters, warmup)
-        peak = None
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            base = torch.cuda.memory_allocated(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            fwd_bwd()
-            torch.cuda.synchronize(device)
-            peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
-        rows[impl] = {"fwd_ms": t_f, "fwd_tflops": fwd_flops / t_f / 1e9,
-                      "fwd_bwd_ms": t_fb, "fwd_bwd_tflops": 3 * fwd_flops / t_fb / 1e9,
-                      "peak_extra_mib": peak}
+        rows[impl] = timer.measure(fwd, fwd_bwd, fwd_flops, iters, warmup)
 
     del mlp, x, p, dy, ref
     if device.type == "cuda":
