@@ -1,8 +1,52 @@
-"""What the PyTorch benchmarks share: the timer and the error measure of their cross-checks."""
+"""What the PyTorch benchmarks share: their common options, the timer, and the error measure and
+report of their cross-checks."""
 import statistics
 import time
 
 import torch
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def add_run_args(ap, presets, impls, all_means):
+    """--preset, --device, --dtype, --iters, --warmup, --impls and --json; all_means says which
+    presets --preset all runs."""
+    ap.add_argument("--preset", default="tiny",
+                    help="one of %s, a comma list, or 'all' (%s)" % (", ".join(presets), all_means))
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    ap.add_argument("--dtype", default=None, choices=sorted(DTYPES),
+                    help="default bf16 on cuda, fp32 on cpu")
+    ap.add_argument("--iters", type=int, default=None, help="timed iterations (default 20 cuda, 5 cpu)")
+    ap.add_argument("--warmup", type=int, default=None, help="warm-up iterations (default 5 cuda, 1 cpu)")
+    ap.add_argument("--impls", default=",".join(impls), help="comma list of %s" % ", ".join(impls))
+    ap.add_argument("--json", default=None, metavar="FILE", help="write the results as JSON")
+
+
+def resolve_run_args(ap, args, presets, all_presets, impls):
+    """(device, dtype, iters, warmup, presets, impls, device name) from add_run_args' options,
+    with the device's defaults; unknown presets or implementations end with a usage error."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    iters = args.iters or (20 if device.type == "cuda" else 5)
+    warmup = args.warmup if args.warmup is not None else (5 if device.type == "cuda" else 1)
+    chosen = list(all_presets) if args.preset == "all" else args.preset.split(",")
+    for name in chosen:
+        if name not in presets:
+            ap.error(f"unknown preset {name!r}; choose from {', '.join(presets)} or all")
+    chosen_impls = [i for i in args.impls.split(",") if i]
+    for i in chosen_impls:
+        if i not in impls:
+            ap.error(f"unknown impl {i!r}; choose from {', '.join(impls)}")
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return device, dtype, iters, warmup, chosen, chosen_impls, dev_name
+
+
+def check_text(check, reference="-"):
+    """The table's check column: ok/FAIL with the largest relative error, or `reference`."""
+    if check is None:
+        return reference
+    return (f"{'ok' if check['ok'] else 'FAIL'} (max rel {max(check['max_rel_err'].values()):.1e} "
+            f"vs {check['vs']})")
 
 
 class Timer:

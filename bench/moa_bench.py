@@ -38,7 +38,8 @@ import torch
 import torch.nn.functional as F
 
 import scattermoe  # noqa: F401  (import torch first: it loads libc10)
-from bench_common import Timer, fmt, rel_err
+from bench_common import (Timer, add_run_args, check_text, fmt, rel_err,
+                          resolve_run_args)
 from scattermoe.moa import MoA, gqa_attention
 
 PRESETS = {  # batch, seq, d_model, head_dim, kv_heads, experts, top_k
@@ -47,7 +48,6 @@ PRESETS = {  # batch, seq, d_model, head_dim, kv_heads, experts, top_k
     "d2048-hd128": (4, 4096, 2048, 128, 4, 16, 4),  # 16 active query heads, 16k tokens
     "d2048-hd64-k2": (4, 2048, 2048, 64, 8, 16, 2),  # 16 active query heads, 8k tokens
 }
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 IMPLS = ("scattermoe", "common", "dense")
 
 
@@ -186,9 +186,7 @@ def print_table(all_res, impls):
         for impl in impls:
             r = res["results"][impl]
             c = res["check"].get(impl)
-            chk = "-" if c is None else (
-                f"{'ok' if c['ok'] else 'FAIL'} (max rel {max(c['max_rel_err'].values()):.1e} "
-                f"vs {c['vs']})")
+            chk = check_text(c)
             ratio = None if dense is None else dense["fwd_bwd_ms"] / r["fwd_bwd_ms"]
             print(f"{res['preset']:<14} {impl:<11} {r['fwd_ms']:>9.3f} {r['fwd_tflops']:>9.4g} "
                   f"{r['fwd_bwd_ms']:>9.3f} {r['fwd_bwd_tflops']:>9.4g} "
@@ -197,38 +195,12 @@ def print_table(all_res, impls):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--preset", default="tiny",
-                    help="one of %s, a comma list, or 'all' (all but tiny: GPU)"
-                         % ", ".join(PRESETS))
-    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    ap.add_argument("--dtype", default=None, choices=sorted(DTYPES),
-                    help="default bf16 on cuda, fp32 on cpu")
-    ap.add_argument("--iters", type=int, default=None,
-                    help="timed iterations (default 20 cuda, 5 cpu)")
-    ap.add_argument("--warmup", type=int, default=None,
-                    help="warm-up iterations (default 5 cuda, 1 cpu)")
-    ap.add_argument("--impls", default=",".join(IMPLS),
-                    help="comma list of %s" % ", ".join(IMPLS))
+    add_run_args(ap, PRESETS, IMPLS, "all but tiny: GPU")
     ap.add_argument("--no-causal", dest="causal", action="store_false",
                     help="attend to every position (default: causal)")
-    ap.add_argument("--json", default=None, metavar="FILE", help="write the results as JSON")
     args = ap.parse_args(argv)
-
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
-    iters = args.iters or (20 if device.type == "cuda" else 5)
-    warmup = args.warmup if args.warmup is not None else (5 if device.type == "cuda" else 1)
-    presets = [p for p in PRESETS if p != "tiny"] if args.preset == "all" \
-        else args.preset.split(",")
-    for name in presets:
-        if name not in PRESETS:
-            ap.error(f"unknown preset {name!r}; choose from {', '.join(PRESETS)} or all")
-    impls = [i for i in args.impls.split(",") if i]
-    for i in impls:
-        if i not in IMPLS:
-            ap.error(f"unknown impl {i!r}; choose from {', '.join(IMPLS)}")
-
-    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    device, dtype, iters, warmup, presets, impls, dev_name = resolve_run_args(
+        ap, args, PRESETS, [p for p in PRESETS if p != "tiny"], IMPLS)
     print(f"device {dev_name}, dtype {str(dtype).replace('torch.', '')}, "
           f"torch {torch.__version__}, scattermoe {scattermoe.__version__}, iters {iters}, warmup {warmup}, "
           f"{'causal' if args.causal else 'non-causal'}")

@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 
 import scattermoe  # noqa: F401  (import torch first: it loads libc10)
-from bench_common import Timer, fmt, rel_err
+from bench_common import (Timer, add_run_args, check_text, fmt, rel_err,
+                          resolve_run_args)
 from scattermoe.mlp import GLUMLP
 
 PRESETS = {  # T, d, h, E, k
@@ -40,7 +41,6 @@ PRESETS = {  # T, d, h, E, k
     "qwen3-30b-a3b": (16384, 2048, 768, 128, 8),
     "deepseek-v3": (8192, 7168, 2048, 256, 8),
 }
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 IMPLS = ("scattermoe", "grouped_mm", "eager")
 
 
@@ -196,10 +196,7 @@ def print_table(all_res, impls):
         for impl in impls:
             r = res["results"].get(impl)
             c = res["check"].get(impl)
-            chk = "ref" if c is None and r is not None else (
-                "-" if c is None else
-                f"{'ok' if c['ok'] else 'FAIL'} (max rel {max(c['max_rel_err'].values()):.1e} "
-                f"vs {c['vs']})")
+            chk = check_text(c, "ref" if r is not None else "-")
             if r is None:
                 print(f"{res['preset']:<15} {impl:<11} {'n/a':>9} {'n/a':>9} {'n/a':>9} "
                       f"{'n/a':>9} {'n/a':>9}  -")
@@ -211,34 +208,12 @@ def print_table(all_res, impls):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--preset", default="tiny",
-                    help="one of %s, a comma list, or 'all' (model presets: GPU)"
-                         % ", ".join(PRESETS))
-    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    ap.add_argument("--dtype", default=None, choices=sorted(DTYPES),
-                    help="default bf16 on cuda, fp32 on cpu")
-    ap.add_argument("--iters", type=int, default=None, help="timed iterations (default 20 cuda, 5 cpu)")
-    ap.add_argument("--warmup", type=int, default=None, help="warm-up iterations (default 5 cuda, 1 cpu)")
-    ap.add_argument("--impls", default=",".join(IMPLS),
-                    help="comma list of %s (e.g. drop eager on many-expert presets)" % ", ".join(IMPLS))
-    ap.add_argument("--json", default=None, metavar="FILE", help="write the results as JSON")
+    add_run_args(ap, PRESETS, IMPLS, "model presets: GPU; drop eager with --impls on many-expert ones")
     args = ap.parse_args(argv)
-
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
-    iters = args.iters or (20 if device.type == "cuda" else 5)
-    warmup = args.warmup if args.warmup is not None else (5 if device.type == "cuda" else 1)
-    presets = list(PRESETS) if args.preset == "all" else args.preset.split(",")
-    for name in presets:
-        if name not in PRESETS:
-            ap.error(f"unknown preset {name!r}; choose from {', '.join(PRESETS)} or all")
-    impls = [i for i in args.impls.split(",") if i]
-    for i in impls:
-        if i not in IMPLS:
-            ap.error(f"unknown impl {i!r}; choose from {', '.join(IMPLS)}")
+    device, dtype, iters, warmup, presets, impls, dev_name = resolve_run_args(
+        ap, args, PRESETS, list(PRESETS), IMPLS)
 
     gmm_ok, gmm_why = grouped_mm_available(device, dtype)
-    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device {dev_name}, dtype {str(dtype).replace('torch.', '')}, torch {torch.__version__}, "
           f"scattermoe {scattermoe.__version__}, iters {iters}, warmup {warmup}")
     if "grouped_mm" in impls and not gmm_ok:
