@@ -39,18 +39,19 @@ def _cuda_skip_reason():
     return None
 
 
+PROBE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "probe_error.py")
+
+
+def run_probe(device):
+    """probe_error.py on `device` in a child process (its CompletedProcess)."""
+    return subprocess.run([sys.executable, "-X", "faulthandler", PROBE, device],
+                          capture_output=True, text=True, timeout=120, env=dict(os.environ))
+
+
 @functools.lru_cache(maxsize=None)
 def errors_raise_cleanly(device):
-    """Whether a library error on `device` tensors raises ValueError in a fresh process."""
-    code = ("import torch, scattermoe\n"
-            "from scattermoe.parallel_experts import flatten_sort_count\n"
-            "try:\n"
-            f"    flatten_sort_count(torch.zeros(3, 5, dtype=torch.long, device='{device}'), 4)\n"
-            "except ValueError:\n"
-            "    print('raised')\n")
-    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                           timeout=120, env=dict(os.environ))
-    return child.returncode == 0 and "raised" in child.stdout
+    """Whether library errors on `device` tensors raise ValueError (in a fresh process)."""
+    return run_probe(device).returncode == 0
 
 
 def pytest_configure(config):

@@ -191,44 +191,13 @@ def test_addresses_beyond_two_to_the_31_elements(cuda):
     assert_bf16_close(dw, expected_dw, "dW", reduction=1)
 
 
-# Errors the library raises, each probed in a child process first: on the lent H200 the first
-# such error (on CUDA tensors) ended the Python process (SIGSEGV) instead of raising, so a crash
-# here fails these tests with the child's output instead of stopping the whole run. The CPU
+# Errors the library raises, probed in a child process (probe_error.py): on the lent H200 the
+# first such error (on CUDA tensors) ended the Python process (SIGSEGV) instead of raising, so a
+# crash here fails this test with the child's output instead of stopping the whole run. The CPU
 # case tells whether it is the CUDA path or any error raised through the extension there.
-ERROR_PROBES = {
-    "cuda: zero-stride gradient": (
-        "dout = torch.ones(1, 1, device='cuda').expand(8, 5)\n"
-        "torch.ops.scattermoe.parallel_linear_backward(dout, x, w, None, g, *plan, 2, False, False,"
-        " [False, True, False, False])\n"),
-    "cuda: k larger than the experts": (
-        "flatten_sort_count(torch.zeros(3, 5, dtype=torch.long, device='cuda'), 4)\n"),
-    "cuda: mismatched feature size": (
-        "ops.scatter2scatter(x, torch.randn(4, 7, 5, device='cuda'), *plan[:2], 2)\n"),
-    "cpu: k larger than the experts": (
-        "flatten_sort_count(torch.zeros(3, 5, dtype=torch.long), 4)\n"),
-}
-
-
-@pytest.mark.parametrize("case", sorted(ERROR_PROBES))
-def test_library_errors_raise_value_error(cuda, case):
-    import os
-    import subprocess
-    import sys
-    code = (
-        "import torch, scattermoe\n"
-        "from scattermoe.kernels import ops\n"
-        "from scattermoe.parallel_experts import flatten_sort_count\n"
-        "idx = torch.randint(0, 4, (8, 2), device='cuda')\n"
-        "plan = flatten_sort_count(idx, 4)\n"
-        "x = torch.randn(8, 6, device='cuda')\n"
-        "w = torch.randn(4, 5, 6, device='cuda').permute(0, 2, 1)\n"
-        "g = torch.rand(8, 2, device='cuda')\n"
-        "try:\n"
-        + "".join("    " + line + "\n" for line in ERROR_PROBES[case].splitlines()) +
-        "    print('no error')\n"
-        "except ValueError as e:\n"
-        "    print('ValueError:', e)\n")
-    child = subprocess.run([sys.executable, "-X", "faulthandler", "-c", code], capture_output=True,
-                           text=True, timeout=120, env=dict(os.environ))
-    assert child.returncode == 0, f"the child process died ({child.returncode}):\n{child.stderr[-3000:]}"
-    assert "ValueError:" in child.stdout, child.stdout + child.stderr[-2000:]
+@pytest.mark.parametrize("tensors", ["cuda", "cpu"])
+def test_library_errors_raise_value_error(cuda, tensors):
+    from conftest import run_probe
+    child = run_probe(tensors)
+    assert child.returncode == 0, (f"the probe failed ({child.returncode}):\n{child.stdout}"
+                                   f"{child.stderr[-3000:]}")
