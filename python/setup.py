@@ -8,6 +8,7 @@ parallel through ninja when it is installed (MAX_JOBS caps the jobs).
 """
 import glob
 import os
+import sys
 
 from setuptools import setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
@@ -44,6 +45,16 @@ def nvcc_flags(cutlass):
             + torch_undefs)
 
 
+def link_flags():
+    """A compiler whose libstdc++ is a static archive (some toolchains ship only that) puts a
+    copy of it into the extension, beside the shared one torch loads. With the interpreter's
+    -Bsymbolic-functions, the copy's functions would then meet the shared copy's data (the
+    locale facet ids): the first std::ostream number format crashes (SIGSEGV). Keeping every
+    symbol from static archives local makes such a copy self-contained; with a shared
+    libstdc++ the flag changes nothing."""
+    return ["-Wl,--exclude-libs,ALL"] if sys.platform.startswith("linux") else []
+
+
 def extension():
     cxx_flags = ["-O3", "-std=c++17", f'-DSCATTERMOE_VERSION="{VERSION}"']
     include_dirs = [os.path.join(ROOT, "include"), os.path.join(ROOT, "src"),
@@ -51,7 +62,7 @@ def extension():
     cpp_sources = sources("python/csrc/*.cpp", "src/core/*.cpp", "src/cpu/*.cpp")
     if os.environ.get("SCATTERMOE_CUDA", "0") != "1":
         return CppExtension("scattermoe._C", cpp_sources, include_dirs=include_dirs,
-                            extra_compile_args={"cxx": cxx_flags})
+                            extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags())
 
     cutlass = os.environ.get("SCATTERMOE_CUTLASS_INCLUDE_DIR",
                              os.path.join(ROOT, "third_party", "cutlass", "include"))
@@ -70,7 +81,8 @@ def extension():
                         extra_compile_args={
                             "cxx": cxx_flags + defines,
                             "nvcc": nvcc_flags(cutlass) + gencode(archs) + defines
-                                    + [f'-DSCATTERMOE_VERSION="{VERSION}"']})
+                                    + [f'-DSCATTERMOE_VERSION="{VERSION}"']},
+                        extra_link_args=link_flags())
     # Compiled apart by BuildWithArchGroups, for sm_90a alone (CMake's scattermoe_sm90 target).
     ext.arch_groups = [(sm90, nvcc_flags(cutlass) + gencode([SM90_ARCH]))] if sm90 else []
     return ext
