@@ -1,5 +1,6 @@
 // The CUDA backend's ops and modules, composed from the grouped GEMMs and the memory-bound
 // kernels. Every temporary comes from the caller's workspace.
+#include <algorithm>
 #include <string>
 
 #include "core/checks.hpp"
@@ -388,13 +389,18 @@ MlpForwardScratch mlp_forward_layout(detail::WorkspaceCarver& carver, const MlpA
   return s;
 }
 
+// The backward's scratch in two regions whose contents change as the pass goes on (one stream,
+// so each buffer is dead before the next one written over it):
+//   P (L x h1): A = act(H) (L x h, compact) until dW2 is done, then dH.
+//   Q: dA' (L x h), and the gated dOut rows (L x d) behind it when db2 needs them, until dH is
+//      computed; then the dX rows (L x d) before the k-sum.
 struct MlpBackwardScratch {
   void* tiles = nullptr;
-  void* a = nullptr;            // (L, h) recomputed activation
-  void* dy_grouped = nullptr;   // (L, d) gated dOut rows, grouped
-  void* d_a = nullptr;          // (L, h) dOut @ W2^T before gating
-  void* d_hidden = nullptr;     // (L, h | 2h)
-  void* dx_expanded = nullptr;  // (L, d) token-major, before the k-sum
+  void* a = nullptr;            // (L, h) recomputed activation (region P)
+  void* d_hidden = nullptr;     // (L, h | 2h) (region P, after A)
+  void* d_a = nullptr;          // (L, h) dOut @ W2^T before gating (region Q)
+  void* dy_grouped = nullptr;   // (L, d) gated dOut rows, grouped; only with b2 (region Q)
+  void* dx_expanded = nullptr;  // (L, d) token-major, before the k-sum; only for k > 1 (region Q)
 };
 
 MlpBackwardScratch mlp_backward_layout(detail::WorkspaceCarver& carver, const MlpArgs& args,
@@ -403,13 +409,17 @@ MlpBackwardScratch mlp_backward_layout(detail::WorkspaceCarver& carver, const Ml
   const std::int64_t bytes = static_cast<std::int64_t>(elem(args.x));
   const std::int64_t d = args.x.size(1);
   const std::int64_t h = args.w2.size(1);
+  const bool k_sum = args.gates.size(1) > 1;
   MlpBackwardScratch s;
   s.tiles = take_tile_list(carver, plan);
-  s.a = carver.take<unsigned char>(L * h * bytes);
-  s.dy_grouped = carver.take<unsigned char>(L * d * bytes);
-  s.d_a = carver.take<unsigned char>(L * h * bytes);
-  s.d_hidden = carver.take<unsigned char>(L * args.w1.size(2) * bytes);
-  if (args.gates.size(1) > 1) s.dx_expanded = carver.take<unsigned char>(L * d * bytes);
+  unsigned char* p = carver.take<unsigned char>(L * args.w1.size(2) * bytes);
+  const std::int64_t q_first = L * (h + (args.b2.defined() ? d : 0));
+  unsigned char* q = carver.take<unsigned char>(std::max(q_first, k_sum ? L * d : 0) * bytes);
+  s.a = p;
+  s.d_hidden = p;
+  s.d_a = q;
+  if (args.b2.defined() && q != nullptr) s.dy_grouped = q + L * h * bytes;
+  if (k_sum) s.dx_expanded = q;
   return s;
 }
 
@@ -494,11 +504,6 @@ void mlp_backward(const MlpArgs& args, const RoutingPlan& plan, const TensorView
   activation_forward(dtype, args.activation, args.glu, hidden.data(), hidden.stride(0), L, h, s.a, h, stream);
   const RowSource a_rows{s.a, h, nullptr, 1};
 
-  // Second projection: dW2, db2 from the gated dOut rows.
-  gather_rows(dtype, rows_of(d_out, ss, k), s.dy_grouped, d, L, d, &gates, ss, stream);
-  const RowSource dy_rows{s.dy_grouped, d, nullptr, 1};
-  weight_grads(dtype, a_rows, h, dy_rows, d, plan, grads.dw2, grads.db2, stream);
-
   // dA' = dOut[t] @ W2[e]^T (ungated), read straight from d_out.
   Linear back2;
   back2.a = rows_of(d_out, ss, k);
@@ -525,6 +530,18 @@ void mlp_backward(const MlpArgs& args, const RoutingPlan& plan, const TensorView
       r.expert = index_ptr(plan.sorted_expert_idxs);
     }
     row_dot(dtype, r, stream);
+  }
+
+  // dW2 = sum over rows of A^T (g dOut[t]). db2 sums the gated rows, so with db2 they are
+  // gathered once; otherwise the gate scales A in place (A is not read again) and dOut rows are
+  // gathered by the GEMM itself.
+  if (grads.db2.defined()) {
+    gather_rows(dtype, rows_of(d_out, ss, k), s.dy_grouped, d, L, d, &gates, ss, stream);
+    weight_grads(dtype, a_rows, h, RowSource{s.dy_grouped, d, nullptr, 1}, d, plan, grads.dw2,
+                 grads.db2, stream);
+  } else if (grads.dw2.defined()) {
+    gather_rows(dtype, a_rows, s.a, h, L, h, &gates, ss, stream);
+    weight_grads(dtype, a_rows, h, rows_of(d_out, ss, k), d, plan, grads.dw2, TensorView{}, stream);
   }
   const bool need_first = grads.dx.defined() || grads.dw1.defined() || grads.db1.defined();
   if (!need_first) return;

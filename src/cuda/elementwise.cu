@@ -88,7 +88,7 @@ __device__ __forceinline__ void store_chunk(T* p, const float (&in)[kVec]) {
 
 template <class T, int kVec>
 __global__ void __launch_bounds__(kThreads)
-    gather_rows_kernel(RowSource src, T* __restrict__ out, std::int64_t ld_out, std::int64_t cols,
+    gather_rows_kernel(RowSource src, T* out, std::int64_t ld_out, std::int64_t cols,
                        FlatFloats coeff, bool has_coeff, const std::int64_t* __restrict__ coeff_index) {
   const std::int64_t i = blockIdx.x;
   const T* in = static_cast<const T*>(src.ptr) + src.row(i) * src.ld;

@@ -32,7 +32,8 @@ void build_plan(const TensorView& expert_idxs, int num_experts, std::int64_t* so
                 cudaStream_t stream);
 
 // out[i, :] = src[src.row(i), :] * (coeff ? coeff[coeff_index[i]] : 1), i in [0, rows); dtype T
-// for src and out. coeff_index null means coeff[i].
+// for src and out. coeff_index null means coeff[i]. out may be src itself when src has no index
+// and ld_out == src.ld (each element is read, then written, by the same thread).
 void gather_rows(DType dtype, RowSource src, void* out, std::int64_t ld_out, std::int64_t rows,
                  std::int64_t cols, const FlatFloats* coeff, const std::int64_t* coeff_index,
                  cudaStream_t stream);

@@ -427,6 +427,53 @@ TEST(CudaMlp, ForwardBackwardMatchCpu) {
   }
 }
 
+// With biases but without their gradients, dW2 takes the path that scales A by the gates in
+// place and gathers dOut inside the GEMM; asking for dW2 alone takes it with nothing after it.
+TEST(CudaMlp, WeightGradientsWithoutBiasGradientsMatchCpu) {
+  SCATTERMOE_REQUIRE_GPU();
+  std::mt19937_64 rng(18);
+  for (const Case& c : {Case{300, 2, 8, 72, 136, 3, false}, Case{129, 4, 16, 40, 24, -1, true}}) {
+    Plans plans(route(c, rng), c.tokens, c.k, c.experts);
+    for (DType dtype : kFloatTypes) {
+      for (const bool only_dw2 : {false, true}) {
+        MlpPairs m(c, dtype, true, c.d_out);
+        for (Pair* p : {&m.x, &m.w1, &m.b1, &m.w2, &m.b2, &m.gates, &m.d_out})
+          p->fill_and_upload(false, rng);
+        for (Pair* p : {&m.out, &m.hidden, &m.dx, &m.dw1, &m.dw2, &m.dg}) p->poison();
+        auto grads = [&](bool dev) {
+          auto v = [&](const Pair& p) { return dev ? p.dev.view() : p.host.view(); };
+          return only_dw2 ? MlpGrads{TensorView{}, TensorView{}, TensorView{}, v(m.dw2), TensorView{},
+                                     TensorView{}}
+                          : MlpGrads{v(m.dx), v(m.dw1), TensorView{}, v(m.dw2), TensorView{}, v(m.dg)};
+        };
+        {
+          const MlpArgs args = m.args(false, Activation::kSilu, true, true);
+          check::Scratch f(mlp_forward_workspace_size(args, plans.host.plan()));
+          mlp_forward(args, plans.host.plan(), m.out.host.view(), m.hidden.host.view(), f.context());
+          check::Scratch b(mlp_backward_workspace_size(args, plans.host.plan()));
+          mlp_backward(args, plans.host.plan(), m.hidden.host.view(), m.d_out.host.view(),
+                       grads(false), b.context());
+        }
+        const MlpArgs args = m.args(true, Activation::kSilu, true, true);
+        DeviceBuffer fws(mlp_forward_workspace_size(args, plans.dev));
+        mlp_forward(args, plans.dev, m.out.dev.view(), m.hidden.dev.view(), device_context(fws));
+        DeviceBuffer bws(mlp_backward_workspace_size(args, plans.dev));
+        mlp_backward(args, plans.dev, m.hidden.dev.view(), m.d_out.dev.view(), grads(true),
+                     device_context(bws));
+        SCATTERMOE_CUDA_OK(cudaDeviceSynchronize());
+        const std::string what = "mlp " + c.name() + " " + dtype_name(dtype) +
+                                 (only_dw2 ? " dw2 only" : " no bias grads");
+        expect_match(m.dw2, false, dtype, what + " dw2");
+        if (!only_dw2) {
+          expect_match(m.dx, false, dtype, what + " dx");
+          expect_match(m.dw1, false, dtype, what + " dw1");
+          expect_match(m.dg, false, dtype, what + " d_gates", 4.0);
+        }
+      }
+    }
+  }
+}
+
 TEST(CudaMlp, RerunsAreBitwiseEqual) {
   SCATTERMOE_REQUIRE_GPU();
   std::mt19937_64 rng(16);
