@@ -94,6 +94,13 @@ bool use_warp_specialised() {
   static const bool enabled = env_int("SCATTERMOE_SM90_WS", 0) != 0;
   return enabled;
 }
+
+// The persistent multistage kernels when SCATTERMOE_SM90_PERSISTENT=1 (being measured against
+// the one-tile-per-block ones, docs/perf.md).
+bool use_persistent() {
+  static const bool enabled = env_int("SCATTERMOE_SM90_PERSISTENT", 0) != 0;
+  return enabled;
+}
 #endif
 
 }  // namespace
@@ -130,6 +137,9 @@ void run_varlen_m_gemm(DType dtype, const VarlenMGemm& g, void* workspace, cudaS
         if (use_warp_specialised()) {
           b_k_major ? launch_sm90_ws_varlen_m_gemm<T, true>(tuned, tile_prefix, sms, stream)
                     : launch_sm90_ws_varlen_m_gemm<T, false>(tuned, tile_prefix, sms, stream);
+        } else if (use_persistent()) {
+          b_k_major ? launch_sm90_persistent_varlen_m_gemm<T, true>(tuned, tile_prefix, sms, stream)
+                    : launch_sm90_persistent_varlen_m_gemm<T, false>(tuned, tile_prefix, sms, stream);
         } else if (b_k_major) {
           launch_sm90_varlen_m_gemm<T, true>(tuned, tile_prefix, stream);
         } else {
@@ -157,6 +167,8 @@ void run_varlen_k_gemm(DType dtype, const VarlenKGemm& g, cudaStream_t stream) {
       if (sms > 0 && chunks_aligned(g, 8)) {
         if (use_warp_specialised()) {
           launch_sm90_ws_varlen_k_gemm<T>(g, sms, stream);
+        } else if (use_persistent()) {
+          launch_sm90_persistent_varlen_k_gemm<T>(g, sms, stream);
         } else {
           launch_sm90_varlen_k_gemm<T>(g, stream);
         }

@@ -86,6 +86,13 @@ template <class T, bool kBKMajor>
 void launch_sm90_varlen_m_gemm(const VarlenMGemm& g, const int* tile_prefix, cudaStream_t stream);
 template <class T>
 void launch_sm90_varlen_k_gemm(const VarlenKGemm& g, cudaStream_t stream);
+// Their persistent forms (sm90_persistent_*.cu): one block per SM (sm_count of them at most)
+// walks the tiles, overlapping each tile's epilogue with the next one's first copies.
+template <class T, bool kBKMajor>
+void launch_sm90_persistent_varlen_m_gemm(const VarlenMGemm& g, const int* tile_prefix, int sm_count,
+                                          cudaStream_t stream);
+template <class T>
+void launch_sm90_persistent_varlen_k_gemm(const VarlenKGemm& g, int sm_count, cudaStream_t stream);
 // The persistent warp-specialised wgmma kernels (sm90_ws_*.cu): same conditions, one block per
 // SM (sm_count of them at most).
 template <class T, bool kBKMajor>

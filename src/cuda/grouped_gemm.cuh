@@ -133,14 +133,47 @@ struct RasterTile {
   int column;
 };
 
-__device__ __forceinline__ RasterTile grouped_raster(int group_rows) {
-  const int row_tiles = static_cast<int>(gridDim.x);
-  const int column_tiles = static_cast<int>(gridDim.y);
-  const int linear = static_cast<int>(blockIdx.y) * row_tiles + static_cast<int>(blockIdx.x);
+// The same walk for tile number `linear` of row_tiles x column_tiles (a persistent block's loop).
+__device__ __forceinline__ RasterTile raster_tile(int linear, int row_tiles, int column_tiles, int group_rows) {
   const int first_row_tile = linear / (group_rows * column_tiles) * group_rows;
   const int rows_here = min(row_tiles - first_row_tile, group_rows);
   const int in_group = linear % (group_rows * column_tiles);
   return RasterTile{first_row_tile + in_group % rows_here, in_group / rows_here};
+}
+
+__device__ __forceinline__ RasterTile grouped_raster(int group_rows) {
+  const int row_tiles = static_cast<int>(gridDim.x);
+  const int column_tiles = static_cast<int>(gridDim.y);
+  const int linear = static_cast<int>(blockIdx.y) * row_tiles + static_cast<int>(blockIdx.x);
+  return raster_tile(linear, row_tiles, column_tiles, group_rows);
+}
+
+// A varlen-M tile: expert e's rows [row0, row_end) of the grouped order, columns from n0.
+struct VarlenMTile {
+  int e;
+  std::int64_t row0;
+  std::int64_t row_end;
+  std::int64_t n0;
+};
+
+// Row tile `tile` of the device-built list (tile_prefix[e] = inclusive count of kBM-row tiles of
+// experts 0..e; tile < tile_prefix[E-1]) and column tile `column_tile`.
+template <int kBM, int kBN>
+__device__ __forceinline__ VarlenMTile varlen_m_tile(const VarlenMGemm& p, const int* tile_prefix, int tile,
+                                                     int column_tile) {
+  int lo = 0;
+  int hi = p.num_experts - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi) / 2;
+    if (tile_prefix[mid] > tile) hi = mid; else lo = mid + 1;
+  }
+  VarlenMTile t;
+  t.e = lo;
+  const std::int64_t expert_begin = lo ? p.expert_offsets[lo - 1] : 0;
+  t.row0 = expert_begin + static_cast<std::int64_t>(tile - (lo ? tile_prefix[lo - 1] : 0)) * kBM;
+  t.row_end = min(p.expert_offsets[lo], t.row0 + kBM);
+  t.n0 = static_cast<std::int64_t>(column_tile) * kBN;
+  return t;
 }
 
 // varlen-M epilogue: bias, convert, scatter rows [row0, row_end) of expert e to their
@@ -217,6 +250,169 @@ __device__ __forceinline__ void store_varlen_k_tile(const VarlenKGemm& p, const 
 }
 
 // ---------------------------------------------------------------------------------------------
+// The copies this thread makes for one tile's operands, shared by every kernel of a GEMM kind:
+// locate() points them at a tile, load_a / load_b copy k tile `k_tile` into a pipeline stage.
+
+// varlen-M: A's gathered rows [row0, row_end) (each row looked up once per tile) and expert e's
+// weight, K-major (lines are columns n) or N-major (lines are k).
+template <class Config, bool kBKMajor, bool kAligned>
+struct VarlenMCopies {
+  using T = typename Config::Element;
+  static constexpr int kBM = Config::kBM;
+  static constexpr int kBN = Config::kBN;
+  static constexpr int kBK = Config::kBK;
+  using ChunksA = TileChunks<Config, true, kBM>;
+  using ChunksB = TileChunks<Config, kBKMajor, kBN>;
+
+  ChunksA chunks_a;
+  ChunksB chunks_b;
+  const T* a_rows[ChunksA::kCount];
+  const T* b_lines[ChunksB::kCount];
+  int b_valid = 0;  // N-major: elements of the chunk inside N (fixed for the tile)
+
+  template <class LayoutA, class LayoutB>
+  __device__ VarlenMCopies(const LayoutA& layout_a, const LayoutB& layout_b)
+      : chunks_a(layout_a), chunks_b(layout_b) {}
+
+  __device__ __forceinline__ void locate(const VarlenMGemm& p, int e, std::int64_t row0,
+                                         std::int64_t row_end, std::int64_t n0) {
+    const T* a_base = static_cast<const T*>(p.a.ptr);
+    CUTE_UNROLL
+    for (int j = 0; j < ChunksA::kCount; ++j) {
+      const std::int64_t i = row0 + ChunksA::line(j);
+      a_rows[j] = i < row_end ? a_base + p.a.row(i) * p.a.ld + ChunksA::off() : nullptr;
+    }
+    const T* b_base = static_cast<const T*>(p.b) + e * p.b_expert_stride;
+    CUTE_UNROLL
+    for (int j = 0; j < ChunksB::kCount; ++j) {
+      if constexpr (kBKMajor) {
+        const std::int64_t n = n0 + ChunksB::line(j);
+        b_lines[j] = n < p.n ? b_base + n * p.b_stride_n + ChunksB::off() : nullptr;
+      } else {
+        b_lines[j] = b_base + ChunksB::line(j) * p.b_stride_k + n0 + ChunksB::off();
+      }
+    }
+    if constexpr (!kBKMajor) b_valid = valid_elements<Config::kVec>(p.n, n0 + ChunksB::off());
+  }
+
+  __device__ __forceinline__ void load_a(const VarlenMGemm& p, T* smem_a, int stage, int k_tile) const {
+    const std::int64_t k0 = static_cast<std::int64_t>(k_tile) * kBK;
+    const int valid = valid_elements<Config::kVec>(p.k, k0 + ChunksA::off());
+    const T* any = static_cast<const T*>(p.a.ptr);
+    CUTE_UNROLL
+    for (int j = 0; j < ChunksA::kCount; ++j) {
+      chunks_a.template copy<kAligned>(smem_a, stage, j, a_rows[j] + k0, a_rows[j] ? valid : 0, any);
+    }
+  }
+
+  __device__ __forceinline__ void load_b(const VarlenMGemm& p, T* smem_b, int stage, int k_tile) const {
+    const std::int64_t k0 = static_cast<std::int64_t>(k_tile) * kBK;
+    const T* any = static_cast<const T*>(p.b);
+    if constexpr (kBKMajor) {
+      const int valid = valid_elements<Config::kVec>(p.k, k0 + ChunksB::off());
+      CUTE_UNROLL
+      for (int j = 0; j < ChunksB::kCount; ++j) {
+        chunks_b.template copy<kAligned>(smem_b, stage, j, b_lines[j] + k0, b_lines[j] ? valid : 0, any);
+      }
+    } else {
+      const std::int64_t advance = k0 * p.b_stride_k;
+      CUTE_UNROLL
+      for (int j = 0; j < ChunksB::kCount; ++j) {
+        const bool inside = k0 + ChunksB::line(j) < p.k;
+        chunks_b.template copy<kAligned>(smem_b, stage, j, b_lines[j] + advance, inside ? b_valid : 0, any);
+      }
+    }
+  }
+};
+
+// varlen-K: both operands MN-major, a line is one routed row of expert e. The B tile is kParts
+// A-widths and each part copies with A's line mapping, so each row index is resolved once for
+// both operands; the index entries are fetched one k tile ahead (load_a runs over the k tiles in
+// order), so their latency hides behind a whole tile instead of stalling the copies.
+template <class Config, bool kAligned>
+struct VarlenKCopies {
+  using T = typename Config::Element;
+  static constexpr int kBM = Config::kBM;
+  static constexpr int kBN = Config::kBN;
+  static constexpr int kBK = Config::kBK;
+  static_assert(kBN % kBM == 0, "varlen-K shares row lines between its operands");
+  static constexpr int kParts = kBN / kBM;
+  using Chunks = TileChunks<Config, false, kBM>;
+
+  Chunks chunks_a;
+  Chunks chunks_b[kParts];
+  const T* a_base = nullptr;  // this thread's column of A (m0 + off), of B (n0 + off)
+  const T* b_base = nullptr;
+  int a_valid = 0;
+  int b_valid[kParts];
+  std::int64_t r0 = 0;  // the expert's routed rows [r0, r1)
+  std::int64_t r1 = 0;
+  std::int64_t a_next[Chunks::kCount];
+  std::int64_t b_next[Chunks::kCount];
+  std::int64_t b_rows[Chunks::kCount];  // the rows of a tile: resolved by load_a, used by load_b
+
+  template <class LayoutA, class LayoutB>
+  __device__ VarlenKCopies(const LayoutA& layout_a, const LayoutB& layout_b) : chunks_a(layout_a) {
+    CUTE_UNROLL
+    for (int h = 0; h < kParts; ++h) chunks_b[h] = Chunks(layout_b, h * kBM);
+  }
+
+  __device__ __forceinline__ void locate(const VarlenKGemm& p, int e, std::int64_t m0, std::int64_t n0) {
+    r0 = e ? p.expert_offsets[e - 1] : 0;
+    r1 = p.expert_offsets[e];
+    a_base = static_cast<const T*>(p.a.ptr) + m0 + Chunks::off();
+    b_base = static_cast<const T*>(p.b.ptr) + n0 + Chunks::off();
+    a_valid = valid_elements<Config::kVec>(p.m, m0 + Chunks::off());
+    CUTE_UNROLL
+    for (int h = 0; h < kParts; ++h) b_valid[h] = valid_elements<Config::kVec>(p.n, n0 + h * kBM + Chunks::off());
+    fetch_entries(p, 0);
+  }
+
+  __device__ __forceinline__ int k_tiles() const { return static_cast<int>((r1 - r0 + kBK - 1) / kBK); }
+
+  __device__ __forceinline__ void fetch_entries(const VarlenKGemm& p, int k_tile) {
+    const std::int64_t k0 = r0 + static_cast<std::int64_t>(k_tile) * kBK;
+    CUTE_UNROLL
+    for (int j = 0; j < Chunks::kCount; ++j) {
+      const std::int64_t r = k0 + Chunks::line(j);
+      const bool inside = r < r1;
+      a_next[j] = inside ? p.a.entry(r) : -1;
+      b_next[j] = inside ? p.b.entry(r) : -1;
+    }
+  }
+
+  __device__ __forceinline__ void load_a(const VarlenKGemm& p, T* smem_a, int stage, int k_tile) {
+    std::int64_t a_entries[Chunks::kCount];
+    CUTE_UNROLL
+    for (int j = 0; j < Chunks::kCount; ++j) {
+      a_entries[j] = a_next[j];
+      b_rows[j] = b_next[j] >= 0 ? p.b.divide(b_next[j]) : -1;
+    }
+    fetch_entries(p, k_tile + 1);
+    const T* any = static_cast<const T*>(p.a.ptr);
+    CUTE_UNROLL
+    for (int j = 0; j < Chunks::kCount; ++j) {
+      const bool inside = a_entries[j] >= 0;
+      const T* src = a_base + (inside ? p.a.divide(a_entries[j]) : 0) * p.a.ld;
+      chunks_a.template copy<kAligned>(smem_a, stage, j, src, inside ? a_valid : 0, any);
+    }
+  }
+
+  __device__ __forceinline__ void load_b(const VarlenKGemm& p, T* smem_b, int stage) const {
+    const T* any = static_cast<const T*>(p.b.ptr);
+    CUTE_UNROLL
+    for (int j = 0; j < Chunks::kCount; ++j) {
+      const bool inside = b_rows[j] >= 0;
+      const T* src = b_base + (inside ? b_rows[j] : 0) * p.b.ld;
+      CUTE_UNROLL
+      for (int h = 0; h < kParts; ++h) {
+        chunks_b[h].template copy<kAligned>(smem_b, stage, j, src + h * kBM, inside ? b_valid[h] : 0, any);
+      }
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
 // varlen-M: the grid spans (row tiles, column tiles); row tiles index the device-built tile list
 // (tile_prefix[e] = inclusive count of kBM-row tiles of experts 0..e), visited in groups.
 
@@ -230,20 +426,8 @@ __global__ void __launch_bounds__(Config::kThreads, Config::kMinBlocks)
   constexpr int kBK = Config::kBK;
 
   const RasterTile raster = grouped_raster(p.raster_group_rows);
-  const int tile = raster.row;
-  const int column_tile = raster.column;
-  if (p.num_experts == 0 || tile >= tile_prefix[p.num_experts - 1]) return;
-  int lo = 0;
-  int hi = p.num_experts - 1;
-  while (lo < hi) {
-    const int mid = (lo + hi) / 2;
-    if (tile_prefix[mid] > tile) hi = mid; else lo = mid + 1;
-  }
-  const int e = lo;
-  const std::int64_t expert_begin = e ? p.expert_offsets[e - 1] : 0;
-  const std::int64_t row0 = expert_begin + static_cast<std::int64_t>(tile - (e ? tile_prefix[e - 1] : 0)) * kBM;
-  const std::int64_t row_end = min(p.expert_offsets[e], row0 + kBM);
-  const std::int64_t n0 = static_cast<std::int64_t>(column_tile) * kBN;
+  if (p.num_experts == 0 || raster.row >= tile_prefix[p.num_experts - 1]) return;
+  const VarlenMTile t = varlen_m_tile<kBM, kBN>(p, tile_prefix, raster.row, raster.column);
 
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   constexpr auto layout_a = Config::template copy_layout<true, kBM>();
@@ -251,58 +435,10 @@ __global__ void __launch_bounds__(Config::kThreads, Config::kMinBlocks)
   T* smem_a = reinterpret_cast<T*>(smem_raw);
   T* smem_b = smem_a + cosize(layout_a);
 
-  // Operand A: the gathered rows this thread copies, resolved once for all k tiles.
-  using ChunksA = TileChunks<Config, true, kBM>;
-  const ChunksA chunks_a(layout_a);
-  const T* a_base = static_cast<const T*>(p.a.ptr);
-  const T* a_rows[ChunksA::kCount];
-  CUTE_UNROLL
-  for (int j = 0; j < ChunksA::kCount; ++j) {
-    const std::int64_t i = row0 + ChunksA::line(j);
-    a_rows[j] = i < row_end ? a_base + p.a.row(i) * p.a.ld + ChunksA::off() : nullptr;
-  }
-  auto load_a = [&](int stage, int k_tile) {
-    const std::int64_t k0 = static_cast<std::int64_t>(k_tile) * kBK;
-    const int valid = valid_elements<Config::kVec>(p.k, k0 + ChunksA::off());
-    CUTE_UNROLL
-    for (int j = 0; j < ChunksA::kCount; ++j) {
-      chunks_a.template copy<kAligned>(smem_a, stage, j, a_rows[j] + k0, a_rows[j] ? valid : 0, a_base);
-    }
-  };
-
-  // Operand B: expert e's weight, K-major (lines are columns n) or N-major (lines are k).
-  using ChunksB = TileChunks<Config, kBKMajor, kBN>;
-  const ChunksB chunks_b(layout_b);
-  const T* b_base = static_cast<const T*>(p.b) + e * p.b_expert_stride;
-  const T* b_lines[ChunksB::kCount];
-  int b_valid = 0;  // N-major: elements of the chunk inside N (fixed for the block)
-  CUTE_UNROLL
-  for (int j = 0; j < ChunksB::kCount; ++j) {
-    if constexpr (kBKMajor) {
-      const std::int64_t n = n0 + ChunksB::line(j);
-      b_lines[j] = n < p.n ? b_base + n * p.b_stride_n + ChunksB::off() : nullptr;
-    } else {
-      b_lines[j] = b_base + ChunksB::line(j) * p.b_stride_k + n0 + ChunksB::off();
-    }
-  }
-  if constexpr (!kBKMajor) b_valid = valid_elements<Config::kVec>(p.n, n0 + ChunksB::off());
-  auto load_b = [&](int stage, int k_tile) {
-    const std::int64_t k0 = static_cast<std::int64_t>(k_tile) * kBK;
-    if constexpr (kBKMajor) {
-      const int valid = valid_elements<Config::kVec>(p.k, k0 + ChunksB::off());
-      CUTE_UNROLL
-      for (int j = 0; j < ChunksB::kCount; ++j) {
-        chunks_b.template copy<kAligned>(smem_b, stage, j, b_lines[j] + k0, b_lines[j] ? valid : 0, b_base);
-      }
-    } else {
-      const std::int64_t advance = k0 * p.b_stride_k;
-      CUTE_UNROLL
-      for (int j = 0; j < ChunksB::kCount; ++j) {
-        const bool inside = k0 + ChunksB::line(j) < p.k;
-        chunks_b.template copy<kAligned>(smem_b, stage, j, b_lines[j] + advance, inside ? b_valid : 0, b_base);
-      }
-    }
-  };
+  VarlenMCopies<Config, kBKMajor, kAligned> copies(layout_a, layout_b);
+  copies.locate(p, t.e, t.row0, t.row_end, t.n0);
+  auto load_a = [&](int stage, int k_tile) { copies.load_a(p, smem_a, stage, k_tile); };
+  auto load_b = [&](int stage, int k_tile) { copies.load_b(p, smem_b, stage, k_tile); };
 
   typename Config::template TiledMma<true, kBKMajor> mma;
   Tensor acc = partition_fragment_C(mma, make_shape(Int<kBM>{}, Int<kBN>{}));  // (MMA,MMA_M,MMA_N)
@@ -312,7 +448,7 @@ __global__ void __launch_bounds__(Config::kThreads, Config::kMinBlocks)
 
   // Epilogue: bias, convert, scatter rows to their destination.
   Tensor coord = mma.get_slice(threadIdx.x).partition_C(make_identity_tensor(make_shape(Int<kBM>{}, Int<kBN>{})));
-  store_varlen_m_tile<T>(p, acc, coord, e, row0, row_end, n0);
+  store_varlen_m_tile<T>(p, acc, coord, t.e, t.row0, t.row_end, t.n0);
 }
 
 // Launches the varlen-M kernel of Config; kAlignedOnly configurations have no element-wise
@@ -342,11 +478,8 @@ __global__ void __launch_bounds__(Config::kThreads, Config::kMinBlocks)
   using T = typename Config::Element;
   constexpr int kBM = Config::kBM;
   constexpr int kBN = Config::kBN;
-  constexpr int kBK = Config::kBK;
 
   const int e = static_cast<int>(blockIdx.z);
-  const std::int64_t r0 = e ? p.expert_offsets[e - 1] : 0;
-  const std::int64_t r1 = p.expert_offsets[e];
   // Grouped raster over (M tiles, N tiles) within the expert, as in varlen-M.
   const RasterTile raster = grouped_raster(8);
   const std::int64_t m0 = static_cast<std::int64_t>(raster.row) * kBM;
@@ -358,71 +491,15 @@ __global__ void __launch_bounds__(Config::kThreads, Config::kMinBlocks)
   T* smem_a = reinterpret_cast<T*>(smem_raw);
   T* smem_b = smem_a + cosize(layout_a);
 
-  // Both operands are MN-major: a line is one routed row. The B tile is kHalves A-tiles wide
-  // and each of its parts copies with A's line mapping, so each row index is resolved once for
-  // both operands.
-  static_assert(kBN % kBM == 0, "varlen-K shares row lines between its operands");
-  constexpr int kParts = kBN / kBM;
-  using Chunks = TileChunks<Config, false, kBM>;
-  const Chunks chunks_a(layout_a);
-  Chunks chunks_b[kParts];
-  CUTE_UNROLL
-  for (int h = 0; h < kParts; ++h) chunks_b[h] = Chunks(layout_b, h * kBM);
-  const T* a_base = static_cast<const T*>(p.a.ptr) + m0 + Chunks::off();
-  const T* b_base = static_cast<const T*>(p.b.ptr) + n0 + Chunks::off();
-  const int a_valid = valid_elements<Config::kVec>(p.m, m0 + Chunks::off());
-  int b_valid[kParts];
-  CUTE_UNROLL
-  for (int h = 0; h < kParts; ++h) b_valid[h] = valid_elements<Config::kVec>(p.n, n0 + h * kBM + Chunks::off());
-  // The index entries of this thread's lines are fetched one k tile ahead (load_a runs over the
-  // k tiles in order), so their latency hides behind a whole tile instead of stalling the copies.
-  std::int64_t a_next[Chunks::kCount];
-  std::int64_t b_next[Chunks::kCount];
-  auto fetch_entries = [&](int k_tile) {
-    const std::int64_t k0 = r0 + static_cast<std::int64_t>(k_tile) * kBK;
-    CUTE_UNROLL
-    for (int j = 0; j < Chunks::kCount; ++j) {
-      const std::int64_t r = k0 + Chunks::line(j);
-      const bool inside = r < r1;
-      a_next[j] = inside ? p.a.entry(r) : -1;
-      b_next[j] = inside ? p.b.entry(r) : -1;
-    }
-  };
-  fetch_entries(0);
-  // The rows of a tile: resolved by load_a, used by load_b right after it.
-  std::int64_t b_rows[Chunks::kCount];
-  auto load_a = [&](int stage, int k_tile) {
-    std::int64_t a_entries[Chunks::kCount];
-    CUTE_UNROLL
-    for (int j = 0; j < Chunks::kCount; ++j) {
-      a_entries[j] = a_next[j];
-      b_rows[j] = b_next[j] >= 0 ? p.b.divide(b_next[j]) : -1;
-    }
-    fetch_entries(k_tile + 1);
-    CUTE_UNROLL
-    for (int j = 0; j < Chunks::kCount; ++j) {
-      const bool inside = a_entries[j] >= 0;
-      const T* src = a_base + (inside ? p.a.divide(a_entries[j]) : 0) * p.a.ld;
-      chunks_a.template copy<kAligned>(smem_a, stage, j, src, inside ? a_valid : 0, a_base - Chunks::off() - m0);
-    }
-  };
-  auto load_b = [&](int stage, int) {
-    CUTE_UNROLL
-    for (int j = 0; j < Chunks::kCount; ++j) {
-      const bool inside = b_rows[j] >= 0;
-      const T* src = b_base + (inside ? b_rows[j] : 0) * p.b.ld;
-      CUTE_UNROLL
-      for (int h = 0; h < kParts; ++h) {
-        chunks_b[h].template copy<kAligned>(smem_b, stage, j, src + h * kBM, inside ? b_valid[h] : 0,
-                                            b_base - Chunks::off() - n0);
-      }
-    }
-  };
+  VarlenKCopies<Config, kAligned> copies(layout_a, layout_b);
+  copies.locate(p, e, m0, n0);
+  auto load_a = [&](int stage, int k_tile) { copies.load_a(p, smem_a, stage, k_tile); };
+  auto load_b = [&](int stage, int) { copies.load_b(p, smem_b, stage); };
 
   typename Config::template TiledMma<false, false> mma;
   Tensor acc = partition_fragment_C(mma, make_shape(Int<kBM>{}, Int<kBN>{}));
   clear(acc);
-  const int k_tiles = static_cast<int>((r1 - r0 + kBK - 1) / kBK);
+  const int k_tiles = copies.k_tiles();
   Config::template mainloop<false, false>(smem_a, smem_b, k_tiles, load_a, load_b, acc);
 
   Tensor coord = mma.get_slice(threadIdx.x).partition_C(make_identity_tensor(make_shape(Int<kBM>{}, Int<kBN>{})));

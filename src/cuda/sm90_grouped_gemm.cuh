@@ -12,6 +12,8 @@
 // chooses this path only on a device of compute capability 9.0.
 #pragma once
 
+#include <algorithm>
+
 #include <cute/tensor.hpp>
 #include <cutlass/arch/barrier.h>
 
@@ -58,9 +60,26 @@ struct Sm90GemmConfig {
     return swizzled_tile_layout<kKMajor, kMN, kBK, kStages>();
   }
 
+  // The pipeline's prologue: k tiles 0 .. kStages-3 in flight, one commit group each (empty past
+  // the end). Every stage must be free: no wgmma of this block reads one any more.
+  template <class LoadA, class LoadB>
+  static __device__ __forceinline__ void prologue(int k_tiles, LoadA&& load_a, LoadB&& load_b) {
+    CUTE_UNROLL
+    for (int t = 0; t < kStages - 2; ++t) {
+      if (t < k_tiles) {
+        load_a(t, t);
+        load_b(t, t);
+      }
+      cute::cp_async_fence();
+    }
+  }
+
+  // The k loop after the prologue: acc += the tile's product. On return every wgmma and copy of
+  // this thread has completed (the other warpgroups' wgmma may still run: synchronise before
+  // the stages are written again).
   template <bool kAKMajor, bool kBKMajor, class LoadA, class LoadB, class Accum>
-  static __device__ __forceinline__ void mainloop(T* smem_a, T* smem_b, int k_tiles, LoadA&& load_a,
-                                                  LoadB&& load_b, Accum& acc) {
+  static __device__ __forceinline__ void steady(T* smem_a, T* smem_b, int k_tiles, LoadA&& load_a,
+                                                LoadB&& load_b, Accum& acc) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     using namespace cute;
     Tensor sA = make_tensor(make_smem_ptr(smem_a), gmma_layout<kAKMajor, kBM>());  // (BM,BK,STAGES)
@@ -70,15 +89,6 @@ struct Sm90GemmConfig {
     Tensor tCrA = thr_mma.make_fragment_A(thr_mma.partition_A(sA));  // descriptors (MMA,M,K,STAGES)
     Tensor tCrB = thr_mma.make_fragment_B(thr_mma.partition_B(sB));  // descriptors (MMA,N,K,STAGES)
 
-    // Prologue: tiles 0 .. kStages-3 in flight, one commit group each (empty past the end).
-    CUTE_UNROLL
-    for (int t = 0; t < kStages - 2; ++t) {
-      if (t < k_tiles) {
-        load_a(t, t);
-        load_b(t, t);
-      }
-      cp_async_fence();
-    }
     int read_stage = 0;
     int write_stage = kStages - 2;
     CUTE_NO_UNROLL
@@ -110,7 +120,140 @@ struct Sm90GemmConfig {
     cp_async_wait<0>();
 #endif
   }
+
+  template <bool kAKMajor, bool kBKMajor, class LoadA, class LoadB, class Accum>
+  static __device__ __forceinline__ void mainloop(T* smem_a, T* smem_b, int k_tiles, LoadA&& load_a,
+                                                  LoadB&& load_b, Accum& acc) {
+    prologue(k_tiles, load_a, load_b);
+    steady<kAKMajor, kBKMajor>(smem_a, smem_b, k_tiles, load_a, load_b, acc);
+  }
 };
+
+// ---------------------------------------------------------------------------------------------
+// Persistent forms of the same kernels: one block per SM walks the tiles blockIdx.x, +gridDim.x,
+// ... of the schedule. Once a tile's k loop is done, the block starts the copies of its next
+// tile (the prologue) and only then writes the finished tile from registers, so the epilogue's
+// stores and the next tile's first copies overlap instead of following one another.
+
+// varlen-K tile number `linear`: expert-major, grouped raster over (M tiles, N tiles) within it.
+struct VarlenKTile {
+  int e;
+  std::int64_t m0;
+  std::int64_t n0;
+};
+
+template <int kBM, int kBN>
+__device__ __forceinline__ VarlenKTile varlen_k_tile(int m_tiles, int n_tiles, int linear) {
+  const int per_expert = m_tiles * n_tiles;
+  const RasterTile r = raster_tile(linear % per_expert, m_tiles, n_tiles, 8);
+  return VarlenKTile{linear / per_expert, static_cast<std::int64_t>(r.row) * kBM,
+                     static_cast<std::int64_t>(r.column) * kBN};
+}
+
+template <class Config, bool kBKMajor>
+__global__ void __launch_bounds__(Config::kThreads, 1)
+    sm90_persistent_varlen_m_gemm_kernel(VarlenMGemm p, const int* __restrict__ tile_prefix) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using namespace cute;
+  using T = typename Config::Element;
+  constexpr int kBM = Config::kBM;
+  constexpr int kBN = Config::kBN;
+  constexpr int kBK = Config::kBK;
+
+  const int row_tiles = p.num_experts ? tile_prefix[p.num_experts - 1] : 0;
+  const int column_tiles = static_cast<int>((p.n + kBN - 1) / kBN);
+  const int tiles = row_tiles * column_tiles;
+  int linear = static_cast<int>(blockIdx.x);
+  if (linear >= tiles) return;
+  const int k_tiles = static_cast<int>((p.k + kBK - 1) / kBK);
+
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  constexpr auto layout_a = Config::template copy_layout<true, kBM>();
+  constexpr auto layout_b = Config::template copy_layout<kBKMajor, kBN>();
+  T* smem_a = reinterpret_cast<T*>(smem_raw);
+  T* smem_b = smem_a + cosize(layout_a);
+
+  // `copies` always points at the tile being loaded: the next one while a tile is written.
+  VarlenMCopies<Config, kBKMajor, true> copies(layout_a, layout_b);
+  auto load_a = [&](int stage, int k_tile) { copies.load_a(p, smem_a, stage, k_tile); };
+  auto load_b = [&](int stage, int k_tile) { copies.load_b(p, smem_b, stage, k_tile); };
+  auto start = [&](int tile_number) {
+    const RasterTile r = raster_tile(tile_number, row_tiles, column_tiles, p.raster_group_rows);
+    const VarlenMTile t = varlen_m_tile<kBM, kBN>(p, tile_prefix, r.row, r.column);
+    copies.locate(p, t.e, t.row0, t.row_end, t.n0);
+    Config::prologue(k_tiles, load_a, load_b);
+    return t;
+  };
+
+  typename Config::template TiledMma<true, kBKMajor> mma;
+  Tensor acc = partition_fragment_C(mma, make_shape(Int<kBM>{}, Int<kBN>{}));
+  Tensor coord = mma.get_slice(threadIdx.x).partition_C(make_identity_tensor(make_shape(Int<kBM>{}, Int<kBN>{})));
+  VarlenMTile tile = start(linear);
+  while (true) {
+    clear(acc);
+    Config::template steady<true, kBKMajor>(smem_a, smem_b, k_tiles, load_a, load_b, acc);
+    const VarlenMTile done = tile;
+    linear += static_cast<int>(gridDim.x);
+    const bool more = linear < tiles;
+    if (more) {
+      __syncthreads();  // every warpgroup's wgmma has retired: the stages are free
+      tile = start(linear);
+    }
+    store_varlen_m_tile<T>(p, acc, coord, done.e, done.row0, done.row_end, done.n0);
+    if (!more) break;
+  }
+#endif
+}
+
+template <class Config>
+__global__ void __launch_bounds__(Config::kThreads, 1) sm90_persistent_varlen_k_gemm_kernel(VarlenKGemm p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using namespace cute;
+  using T = typename Config::Element;
+  constexpr int kBM = Config::kBM;
+  constexpr int kBN = Config::kBN;
+
+  const int m_tiles = static_cast<int>((p.m + kBM - 1) / kBM);
+  const int n_tiles = static_cast<int>((p.n + kBN - 1) / kBN);
+  const int tiles = p.num_experts * m_tiles * n_tiles;
+  int linear = static_cast<int>(blockIdx.x);
+  if (linear >= tiles) return;
+
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  constexpr auto layout_a = Config::template copy_layout<false, kBM>();
+  constexpr auto layout_b = Config::template copy_layout<false, kBN>();
+  T* smem_a = reinterpret_cast<T*>(smem_raw);
+  T* smem_b = smem_a + cosize(layout_a);
+
+  VarlenKCopies<Config, true> copies(layout_a, layout_b);
+  auto load_a = [&](int stage, int k_tile) { copies.load_a(p, smem_a, stage, k_tile); };
+  auto load_b = [&](int stage, int) { copies.load_b(p, smem_b, stage); };
+  auto start = [&](int tile_number) {
+    const VarlenKTile t = varlen_k_tile<kBM, kBN>(m_tiles, n_tiles, tile_number);
+    copies.locate(p, t.e, t.m0, t.n0);
+    Config::prologue(copies.k_tiles(), load_a, load_b);
+    return t;
+  };
+
+  typename Config::template TiledMma<false, false> mma;
+  Tensor acc = partition_fragment_C(mma, make_shape(Int<kBM>{}, Int<kBN>{}));
+  Tensor coord = mma.get_slice(threadIdx.x).partition_C(make_identity_tensor(make_shape(Int<kBM>{}, Int<kBN>{})));
+  VarlenKTile tile = start(linear);
+  while (true) {
+    clear(acc);
+    Config::template steady<false, false>(smem_a, smem_b, copies.k_tiles(), load_a, load_b, acc);
+    const VarlenKTile done = tile;
+    linear += static_cast<int>(gridDim.x);
+    const bool more = linear < tiles;
+    if (more) {
+      __syncthreads();
+      tile = start(linear);
+    }
+    store_varlen_k_tile<T>(p, acc, coord, done.e, done.m0, done.n0);
+    if (!more) break;
+  }
+#endif
+}
 
 // ---- the entry points of the sm90_*.cu instantiation files (declared in gemm.hpp) ----
 // 128 x 256 tiles, 4 stages, one block per SM: 128 x 128 ones (85 -> 64 flop per byte copied
@@ -127,6 +270,36 @@ void launch_sm90_varlen_m_gemm(const VarlenMGemm& g, const int* tile_prefix, cud
 template <class T>
 void launch_sm90_varlen_k_gemm(const VarlenKGemm& g, cudaStream_t stream) {
   launch_varlen_k_gemm_with<Sm90Config<T>, true>(g, stream);
+}
+
+// The persistent kernels: sm_count blocks at most (one per SM: 192 KiB of stages each).
+template <class T, bool kBKMajor>
+void launch_sm90_persistent_varlen_m_gemm(const VarlenMGemm& g, const int* tile_prefix, int sm_count,
+                                          cudaStream_t stream) {
+  using Config = Sm90Config<T>;
+  constexpr int smem = gemm_smem_bytes<Config, true, kBKMajor>();
+  auto kernel = sm90_persistent_varlen_m_gemm_kernel<Config, kBKMajor>;
+  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
+             "varlen-M GEMM: shared memory size");
+  const std::int64_t max_tiles = (static_cast<std::int64_t>(ceil_div(g.rows, Config::kBM)) + g.num_experts) *
+                                 ceil_div(g.n, Config::kBN);
+  const unsigned blocks = static_cast<unsigned>(std::min<std::int64_t>(sm_count, max_tiles));
+  kernel<<<blocks, Config::kThreads, smem, stream>>>(g, tile_prefix);
+  check_launch("varlen-M GEMM");
+}
+
+template <class T>
+void launch_sm90_persistent_varlen_k_gemm(const VarlenKGemm& g, int sm_count, cudaStream_t stream) {
+  using Config = Sm90Config<T>;
+  constexpr int smem = gemm_smem_bytes<Config, false, false>();
+  auto kernel = sm90_persistent_varlen_k_gemm_kernel<Config>;
+  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
+             "varlen-K GEMM: shared memory size");
+  const std::int64_t tiles = static_cast<std::int64_t>(g.num_experts) * ceil_div(g.m, Config::kBM) *
+                             ceil_div(g.n, Config::kBN);
+  const unsigned blocks = static_cast<unsigned>(std::min<std::int64_t>(sm_count, tiles));
+  kernel<<<blocks, Config::kThreads, smem, stream>>>(g);
+  check_launch("varlen-K GEMM");
 }
 
 }  // namespace scattermoe::cuda

@@ -117,37 +117,6 @@ __device__ __forceinline__ void ws_consume_tile(Pipeline& pipeline, State& read,
 // ---------------------------------------------------------------------------------------------
 // varlen-M: the schedule is (row tile, column tile) over tile_prefix[E-1] row tiles, in groups of
 // raster_group_rows row tiles that walk all column tiles together (L2 reuse of A rows and B).
-struct WsVarlenMTile {
-  int e;
-  std::int64_t row0;
-  std::int64_t row_end;
-  std::int64_t n0;
-};
-
-template <int kBM, int kBN>
-__device__ __forceinline__ WsVarlenMTile ws_varlen_m_tile(const VarlenMGemm& p, const int* tile_prefix,
-                                                          int row_tiles, int column_tiles, int linear) {
-  const int group = p.raster_group_rows;
-  const int first_row_tile = linear / (group * column_tiles) * group;
-  const int rows_here = min(row_tiles - first_row_tile, group);
-  const int in_group = linear % (group * column_tiles);
-  const int tile = first_row_tile + in_group % rows_here;
-  const int column_tile = in_group / rows_here;
-  int lo = 0;
-  int hi = p.num_experts - 1;
-  while (lo < hi) {
-    const int mid = (lo + hi) / 2;
-    if (tile_prefix[mid] > tile) hi = mid; else lo = mid + 1;
-  }
-  WsVarlenMTile t;
-  t.e = lo;
-  const std::int64_t expert_begin = lo ? p.expert_offsets[lo - 1] : 0;
-  t.row0 = expert_begin + static_cast<std::int64_t>(tile - (lo ? tile_prefix[lo - 1] : 0)) * kBM;
-  t.row_end = min(p.expert_offsets[lo], t.row0 + kBM);
-  t.n0 = static_cast<std::int64_t>(column_tile) * kBN;
-  return t;
-}
-
 template <class Config, bool kBKMajor>
 __global__ void __launch_bounds__(Config::kThreads, 1)
     sm90_ws_varlen_m_gemm_kernel(VarlenMGemm p, const int* __restrict__ tile_prefix) {
@@ -183,7 +152,8 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
     const T* a_base = static_cast<const T*>(p.a.ptr);
     auto write = cutlass::make_producer_start_state<Pipeline>();
     for (int linear = static_cast<int>(blockIdx.x); linear < tiles; linear += static_cast<int>(gridDim.x)) {
-      const WsVarlenMTile t = ws_varlen_m_tile<kBM, kBN>(p, tile_prefix, row_tiles, column_tiles, linear);
+      const RasterTile r = raster_tile(linear, row_tiles, column_tiles, p.raster_group_rows);
+      const VarlenMTile t = varlen_m_tile<kBM, kBN>(p, tile_prefix, r.row, r.column);
       const T* a_rows[ChunksA::kCount];
       CUTE_UNROLL
       for (int j = 0; j < ChunksA::kCount; ++j) {
@@ -226,7 +196,8 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
                        .partition_C(make_identity_tensor(make_shape(Int<kBM>{}, Int<kBN>{})));
     typename Pipeline::PipelineState read;
     for (int linear = static_cast<int>(blockIdx.x); linear < tiles; linear += static_cast<int>(gridDim.x)) {
-      const WsVarlenMTile t = ws_varlen_m_tile<kBM, kBN>(p, tile_prefix, row_tiles, column_tiles, linear);
+      const RasterTile r = raster_tile(linear, row_tiles, column_tiles, p.raster_group_rows);
+      const VarlenMTile t = varlen_m_tile<kBM, kBN>(p, tile_prefix, r.row, r.column);
       ws_consume_tile<Config, true, kBKMajor>(pipeline, read, smem_a, smem_b, k_tiles, acc);
       store_varlen_m_tile<T>(p, acc, coord, t.e, t.row0, t.row_end, t.n0);
     }
@@ -250,25 +221,6 @@ void launch_sm90_ws_varlen_m_gemm(const VarlenMGemm& g, const int* tile_prefix, 
 
 // ---------------------------------------------------------------------------------------------
 // varlen-K: the schedule is (expert, M tile, N tile), grouped raster within each expert.
-struct WsVarlenKTile {
-  int e;
-  std::int64_t m0;
-  std::int64_t n0;
-};
-
-template <int kBM, int kBN>
-__device__ __forceinline__ WsVarlenKTile ws_varlen_k_tile(int m_tiles, int n_tiles, int linear) {
-  constexpr int kGroup = 8;
-  const int per_expert = m_tiles * n_tiles;
-  const int e = linear / per_expert;
-  const int local = linear % per_expert;
-  const int first_row_tile = local / (kGroup * n_tiles) * kGroup;
-  const int rows_here = min(m_tiles - first_row_tile, kGroup);
-  const int in_group = local % (kGroup * n_tiles);
-  return WsVarlenKTile{e, static_cast<std::int64_t>(first_row_tile + in_group % rows_here) * kBM,
-                       static_cast<std::int64_t>(in_group / rows_here) * kBN};
-}
-
 template <class Config>
 __global__ void __launch_bounds__(Config::kThreads, 1) sm90_ws_varlen_k_gemm_kernel(VarlenKGemm p) {
 #ifdef SCATTERMOE_SM90_WS_BODY
@@ -304,7 +256,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1) sm90_ws_varlen_k_gemm_ker
     for (int h = 0; h < kParts; ++h) chunks_b[h] = Chunks(layout_b, h * kBM);
     auto write = cutlass::make_producer_start_state<Pipeline>();
     for (int linear = static_cast<int>(blockIdx.x); linear < tiles; linear += static_cast<int>(gridDim.x)) {
-      const WsVarlenKTile t = ws_varlen_k_tile<kBM, kBN>(m_tiles, n_tiles, linear);
+      const VarlenKTile t = varlen_k_tile<kBM, kBN>(m_tiles, n_tiles, linear);
       const std::int64_t r0 = t.e ? p.expert_offsets[t.e - 1] : 0;
       const std::int64_t r1 = p.expert_offsets[t.e];
       const int k_tiles = static_cast<int>((r1 - r0 + kBK - 1) / kBK);
@@ -362,7 +314,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1) sm90_ws_varlen_k_gemm_ker
                        .partition_C(make_identity_tensor(make_shape(Int<kBM>{}, Int<kBN>{})));
     typename Pipeline::PipelineState read;
     for (int linear = static_cast<int>(blockIdx.x); linear < tiles; linear += static_cast<int>(gridDim.x)) {
-      const WsVarlenKTile t = ws_varlen_k_tile<kBM, kBN>(m_tiles, n_tiles, linear);
+      const VarlenKTile t = varlen_k_tile<kBM, kBN>(m_tiles, n_tiles, linear);
       const std::int64_t r0 = t.e ? p.expert_offsets[t.e - 1] : 0;
       const int k_tiles = static_cast<int>((p.expert_offsets[t.e] - r0 + kBK - 1) / kBK);
       ws_consume_tile<Config, false, false>(pipeline, read, smem_a, smem_b, k_tiles, acc);
