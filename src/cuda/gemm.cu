@@ -95,12 +95,15 @@ bool use_warp_specialised() {
   return enabled;
 }
 
-// The persistent multistage kernels when SCATTERMOE_SM90_PERSISTENT=1 (being measured against
-// the one-tile-per-block ones, docs/perf.md).
-bool use_persistent() {
-  static const bool enabled = env_int("SCATTERMOE_SM90_PERSISTENT", 0) != 0;
-  return enabled;
+// Which GEMMs take the persistent multistage kernels: by default varlen-K alone (measured
+// faster there and slower for varlen-M, docs/perf.md step 13); SCATTERMOE_SM90_PERSISTENT=1 both
+// kinds, =0 neither.
+int persistent_setting() {
+  static const int setting = env_int("SCATTERMOE_SM90_PERSISTENT", -1);
+  return setting;
 }
+bool persistent_varlen_m() { return persistent_setting() == 1; }
+bool persistent_varlen_k() { return persistent_setting() != 0; }
 #endif
 
 }  // namespace
@@ -137,7 +140,7 @@ void run_varlen_m_gemm(DType dtype, const VarlenMGemm& g, void* workspace, cudaS
         if (use_warp_specialised()) {
           b_k_major ? launch_sm90_ws_varlen_m_gemm<T, true>(tuned, tile_prefix, sms, stream)
                     : launch_sm90_ws_varlen_m_gemm<T, false>(tuned, tile_prefix, sms, stream);
-        } else if (use_persistent()) {
+        } else if (persistent_varlen_m()) {
           b_k_major ? launch_sm90_persistent_varlen_m_gemm<T, true>(tuned, tile_prefix, sms, stream)
                     : launch_sm90_persistent_varlen_m_gemm<T, false>(tuned, tile_prefix, sms, stream);
         } else if (b_k_major) {
@@ -167,7 +170,7 @@ void run_varlen_k_gemm(DType dtype, const VarlenKGemm& g, cudaStream_t stream) {
       if (sms > 0 && chunks_aligned(g, 8)) {
         if (use_warp_specialised()) {
           launch_sm90_ws_varlen_k_gemm<T>(g, sms, stream);
-        } else if (use_persistent()) {
+        } else if (persistent_varlen_k()) {
           launch_sm90_persistent_varlen_k_gemm<T>(g, sms, stream);
         } else {
           launch_sm90_varlen_k_gemm<T>(g, stream);
