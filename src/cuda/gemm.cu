@@ -95,15 +95,18 @@ bool use_warp_specialised() {
   return enabled;
 }
 
-// Which GEMMs take the persistent multistage kernels: by default varlen-K alone (measured
-// faster there and slower for varlen-M, docs/perf.md step 13); SCATTERMOE_SM90_PERSISTENT=1 both
-// kinds, =0 neither.
+// Which GEMMs take the persistent multistage kernels: by default the varlen-M ones whose weight
+// is N-major (dA' and dX: 7-8% faster per kernel on mixtral, where the K-major up|gate GEMM is 6%
+// slower and varlen-K even; docs/perf.md step 15); SCATTERMOE_SM90_PERSISTENT=1 every GEMM,
+// =0 none.
 int persistent_setting() {
   static const int setting = env_int("SCATTERMOE_SM90_PERSISTENT", -1);
   return setting;
 }
-bool persistent_varlen_m() { return persistent_setting() == 1; }
-bool persistent_varlen_k() { return persistent_setting() != 0; }
+bool persistent_varlen_m(bool b_k_major) {
+  return persistent_setting() == 1 || (persistent_setting() < 0 && !b_k_major);
+}
+bool persistent_varlen_k() { return persistent_setting() == 1; }
 #endif
 
 }  // namespace
@@ -140,7 +143,7 @@ void run_varlen_m_gemm(DType dtype, const VarlenMGemm& g, void* workspace, cudaS
         if (use_warp_specialised()) {
           b_k_major ? launch_sm90_ws_varlen_m_gemm<T, true>(tuned, tile_prefix, sms, stream)
                     : launch_sm90_ws_varlen_m_gemm<T, false>(tuned, tile_prefix, sms, stream);
-        } else if (persistent_varlen_m()) {
+        } else if (persistent_varlen_m(b_k_major)) {
           b_k_major ? launch_sm90_persistent_varlen_m_gemm<T, true>(tuned, tile_prefix, sms, stream)
                     : launch_sm90_persistent_varlen_m_gemm<T, false>(tuned, tile_prefix, sms, stream);
         } else if (b_k_major) {
