@@ -95,9 +95,9 @@ bool use_warp_specialised() {
   return enabled;
 }
 
-// Which GEMMs take the persistent multistage kernels: by default the varlen-M ones whose weight
-// is N-major (dA' and dX: 7-8% faster per kernel on mixtral, where the K-major up|gate GEMM is 6%
-// slower and varlen-K even; docs/perf.md step 15); SCATTERMOE_SM90_PERSISTENT=1 every GEMM,
+// Which GEMMs take the persistent multistage kernels: by default varlen-K and the varlen-M ones
+// whose weight is N-major (dA' and dX: 7-8% faster per kernel on mixtral, where the K-major
+// up|gate GEMM is 6% slower; docs/perf.md step 15); SCATTERMOE_SM90_PERSISTENT=1 every GEMM,
 // =0 none.
 int persistent_setting() {
   static const int setting = env_int("SCATTERMOE_SM90_PERSISTENT", -1);
@@ -106,7 +106,7 @@ int persistent_setting() {
 bool persistent_varlen_m(bool b_k_major) {
   return persistent_setting() == 1 || (persistent_setting() < 0 && !b_k_major);
 }
-bool persistent_varlen_k() { return persistent_setting() == 1; }
+bool persistent_varlen_k() { return persistent_setting() != 0; }
 #endif
 
 }  // namespace
