@@ -390,7 +390,7 @@ MlpForwardScratch mlp_forward_layout(detail::WorkspaceCarver& carver, const MlpA
 }
 
 // The backward's scratch in two regions whose contents change as the pass goes on (one stream,
-// so each buffer is dead before the next one written over it):
+// so each buffer is dead before the next one is written over it):
 //   P (L x h1): A = act(H) (L x h, compact) until dW2 is done, then dH.
 //   Q: dA' (L x h), and the gated dOut rows (L x d) behind it when db2 needs them, until dH is
 //      computed; then the dX rows (L x d) before the k-sum.

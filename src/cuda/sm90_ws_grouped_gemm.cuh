@@ -96,6 +96,9 @@ __device__ __forceinline__ void ws_consume_tile(Pipeline& pipeline, State& read,
   State release = read;
   for (int t = 0; t < k_tiles; ++t) {
     pipeline.consumer_wait(read);
+    // The stage was written by cp.async (the generic proxy) and wgmma reads it through the async
+    // proxy: order the two, as the multistage mainloop does before its barrier.
+    cutlass::arch::fence_view_async_shared();
     warpgroup_fence_operand(acc);
     warpgroup_arrive();
     gemm(mma, tCrA(_, _, _, read.index()), tCrB(_, _, _, read.index()), acc);
