@@ -107,6 +107,13 @@ bool persistent_varlen_m(bool b_k_major) {
   return persistent_setting() == 1 || (persistent_setting() < 0 && !b_k_major);
 }
 bool persistent_varlen_k() { return persistent_setting() != 0; }
+
+// The varlen-M kernels that load weight tiles by TMA when SCATTERMOE_SM90_TMA=1 (being measured,
+// docs/perf.md).
+bool use_weight_tma() {
+  static const bool enabled = env_int("SCATTERMOE_SM90_TMA", 0) != 0;
+  return enabled;
+}
 #endif
 
 }  // namespace
@@ -143,6 +150,9 @@ void run_varlen_m_gemm(DType dtype, const VarlenMGemm& g, void* workspace, cudaS
         if (use_warp_specialised()) {
           b_k_major ? launch_sm90_ws_varlen_m_gemm<T, true>(tuned, tile_prefix, sms, stream)
                     : launch_sm90_ws_varlen_m_gemm<T, false>(tuned, tile_prefix, sms, stream);
+        } else if (use_weight_tma() && weight_tma_possible(g, sizeof(T))) {
+          b_k_major ? launch_sm90_tma_varlen_m_gemm<T, true>(tuned, tile_prefix, stream)
+                    : launch_sm90_tma_varlen_m_gemm<T, false>(tuned, tile_prefix, stream);
         } else if (persistent_varlen_m(b_k_major)) {
           b_k_major ? launch_sm90_persistent_varlen_m_gemm<T, true>(tuned, tile_prefix, sms, stream)
                     : launch_sm90_persistent_varlen_m_gemm<T, false>(tuned, tile_prefix, sms, stream);

@@ -63,6 +63,17 @@ inline bool chunks_aligned(const VarlenMGemm& g, int vec) {
          (b_k_major ? chunks_aligned(g.b, g.b_stride_n, g.b_expert_stride, g.k, vec)
                     : chunks_aligned(g.b, g.b_stride_k, g.b_expert_stride, g.n, vec));
 }
+// Whether the driver can describe the weights of g for TMA: 16-byte aligned base and strides,
+// strides below 2^40 bytes, and a real expert stride (a broadcast weight, stride 0, keeps the
+// cp.async kernels).
+inline bool weight_tma_possible(const VarlenMGemm& g, std::int64_t element_bytes) {
+  const std::int64_t limit = std::int64_t{1} << 40;
+  const std::int64_t line = (g.b_stride_k == 1 ? g.b_stride_n : g.b_stride_k) * element_bytes;
+  const std::int64_t expert = g.b_expert_stride * element_bytes;
+  const bool experts_ok = g.num_experts == 1 || (expert > 0 && expert < limit && expert % 16 == 0);
+  return reinterpret_cast<std::uintptr_t>(g.b) % 16 == 0 && line > 0 && line < limit && line % 16 == 0 &&
+         experts_ok;
+}
 inline bool chunks_aligned(const VarlenKGemm& g, int vec) {
   return chunks_aligned(g.a.ptr, g.a.ld, g.m, 0, vec) && chunks_aligned(g.b.ptr, g.b.ld, g.n, 0, vec);
 }
@@ -93,6 +104,10 @@ void launch_sm90_persistent_varlen_m_gemm(const VarlenMGemm& g, const int* tile_
                                           cudaStream_t stream);
 template <class T>
 void launch_sm90_persistent_varlen_k_gemm(const VarlenKGemm& g, int sm_count, cudaStream_t stream);
+// varlen-M with the weight tiles loaded by TMA (sm90_tma_*.cu): also needs
+// weight_tma_possible(g, element size).
+template <class T, bool kBKMajor>
+void launch_sm90_tma_varlen_m_gemm(const VarlenMGemm& g, const int* tile_prefix, cudaStream_t stream);
 // The persistent warp-specialised wgmma kernels (sm90_ws_*.cu): same conditions, one block per
 // SM (sm_count of them at most).
 template <class T, bool kBKMajor>

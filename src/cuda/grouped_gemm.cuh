@@ -276,12 +276,21 @@ struct VarlenMCopies {
 
   __device__ __forceinline__ void locate(const VarlenMGemm& p, int e, std::int64_t row0,
                                          std::int64_t row_end, std::int64_t n0) {
+    locate_rows(p, row0, row_end);
+    locate_weight(p, e, n0);
+  }
+
+  // A alone (for kernels whose B tiles come another way).
+  __device__ __forceinline__ void locate_rows(const VarlenMGemm& p, std::int64_t row0, std::int64_t row_end) {
     const T* a_base = static_cast<const T*>(p.a.ptr);
     CUTE_UNROLL
     for (int j = 0; j < ChunksA::kCount; ++j) {
       const std::int64_t i = row0 + ChunksA::line(j);
       a_rows[j] = i < row_end ? a_base + p.a.row(i) * p.a.ld + ChunksA::off() : nullptr;
     }
+  }
+
+  __device__ __forceinline__ void locate_weight(const VarlenMGemm& p, int e, std::int64_t n0) {
     const T* b_base = static_cast<const T*>(p.b) + e * p.b_expert_stride;
     CUTE_UNROLL
     for (int j = 0; j < ChunksB::kCount; ++j) {

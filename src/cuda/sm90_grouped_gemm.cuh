@@ -53,6 +53,14 @@ struct Sm90GemmConfig {
     return tile_to_shape(Atom{}, make_shape(Int<kMN>{}, Int<kBK>{}, Int<kStages>{}));
   }
 
+  // One stage of gmma_layout, (MN, BK): the box a TMA copy fills.
+  template <bool kKMajor, int kMN>
+  static constexpr auto gmma_stage_layout() {
+    using namespace cute;
+    using Atom = std::conditional_t<kKMajor, GMMA::Layout_K_SW128_Atom<T>, GMMA::Layout_MN_SW128_Atom<T>>;
+    return tile_to_shape(Atom{}, make_shape(Int<kMN>{}, Int<kBK>{}));
+  }
+
   // The same layouts as plain element offsets, for the copies (swizzled_tile_layout: the
   // shared-memory base is 1024-byte aligned).
   template <bool kKMajor, int kMN>
@@ -77,9 +85,17 @@ struct Sm90GemmConfig {
   // The k loop after the prologue: acc += the tile's product. On return every wgmma and copy of
   // this thread has completed (the other warpgroups' wgmma may still run: synchronise before
   // the stages are written again).
+  // wait_b(stage) returns once that stage's B tile has landed when B comes by TMA (cp.async
+  // copies are waited for here); the other overload has nothing to wait for.
   template <bool kAKMajor, bool kBKMajor, class LoadA, class LoadB, class Accum>
   static __device__ __forceinline__ void steady(T* smem_a, T* smem_b, int k_tiles, LoadA&& load_a,
                                                 LoadB&& load_b, Accum& acc) {
+    steady<kAKMajor, kBKMajor>(smem_a, smem_b, k_tiles, load_a, load_b, acc, [](int) {});
+  }
+
+  template <bool kAKMajor, bool kBKMajor, class LoadA, class LoadB, class Accum, class WaitB>
+  static __device__ __forceinline__ void steady(T* smem_a, T* smem_b, int k_tiles, LoadA&& load_a,
+                                                LoadB&& load_b, Accum& acc, WaitB&& wait_b) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     using namespace cute;
     Tensor sA = make_tensor(make_smem_ptr(smem_a), gmma_layout<kAKMajor, kBM>());  // (BM,BK,STAGES)
@@ -96,6 +112,7 @@ struct Sm90GemmConfig {
       // Tile t has landed (this thread's copies); make them visible to the async proxy that
       // wgmma reads through, then to every thread.
       cp_async_wait<kStages - 3>();
+      wait_b(read_stage);
       cutlass::arch::fence_view_async_shared();
       __syncthreads();
       warpgroup_fence_operand(acc);

@@ -1,0 +1,125 @@
+// varlen-M wgmma GEMMs whose weight tiles come by TMA (sm_90a), written with CuTe.
+//
+// The multistage kernel of sm90_grouped_gemm.cuh with one change: each stage's B tile (expert
+// e's BN x BK weight block) is one TMA copy issued by one thread, instead of BN x BK / 8 16-byte
+// cp.async spread over the block, so the threads' copies are only the gathered A rows (a third
+// of the bytes). The TMA completes a transaction barrier per stage; the k loop waits on it beside
+// the cp.async group of A. Token rows cannot come by TMA (it cannot gather), weights can: they
+// are one (N, K, E) tensor, described once per launch on the host.
+//
+// Compiled for sm_90a only (sm90_tma_*.cu); elsewhere the kernel is empty and never launched.
+#pragma once
+
+#include <cstdint>
+#include <utility>
+
+#include <cute/tensor.hpp>
+#include <cute/arch/copy_sm90_tma.hpp>
+#include <cute/atom/copy_traits_sm90_tma.hpp>
+#include <cutlass/arch/barrier.h>
+
+#include "cuda/sm90_grouped_gemm.cuh"
+
+namespace scattermoe::cuda {
+
+// The weights as one (N, K, E) tensor (unit stride along K when kBKMajor, else along N) and its
+// TMA copy into one (BN, BK) stage of Config's GMMA layout.
+template <class Config, bool kBKMajor>
+auto make_weight_tma(const VarlenMGemm& g) {
+  using namespace cute;
+  using T = typename Config::Element;
+  auto shape = make_shape(static_cast<int>(g.n), static_cast<int>(g.k), g.num_experts);
+  auto stride = [&] {
+    if constexpr (kBKMajor) {
+      return make_stride(g.b_stride_n, Int<1>{}, g.b_expert_stride);
+    } else {
+      return make_stride(Int<1>{}, g.b_stride_k, g.b_expert_stride);
+    }
+  }();
+  Tensor weights = make_tensor(make_gmem_ptr(static_cast<const T*>(g.b)), make_layout(shape, stride));
+  return make_tma_copy(SM90_TMA_LOAD{}, weights, Config::template gmma_stage_layout<kBKMajor, Config::kBN>());
+}
+
+template <class Config, bool kBKMajor, class WeightTma>
+__global__ void __launch_bounds__(Config::kThreads, 1)
+    sm90_tma_varlen_m_gemm_kernel(VarlenMGemm p, const int* __restrict__ tile_prefix,
+                                  CUTE_GRID_CONSTANT WeightTma const weight_tma) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using namespace cute;
+  using T = typename Config::Element;
+  using Barrier = cutlass::arch::ClusterTransactionBarrier;
+  constexpr int kBM = Config::kBM;
+  constexpr int kBN = Config::kBN;
+  constexpr int kBK = Config::kBK;
+  constexpr int kStages = Config::kStages;
+  constexpr std::uint32_t kWeightTileBytes = kBN * kBK * sizeof(T);
+
+  const RasterTile raster = grouped_raster(p.raster_group_rows);
+  if (p.num_experts == 0 || raster.row >= tile_prefix[p.num_experts - 1]) return;
+  const VarlenMTile t = varlen_m_tile<kBM, kBN>(p, tile_prefix, raster.row, raster.column);
+
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  constexpr auto layout_a = Config::template copy_layout<true, kBM>();
+  constexpr auto layout_b = Config::template copy_layout<kBKMajor, kBN>();
+  T* smem_a = reinterpret_cast<T*>(smem_raw);
+  T* smem_b = smem_a + cosize(layout_a);
+  // One transaction barrier per stage, after the operand stages: its TMA completes it.
+  std::uint64_t* full = reinterpret_cast<std::uint64_t*>(smem_b + cosize(layout_b));
+  if (threadIdx.x == 0) {
+    CUTE_UNROLL
+    for (int s = 0; s < kStages; ++s) Barrier::init(&full[s], 1);
+    cutlass::arch::fence_barrier_init();
+  }
+  __syncthreads();
+
+  VarlenMCopies<Config, kBKMajor, true> copies(layout_a, layout_b);
+  copies.locate_rows(p, t.row0, t.row_end);
+  auto load_a = [&](int stage, int k_tile) { copies.load_a(p, smem_a, stage, k_tile); };
+
+  // Expert e's (BN, BK) weight tiles along k, and the stages they land in.
+  Tensor m_b = weight_tma.get_tma_tensor(make_shape(static_cast<int>(p.n), static_cast<int>(p.k), p.num_experts));
+  Tensor g_b = local_tile(m_b(_, _, t.e), make_shape(Int<kBN>{}, Int<kBK>{}),
+                          make_coord(static_cast<int>(t.n0 / kBN), _));                        // (BN,BK,k)
+  Tensor s_b = make_tensor(make_smem_ptr(smem_b), Config::template gmma_layout<kBKMajor, kBN>());  // (BN,BK,STAGES)
+  auto cta_tma = weight_tma.get_slice(Int<0>{});
+  Tensor tBgB = cta_tma.partition_S(g_b);  // (TMA,TMA_N,TMA_K,k)
+  Tensor tBsB = cta_tma.partition_D(s_b);  // (TMA,TMA_N,TMA_K,STAGES)
+  auto load_b = [&](int stage, int k_tile) {
+    if (threadIdx.x == 0) {
+      Barrier::arrive_and_expect_tx(&full[stage], kWeightTileBytes);
+      copy(weight_tma.with(full[stage]), tBgB(_, _, _, k_tile), tBsB(_, _, _, stage));
+    }
+  };
+  std::uint32_t phases = 0;  // bit s: the parity stage s's barrier completes with next
+  auto wait_b = [&](int stage) {
+    Barrier::wait(&full[stage], (phases >> stage) & 1u);
+    phases ^= 1u << stage;
+  };
+
+  typename Config::template TiledMma<true, kBKMajor> mma;
+  Tensor acc = partition_fragment_C(mma, make_shape(Int<kBM>{}, Int<kBN>{}));
+  clear(acc);
+  const int k_tiles = static_cast<int>((p.k + kBK - 1) / kBK);
+  Config::prologue(k_tiles, load_a, load_b);
+  Config::template steady<true, kBKMajor>(smem_a, smem_b, k_tiles, load_a, load_b, acc, wait_b);
+
+  Tensor coord = mma.get_slice(threadIdx.x).partition_C(make_identity_tensor(make_shape(Int<kBM>{}, Int<kBN>{})));
+  store_varlen_m_tile<T>(p, acc, coord, t.e, t.row0, t.row_end, t.n0);
+#endif
+}
+
+// The caller checked chunks_aligned and weight_tma_possible (gemm.hpp).
+template <class T, bool kBKMajor>
+void launch_sm90_tma_varlen_m_gemm(const VarlenMGemm& g, const int* tile_prefix, cudaStream_t stream) {
+  using Config = Sm90Config<T>;
+  const auto weight_tma = make_weight_tma<Config, kBKMajor>(g);
+  auto kernel = sm90_tma_varlen_m_gemm_kernel<Config, kBKMajor, std::remove_const_t<decltype(weight_tma)>>;
+  constexpr int smem = gemm_smem_bytes<Config, true, kBKMajor>() + Config::kStages * static_cast<int>(sizeof(std::uint64_t));
+  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
+             "varlen-M GEMM: shared memory size");
+  const dim3 grid(ceil_div(g.rows, Config::kBM) + static_cast<unsigned>(g.num_experts), ceil_div(g.n, Config::kBN));
+  kernel<<<grid, Config::kThreads, smem, stream>>>(g, tile_prefix, weight_tma);
+  check_launch("varlen-M GEMM");
+}
+
+}  // namespace scattermoe::cuda
