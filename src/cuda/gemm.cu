@@ -108,11 +108,12 @@ bool persistent_varlen_m(bool b_k_major) {
 }
 bool persistent_varlen_k() { return persistent_setting() != 0; }
 
-// The varlen-M kernels that load weight tiles by TMA when SCATTERMOE_SM90_TMA=1 (being measured,
-// docs/perf.md).
-bool use_weight_tma() {
-  static const bool enabled = env_int("SCATTERMOE_SM90_TMA", 0) != 0;
-  return enabled;
+// Which varlen-M GEMMs load their weight tiles by TMA: by default those with K-major weights
+// (one 256 x 64 box per stage; measured 7-17% faster), not the N-major ones (32 small boxes per
+// stage, slower; docs/perf.md step 16); SCATTERMOE_SM90_TMA=1 all, =0 none.
+bool use_weight_tma(bool b_k_major) {
+  static const int setting = env_int("SCATTERMOE_SM90_TMA", -1);
+  return setting == 1 || (setting < 0 && b_k_major);
 }
 #endif
 
@@ -150,7 +151,7 @@ void run_varlen_m_gemm(DType dtype, const VarlenMGemm& g, void* workspace, cudaS
         if (use_warp_specialised()) {
           b_k_major ? launch_sm90_ws_varlen_m_gemm<T, true>(tuned, tile_prefix, sms, stream)
                     : launch_sm90_ws_varlen_m_gemm<T, false>(tuned, tile_prefix, sms, stream);
-        } else if (use_weight_tma() && weight_tma_possible(g, sizeof(T))) {
+        } else if (use_weight_tma(b_k_major) && weight_tma_possible(g, sizeof(T))) {
           b_k_major ? launch_sm90_tma_varlen_m_gemm<T, true>(tuned, tile_prefix, stream)
                     : launch_sm90_tma_varlen_m_gemm<T, false>(tuned, tile_prefix, stream);
         } else if (persistent_varlen_m(b_k_major)) {
