@@ -21,7 +21,10 @@
 
 namespace scattermoe::cuda {
 
-template <class T, int BM, int BN, int Stages>
+// kKFirst: MN-major tiles place their 64 x 8 swizzle atoms K-first (a 64-column block is 64 x 64
+// contiguous), so a TMA box covers 64 x 64 instead of one 64 x 8 atom; the cp.async kernels keep
+// the MN-first order their copy layout assumes.
+template <class T, int BM, int BN, int Stages, bool kKFirst = false>
 struct Sm90GemmConfig {
   static_assert(sizeof(T) == 2, "the wgmma path takes 16-bit operands");
   static_assert(BM % 64 == 0 && Stages >= 3, "one warpgroup per 64 rows; at least three stages");
@@ -50,7 +53,11 @@ struct Sm90GemmConfig {
   static constexpr auto gmma_layout() {
     using namespace cute;
     using Atom = std::conditional_t<kKMajor, GMMA::Layout_K_SW128_Atom<T>, GMMA::Layout_MN_SW128_Atom<T>>;
-    return tile_to_shape(Atom{}, make_shape(Int<kMN>{}, Int<kBK>{}, Int<kStages>{}));
+    if constexpr (!kKMajor && kKFirst) {
+      return tile_to_shape(Atom{}, make_shape(Int<kMN>{}, Int<kBK>{}, Int<kStages>{}), Step<_2, _1, _3>{});
+    } else {
+      return tile_to_shape(Atom{}, make_shape(Int<kMN>{}, Int<kBK>{}, Int<kStages>{}));
+    }
   }
 
   // One stage of gmma_layout, (MN, BK): the box a TMA copy fills.
@@ -58,7 +65,11 @@ struct Sm90GemmConfig {
   static constexpr auto gmma_stage_layout() {
     using namespace cute;
     using Atom = std::conditional_t<kKMajor, GMMA::Layout_K_SW128_Atom<T>, GMMA::Layout_MN_SW128_Atom<T>>;
-    return tile_to_shape(Atom{}, make_shape(Int<kMN>{}, Int<kBK>{}));
+    if constexpr (!kKMajor && kKFirst) {
+      return tile_to_shape(Atom{}, make_shape(Int<kMN>{}, Int<kBK>{}), Step<_2, _1>{});
+    } else {
+      return tile_to_shape(Atom{}, make_shape(Int<kMN>{}, Int<kBK>{}));
+    }
   }
 
   // The same layouts as plain element offsets, for the copies (swizzled_tile_layout: the

@@ -1,8 +1,8 @@
 // varlen-M wgmma GEMMs whose weight tiles come by TMA (sm_90a), written with CuTe.
 //
 // The multistage kernel of sm90_grouped_gemm.cuh with one change: each stage's B tile (expert
-// e's BN x BK weight block) is one TMA copy issued by one thread, instead of BN x BK / 8 16-byte
-// cp.async spread over the block, so the threads' copies are only the gathered A rows (a third
+// e's BN x BK weight block) comes by TMA copies issued by one thread (one box when the weights
+// are K-major, four when N-major), instead of BN x BK / 8 16-byte cp.async spread over the block, so the threads' copies are only the gathered A rows (a third
 // of the bytes). The TMA completes a transaction barrier per stage; the k loop waits on it beside
 // the cp.async group of A. Token rows cannot come by TMA (it cannot gather), weights can: they
 // are one (N, K, E) tensor, described once per launch on the host.
@@ -109,9 +109,14 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
 }
 
 // The caller checked chunks_aligned and weight_tma_possible (gemm.hpp).
+// The tile configuration: that of the cp.async kernels, with N-major weight stages ordered K-first
+// (4 TMA boxes of 64 x 64 per stage instead of 32 of 64 x 8).
+template <class T>
+using Sm90TmaConfig = Sm90GemmConfig<T, 128, 256, 4, true>;
+
 template <class T, bool kBKMajor>
 void launch_sm90_tma_varlen_m_gemm(const VarlenMGemm& g, const int* tile_prefix, cudaStream_t stream) {
-  using Config = Sm90Config<T>;
+  using Config = Sm90TmaConfig<T>;
   const auto weight_tma = make_weight_tma<Config, kBKMajor>(g);
   auto kernel = sm90_tma_varlen_m_gemm_kernel<Config, kBKMajor, std::remove_const_t<decltype(weight_tma)>>;
   constexpr int smem = gemm_smem_bytes<Config, true, kBKMajor>() + Config::kStages * static_cast<int>(sizeof(std::uint64_t));
