@@ -88,13 +88,6 @@ int sm90_device_sms() {
 }
 
 #ifdef SCATTERMOE_HAS_SM90
-// The persistent warp-specialised kernels when SCATTERMOE_SM90_WS=1; by default the multistage
-// ones, measured faster so far (docs/perf.md).
-bool use_warp_specialised() {
-  static const bool enabled = env_int("SCATTERMOE_SM90_WS", 0) != 0;
-  return enabled;
-}
-
 // Which GEMMs take the persistent multistage kernels: by default varlen-K and the varlen-M ones
 // whose weight is N-major (dA' and dX: 7-8% faster per kernel on mixtral, where the K-major
 // up|gate GEMM is 6% slower; docs/perf.md step 15); SCATTERMOE_SM90_PERSISTENT=1 every GEMM,
@@ -148,10 +141,7 @@ void run_varlen_m_gemm(DType dtype, const VarlenMGemm& g, void* workspace, cudaS
       const int sms = sm90_device_sms();
       if (sms > 0 && chunks_aligned(g, 8)) {
         // The wgmma tiles have 128 rows, like the mma.sync ones: the same tile list serves.
-        if (use_warp_specialised()) {
-          b_k_major ? launch_sm90_ws_varlen_m_gemm<T, true>(tuned, tile_prefix, sms, stream)
-                    : launch_sm90_ws_varlen_m_gemm<T, false>(tuned, tile_prefix, sms, stream);
-        } else if (use_weight_tma(b_k_major) && weight_tma_possible(g, sizeof(T))) {
+        if (use_weight_tma(b_k_major) && weight_tma_possible(g, sizeof(T))) {
           b_k_major ? launch_sm90_tma_varlen_m_gemm<T, true>(tuned, tile_prefix, stream)
                     : launch_sm90_tma_varlen_m_gemm<T, false>(tuned, tile_prefix, stream);
         } else if (persistent_varlen_m(b_k_major)) {
@@ -182,9 +172,7 @@ void run_varlen_k_gemm(DType dtype, const VarlenKGemm& g, cudaStream_t stream) {
     if constexpr (sizeof(T) == 2) {
       const int sms = sm90_device_sms();
       if (sms > 0 && chunks_aligned(g, 8)) {
-        if (use_warp_specialised()) {
-          launch_sm90_ws_varlen_k_gemm<T>(g, sms, stream);
-        } else if (persistent_varlen_k()) {
+        if (persistent_varlen_k()) {
           launch_sm90_persistent_varlen_k_gemm<T>(g, sms, stream);
         } else {
           launch_sm90_varlen_k_gemm<T>(g, stream);

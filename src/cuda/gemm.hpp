@@ -108,11 +108,5 @@ void launch_sm90_persistent_varlen_k_gemm(const VarlenKGemm& g, int sm_count, cu
 // weight_tma_possible(g, element size).
 template <class T, bool kBKMajor>
 void launch_sm90_tma_varlen_m_gemm(const VarlenMGemm& g, const int* tile_prefix, cudaStream_t stream);
-// The persistent warp-specialised wgmma kernels (sm90_ws_*.cu): same conditions, one block per
-// SM (sm_count of them at most).
-template <class T, bool kBKMajor>
-void launch_sm90_ws_varlen_m_gemm(const VarlenMGemm& g, const int* tile_prefix, int sm_count, cudaStream_t stream);
-template <class T>
-void launch_sm90_ws_varlen_k_gemm(const VarlenKGemm& g, int sm_count, cudaStream_t stream);
 
 }  // namespace scattermoe::cuda
