@@ -102,8 +102,8 @@ bool persistent_varlen_m(bool b_k_major) {
 bool persistent_varlen_k() { return persistent_setting() != 0; }
 
 // Which varlen-M GEMMs load their weight tiles by TMA: by default those with K-major weights
-// (one 256 x 64 box per stage; measured 7-17% faster), not the N-major ones (32 small boxes per
-// stage, slower; docs/perf.md step 16); SCATTERMOE_SM90_TMA=1 all, =0 none.
+// (measured 7-17% faster), not the N-major ones (slower in the form measured, docs/perf.md step
+// 16; step 17's form is not measured yet); SCATTERMOE_SM90_TMA=1 all, =0 none.
 bool use_weight_tma(bool b_k_major) {
   static const int setting = env_int("SCATTERMOE_SM90_TMA", -1);
   return setting == 1 || (setting < 0 && b_k_major);
