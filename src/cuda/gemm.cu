@@ -101,12 +101,12 @@ bool persistent_varlen_m(bool b_k_major) {
 }
 bool persistent_varlen_k() { return persistent_setting() != 0; }
 
-// Which varlen-M GEMMs load their weight tiles by TMA: by default those with K-major weights
-// (measured 7-17% faster), not the N-major ones (slower in the form measured, docs/perf.md step
-// 16; step 17's form is not measured yet); SCATTERMOE_SM90_TMA=1 all, =0 none.
-bool use_weight_tma(bool b_k_major) {
-  static const int setting = env_int("SCATTERMOE_SM90_TMA", -1);
-  return setting == 1 || (setting < 0 && b_k_major);
+// Which varlen-M GEMMs load their weight tiles by TMA: by default all (K-major weights measured
+// 7-17% faster, docs/perf.md step 16; N-major ones, in 64 x 64 boxes, 7-10% faster per kernel
+// than the persistent cp.async kernel, step 17); SCATTERMOE_SM90_TMA=0 none.
+bool use_weight_tma(bool) {
+  static const int setting = env_int("SCATTERMOE_SM90_TMA", 1);
+  return setting != 0;
 }
 #endif
 

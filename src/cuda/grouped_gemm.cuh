@@ -4,7 +4,7 @@
 // an index list, so no grouped copy of the input is ever made) into a multi-stage pipeline; the
 // configuration's mainloop multiplies them (mma.sync on sm_80+: sm80_grouped_gemm.cuh; wgmma on
 // sm_90a: sm90_grouped_gemm.cuh) into fp32 accumulators, and the epilogue adds the bias and
-// writes rows straight to their destination.
+// writes rows to their destination through a staging tile in shared memory.
 //
 // A configuration provides: Element, kBM, kBN, kBK, kStages, kThreads, kVec (elements per
 // 16-byte chunk), kMinBlocks (blocks per SM to fit in registers), copy_layout<kKMajor, kMN>() (the (MN, BK, STAGES) shared-memory layout, as
@@ -102,21 +102,6 @@ __device__ __forceinline__ int valid_elements(std::int64_t extent, std::int64_t 
   return left <= 0 ? 0 : (left >= kVec ? kVec : static_cast<int>(left));
 }
 
-// Stores two results of adjacent columns (n, n+1) of one row: one wide store when both are in
-// range and the address allows it, else element by element.
-template <class T>
-__device__ __forceinline__ void store_pair(T* dst, float first, float second, bool second_in_range) {
-  struct alignas(2 * sizeof(T)) Pair {
-    T x, y;
-  };
-  if (second_in_range && reinterpret_cast<std::uintptr_t>(dst) % sizeof(Pair) == 0) {
-    *reinterpret_cast<Pair*>(dst) = Pair{T(first), T(second)};
-  } else {
-    dst[0] = T(first);
-    if (second_in_range) dst[1] = T(second);
-  }
-}
-
 // Whether accumulator values v and v+1 of this thread sit in adjacent columns of one row (true
 // for the tensor-op fragments; the compiler folds it, the thread offset cancelling out).
 template <class Coord>
@@ -176,77 +161,147 @@ __device__ __forceinline__ VarlenMTile varlen_m_tile(const VarlenMGemm& p, const
   return t;
 }
 
-// varlen-M epilogue: bias, convert, scatter rows [row0, row_end) of expert e to their
-// destination (pairs of columns at a time). coord maps each accumulator to its (row, column).
-template <class T, class Acc, class Coord>
-__device__ __forceinline__ void store_varlen_m_tile(const VarlenMGemm& p, const Acc& acc, const Coord& coord,
-                                                    int e, std::int64_t row0, std::int64_t row_end,
-                                                    std::int64_t n0) {
-  using namespace cute;
-  const T* bias = static_cast<const T*>(p.bias);
-  T* c = static_cast<T*>(p.c);
-  // The tensor-op fragments hold pairs of adjacent columns; the fp32 FMA ones do not.
-  constexpr int kStep = sizeof(T) == 2 ? 2 : 1;
-  CUTE_UNROLL
-  for (int v = 0; v < size(acc); v += kStep) {
-    const std::int64_t i = row0 + get<0>(coord(v));
-    const std::int64_t n = n0 + get<1>(coord(v));
-    if (i < row_end && n < p.n) {
-      const std::int64_t out_row = p.c_index ? p.c_index[i] : i;
-      T* dst = c + out_row * p.ldc + n;
-      float first = acc(v);
-      if (bias) first += to_float(bias[e * p.bias_expert_stride + n * p.bias_stride_n]);
-      if constexpr (kStep == 2) {
-        const bool second_in = n + 1 < p.n && adjacent_columns(coord, v);
-        float second = acc(v + 1);
-        if (bias && second_in) second += to_float(bias[e * p.bias_expert_stride + (n + 1) * p.bias_stride_n]);
-        if (second_in) {
-          store_pair(dst, first, second, true);
+// ---------------------------------------------------------------------------------------------
+// The epilogue, staged through shared memory: the block's finished tile (bias added, converted)
+// goes to a kBM x kBN tile in shared memory, then whole rows leave it in 16-byte chunks, so a
+// warp stores one row's 512 contiguous bytes (a 128 x 256 tile of 16-bit values) instead of
+// 4-byte pairs spread over 8 rows, and each row's destination is looked up once per chunk, not
+// per pair. The 16-byte chunks of row r sit at chunk index c ^ (r % 8): a warp's accumulator
+// writes (8 consecutive rows, one chunk each) and its row reads both hit 32 distinct banks.
+// The staging tile is the last kBM*kBN elements of the operand stages, which the pipeline's
+// prologue does not touch (it fills stages 0 .. kStages-3 of A first, then of B), so a persistent
+// kernel may start its next tile's copies before staging the finished one.
+template <class Config>
+struct StagedEpilogue {
+  using T = typename Config::Element;
+  static constexpr int kBM = Config::kBM;
+  static constexpr int kBN = Config::kBN;
+  static constexpr int kVec = Config::kVec;
+  static constexpr int kChunks = kBN / kVec;  // 16-byte chunks per row
+  static constexpr int kElements = kBM * kBN;
+  static_assert(kVec * static_cast<int>(sizeof(T)) == 16, "a chunk is 16 bytes");
+  static_assert(kChunks % 8 == 0, "the swizzle permutes chunks within a row");
+
+  __device__ static int offset(int r, int c) {
+    return r * kBN + (((c / kVec) ^ (r % 8)) * kVec) + c % kVec;
+  }
+
+  // The staging tile: the tail of the stages, clear of what the prologue fills (see above).
+  template <bool kAKMajor, bool kBKMajor>
+  __device__ static T* tile(unsigned char* smem) {
+    constexpr int stages_elements = gemm_smem_bytes<Config, kAKMajor, kBKMajor>() / static_cast<int>(sizeof(T));
+    static_assert(kElements <= stages_elements, "the staging tile fits in the stages");
+    return reinterpret_cast<T*>(smem) + (stages_elements - kElements);
+  }
+
+  // Whether the staging tile lies in B's stages that the prologue leaves alone (kStages-2 and
+  // later), as a persistent kernel that starts its next tile first needs.
+  template <bool kBKMajor>
+  static constexpr bool clear_of_prologue() {
+    constexpr int b_stage = cute::cosize(Config::template copy_layout<kBKMajor, kBN>()) / Config::kStages;
+    return kElements <= 2 * b_stage;
+  }
+
+  // acc (+ bias(c) for tile column c) into the staging tile. The caller synchronised the block
+  // after its last read of that memory; stage() ends with a barrier.
+  template <class Acc, class Coord, class Bias>
+  __device__ static void stage(T* staged, const Acc& acc, const Coord& coord, Bias&& bias) {
+    using namespace cute;
+    struct alignas(2 * sizeof(T)) Pair {
+      T x, y;
+    };
+    constexpr bool kPairs = sizeof(T) == 2;
+    CUTE_UNROLL
+    for (int v = 0; v < size(acc); v += kPairs ? 2 : 1) {
+      const int r = get<0>(coord(v));
+      const int c = get<1>(coord(v));
+      if constexpr (kPairs) {
+        if (adjacent_columns(coord, v) && c % 2 == 0) {
+          *reinterpret_cast<Pair*>(staged + offset(r, c)) = Pair{T(acc(v) + bias(c)), T(acc(v + 1) + bias(c + 1))};
         } else {
-          *dst = T(first);
-          const std::int64_t i2 = row0 + get<0>(coord(v + 1));
-          const std::int64_t n2 = n0 + get<1>(coord(v + 1));
-          if (i2 < row_end && n2 < p.n) {
-            float x = acc(v + 1);
-            if (bias) x += to_float(bias[e * p.bias_expert_stride + n2 * p.bias_stride_n]);
-            c[(p.c_index ? p.c_index[i2] : i2) * p.ldc + n2] = T(x);
-          }
+          staged[offset(r, c)] = T(acc(v) + bias(c));
+          const int r2 = get<0>(coord(v + 1));
+          const int c2 = get<1>(coord(v + 1));
+          staged[offset(r2, c2)] = T(acc(v + 1) + bias(c2));
         }
       } else {
-        *dst = T(first);
+        staged[offset(r, c)] = T(acc(v) + bias(c));
+      }
+    }
+    __syncthreads();
+  }
+
+  // Rows [0, rows) and columns [0, cols) of the staged tile to row_ptr(r) (tile row r's first
+  // column in global memory); 16-byte stores when `wide` (every row pointer 16-byte aligned).
+  template <class RowPtr>
+  __device__ static void write(const T* staged, int rows, int cols, bool wide, RowPtr&& row_ptr) {
+    for (int q = static_cast<int>(threadIdx.x); q < kBM * kChunks; q += Config::kThreads) {
+      const int r = q / kChunks;
+      if (r >= rows) break;
+      const int c = q % kChunks * kVec;
+      if (c >= cols) continue;
+      T* dst = row_ptr(r) + c;
+      const T* src = staged + offset(r, c);
+      if (wide && c + kVec <= cols) {
+        *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+      } else {
+        for (int j = 0; j < kVec && c + j < cols; ++j) dst[j] = src[j];
       }
     }
   }
+};
+
+// varlen-M epilogue: bias, convert, and rows [row0, row_end) of expert e to their destination
+// row c_index[i] (or i), columns from n0. `smem` is the block's dynamic shared memory, every
+// stage free of wgmma / ldmatrix reads once the block synchronises (done here first).
+template <class Config, bool kBKMajor, class Acc, class Coord>
+__device__ __forceinline__ void store_varlen_m_tile(const VarlenMGemm& p, const Acc& acc, const Coord& coord,
+                                                    unsigned char* smem, int e, std::int64_t row0,
+                                                    std::int64_t row_end, std::int64_t n0) {
+  using T = typename Config::Element;
+  using Epilogue = StagedEpilogue<Config>;
+  T* staged = Epilogue::template tile<true, kBKMajor>(smem);
+  const std::int64_t cols = min(static_cast<std::int64_t>(Config::kBN), p.n - n0);
+  if (p.bias) {
+    // The tile's bias columns in shared memory, read per accumulator (global loads there, which
+    // the compiler hoists ahead of the conversions, would take a register each).
+    __shared__ float bias_tile[Config::kBN];
+    const T* bias = static_cast<const T*>(p.bias) + e * p.bias_expert_stride;
+    for (int c = static_cast<int>(threadIdx.x); c < Config::kBN; c += Config::kThreads) {
+      bias_tile[c] = c < cols ? to_float(bias[(n0 + c) * p.bias_stride_n]) : 0.0f;
+    }
+    __syncthreads();
+    Epilogue::stage(staged, acc, coord, [&](int c) { return bias_tile[c]; });
+  } else {
+    __syncthreads();
+    Epilogue::stage(staged, acc, coord, [](int) { return 0.0f; });
+  }
+  T* out = static_cast<T*>(p.c) + n0;
+  const bool wide = reinterpret_cast<std::uintptr_t>(out) % 16 == 0 && p.ldc % Config::kVec == 0;
+  const std::int64_t* c_index = p.c_index;
+  const std::int64_t ldc = p.ldc;
+  Epilogue::write(staged, static_cast<int>(row_end - row0), static_cast<int>(cols), wide, [&](int r) {
+    const std::int64_t i = row0 + r;
+    return out + (c_index ? c_index[i] : i) * ldc;
+  });
 }
 
-// varlen-K epilogue: the (m0, n0) tile of C[e], converted, pairs of columns at a time.
-template <class T, class Acc, class Coord>
+// varlen-K epilogue: the (m0, n0) tile of C[e], converted; staged as above.
+template <class Config, class Acc, class Coord>
 __device__ __forceinline__ void store_varlen_k_tile(const VarlenKGemm& p, const Acc& acc, const Coord& coord,
-                                                    int e, std::int64_t m0, std::int64_t n0) {
-  using namespace cute;
-  T* c = static_cast<T*>(p.c) + e * p.c_expert_stride;
-  constexpr int kStep = sizeof(T) == 2 ? 2 : 1;
-  CUTE_UNROLL
-  for (int v = 0; v < size(acc); v += kStep) {
-    const std::int64_t m = m0 + get<0>(coord(v));
-    const std::int64_t n = n0 + get<1>(coord(v));
-    if (m < p.m && n < p.n) {
-      if constexpr (kStep == 2) {
-        if (adjacent_columns(coord, v)) {
-          store_pair(c + m * p.ldc + n, acc(v), acc(v + 1), n + 1 < p.n);
-          continue;
-        }
-      }
-      c[m * p.ldc + n] = T(acc(v));
-    }
-    if constexpr (kStep == 2) {
-      if (!adjacent_columns(coord, v)) {
-        const std::int64_t m2 = m0 + get<0>(coord(v + 1));
-        const std::int64_t n2 = n0 + get<1>(coord(v + 1));
-        if (m2 < p.m && n2 < p.n) c[m2 * p.ldc + n2] = T(acc(v + 1));
-      }
-    }
-  }
+                                                    unsigned char* smem, int e, std::int64_t m0,
+                                                    std::int64_t n0) {
+  using T = typename Config::Element;
+  using Epilogue = StagedEpilogue<Config>;
+  T* staged = Epilogue::template tile<false, false>(smem);
+  __syncthreads();
+  Epilogue::stage(staged, acc, coord, [](int) { return 0.0f; });
+  T* out = static_cast<T*>(p.c) + e * p.c_expert_stride + m0 * p.ldc + n0;
+  const bool wide = reinterpret_cast<std::uintptr_t>(out) % 16 == 0 && p.ldc % Config::kVec == 0;
+  const std::int64_t ldc = p.ldc;
+  Epilogue::write(staged, static_cast<int>(min(static_cast<std::int64_t>(Config::kBM), p.m - m0)),
+                  static_cast<int>(min(static_cast<std::int64_t>(Config::kBN), p.n - n0)), wide,
+                  [&](int r) { return out + r * ldc; });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -457,7 +512,7 @@ __global__ void __launch_bounds__(Config::kThreads, Config::kMinBlocks)
 
   // Epilogue: bias, convert, scatter rows to their destination.
   Tensor coord = mma.get_slice(threadIdx.x).partition_C(make_identity_tensor(make_shape(Int<kBM>{}, Int<kBN>{})));
-  store_varlen_m_tile<T>(p, acc, coord, t.e, t.row0, t.row_end, t.n0);
+  store_varlen_m_tile<Config, kBKMajor>(p, acc, coord, smem_raw, t.e, t.row0, t.row_end, t.n0);
 }
 
 // Launches the varlen-M kernel of Config; kAlignedOnly configurations have no element-wise
@@ -512,7 +567,7 @@ __global__ void __launch_bounds__(Config::kThreads, Config::kMinBlocks)
   Config::template mainloop<false, false>(smem_a, smem_b, k_tiles, load_a, load_b, acc);
 
   Tensor coord = mma.get_slice(threadIdx.x).partition_C(make_identity_tensor(make_shape(Int<kBM>{}, Int<kBN>{})));
-  store_varlen_k_tile<T>(p, acc, coord, e, m0, n0);
+  store_varlen_k_tile<Config>(p, acc, coord, smem_raw, e, m0, n0);
 }
 
 template <class Config, bool kAlignedOnly = false>

@@ -160,8 +160,8 @@ struct Sm90GemmConfig {
 // ---------------------------------------------------------------------------------------------
 // Persistent forms of the same kernels: one block per SM walks the tiles blockIdx.x, +gridDim.x,
 // ... of the schedule. Once a tile's k loop is done, the block starts the copies of its next
-// tile (the prologue) and only then writes the finished tile from registers, so the epilogue's
-// stores and the next tile's first copies overlap instead of following one another.
+// tile (the prologue) and only then writes the finished tile (staged in stages the prologue
+// leaves alone), so the epilogue's stores and the next tile's first copies overlap.
 
 // varlen-K tile number `linear`: expert-major, grouped raster over (M tiles, N tiles) within it.
 struct VarlenKTile {
@@ -216,6 +216,8 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   typename Config::template TiledMma<true, kBKMajor> mma;
   Tensor acc = partition_fragment_C(mma, make_shape(Int<kBM>{}, Int<kBN>{}));
   Tensor coord = mma.get_slice(threadIdx.x).partition_C(make_identity_tensor(make_shape(Int<kBM>{}, Int<kBN>{})));
+  static_assert(StagedEpilogue<Config>::template clear_of_prologue<kBKMajor>(),
+                "the next tile's prologue must not overwrite the staged epilogue");
   VarlenMTile tile = start(linear);
   while (true) {
     clear(acc);
@@ -227,7 +229,9 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
       __syncthreads();  // every warpgroup's wgmma has retired: the stages are free
       tile = start(linear);
     }
-    store_varlen_m_tile<T>(p, acc, coord, done.e, done.row0, done.row_end, done.n0);
+    // Staged in B's last two stages, which the next tile's k loop first writes after the
+    // barrier that opens it, once every thread has written its rows out.
+    store_varlen_m_tile<Config, kBKMajor>(p, acc, coord, smem_raw, done.e, done.row0, done.row_end, done.n0);
     if (!more) break;
   }
 #endif
@@ -266,6 +270,8 @@ __global__ void __launch_bounds__(Config::kThreads, 1) sm90_persistent_varlen_k_
   typename Config::template TiledMma<false, false> mma;
   Tensor acc = partition_fragment_C(mma, make_shape(Int<kBM>{}, Int<kBN>{}));
   Tensor coord = mma.get_slice(threadIdx.x).partition_C(make_identity_tensor(make_shape(Int<kBM>{}, Int<kBN>{})));
+  static_assert(StagedEpilogue<Config>::template clear_of_prologue<false>(),
+                "the next tile's prologue must not overwrite the staged epilogue");
   VarlenKTile tile = start(linear);
   while (true) {
     clear(acc);
@@ -277,7 +283,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1) sm90_persistent_varlen_k_
       __syncthreads();
       tile = start(linear);
     }
-    store_varlen_k_tile<T>(p, acc, coord, done.e, done.m0, done.n0);
+    store_varlen_k_tile<Config>(p, acc, coord, smem_raw, done.e, done.m0, done.n0);
     if (!more) break;
   }
 #endif

@@ -104,7 +104,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   Config::template steady<true, kBKMajor>(smem_a, smem_b, k_tiles, load_a, load_b, acc, wait_b);
 
   Tensor coord = mma.get_slice(threadIdx.x).partition_C(make_identity_tensor(make_shape(Int<kBM>{}, Int<kBN>{})));
-  store_varlen_m_tile<T>(p, acc, coord, t.e, t.row0, t.row_end, t.n0);
+  store_varlen_m_tile<Config, kBKMajor>(p, acc, coord, smem_raw, t.e, t.row0, t.row_end, t.n0);
 #endif
 }
 
