@@ -414,6 +414,8 @@ struct VarlenKCopies {
   std::int64_t a_next[Chunks::kCount];
   std::int64_t b_next[Chunks::kCount];
   std::int64_t b_rows[Chunks::kCount];  // the rows of a tile: resolved by load_a, used by load_b
+  FastDivisor a_divide;                 // p.a.divisor, p.b.divisor
+  FastDivisor b_divide;
 
   template <class LayoutA, class LayoutB>
   __device__ VarlenKCopies(const LayoutA& layout_a, const LayoutB& layout_b) : chunks_a(layout_a) {
@@ -424,6 +426,8 @@ struct VarlenKCopies {
   __device__ __forceinline__ void locate(const VarlenKGemm& p, int e, std::int64_t m0, std::int64_t n0) {
     r0 = e ? p.expert_offsets[e - 1] : 0;
     r1 = p.expert_offsets[e];
+    a_divide = FastDivisor(p.a.divisor);
+    b_divide = FastDivisor(p.b.divisor);
     a_base = static_cast<const T*>(p.a.ptr) + m0 + Chunks::off();
     b_base = static_cast<const T*>(p.b.ptr) + n0 + Chunks::off();
     a_valid = valid_elements<Config::kVec>(p.m, m0 + Chunks::off());
@@ -450,14 +454,14 @@ struct VarlenKCopies {
     CUTE_UNROLL
     for (int j = 0; j < Chunks::kCount; ++j) {
       a_entries[j] = a_next[j];
-      b_rows[j] = b_next[j] >= 0 ? p.b.divide(b_next[j]) : -1;
+      b_rows[j] = b_next[j] >= 0 ? b_divide(b_next[j]) : -1;
     }
     fetch_entries(p, k_tile + 1);
     const T* any = static_cast<const T*>(p.a.ptr);
     CUTE_UNROLL
     for (int j = 0; j < Chunks::kCount; ++j) {
       const bool inside = a_entries[j] >= 0;
-      const T* src = a_base + (inside ? p.a.divide(a_entries[j]) : 0) * p.a.ld;
+      const T* src = a_base + (inside ? a_divide(a_entries[j]) : 0) * p.a.ld;
       chunks_a.template copy<kAligned>(smem_a, stage, j, src, inside ? a_valid : 0, any);
     }
   }
