@@ -83,7 +83,7 @@ struct Linear {
   const std::int64_t* c_index = nullptr;
 };
 
-VarlenMGemm linear_gemm(const Linear& l, const RoutingPlan& plan) {
+void run_linear(const Linear& l, const RoutingPlan& plan, void* tile_workspace, cudaStream_t stream) {
   VarlenMGemm g;
   g.a = l.a;
   g.b = l.w.data();
@@ -103,11 +103,7 @@ VarlenMGemm linear_gemm(const Linear& l, const RoutingPlan& plan) {
   g.k = l.w.size(1);
   g.expert_offsets = index_ptr(plan.expert_offsets);
   g.num_experts = static_cast<int>(plan.num_experts());
-  return g;
-}
-
-void run_linear(const Linear& l, const RoutingPlan& plan, void* tile_workspace, cudaStream_t stream) {
-  run_varlen_m_gemm(l.w.dtype(), linear_gemm(l, plan), tile_workspace, stream);
+  run_varlen_m_gemm(l.w.dtype(), g, tile_workspace, stream);
 }
 
 // dW[e] = X_e^T dY_e into any (E, d_in, d_out) view with a unit inner stride; db = column sums.
@@ -393,12 +389,6 @@ MlpForwardScratch mlp_forward_layout(detail::WorkspaceCarver& carver, const MlpA
   return s;
 }
 
-// Whether the backward may take the GLU-backward epilogue (gemm.hpp; the kernels decide the rest
-// at run time): 16-bit, no second bias (its d_gates term and db2 stay with the unfused kernels).
-bool fused_backward_possible(const MlpArgs& args) {
-  return args.x.dtype() != DType::kFloat32 && !args.b2.defined();
-}
-
 // The backward's scratch in two regions whose contents change as the pass goes on (one stream,
 // so each buffer is dead before the next one is written over it):
 //   P (L x h1): A = act(H) (L x h, compact) until dW2 is done, then dH.
@@ -411,7 +401,6 @@ struct MlpBackwardScratch {
   void* d_a = nullptr;          // (L, h) dOut @ W2^T before gating (region Q)
   void* dy_grouped = nullptr;   // (L, d) gated dOut rows, grouped; only with b2 (region Q)
   void* dx_expanded = nullptr;  // (L, d) token-major, before the k-sum; only for k > 1 (region Q)
-  float* dot_partials = nullptr;  // (L, parts) d_gates partials of the fused epilogue
 };
 
 MlpBackwardScratch mlp_backward_layout(detail::WorkspaceCarver& carver, const MlpArgs& args,
@@ -426,9 +415,6 @@ MlpBackwardScratch mlp_backward_layout(detail::WorkspaceCarver& carver, const Ml
   unsigned char* p = carver.take<unsigned char>(L * args.w1.size(2) * bytes);
   const std::int64_t q_first = L * (h + (args.b2.defined() ? d : 0));
   unsigned char* q = carver.take<unsigned char>(std::max(q_first, k_sum ? L * d : 0) * bytes);
-  if (fused_backward_possible(args)) {
-    s.dot_partials = carver.take<float>(L * glu_backward_parts(h));
-  }
   s.a = p;
   s.d_hidden = p;
   s.d_a = q;
@@ -442,36 +428,6 @@ void expect_mlp_layouts(const char* op, const MlpArgs& args, const RoutingPlan& 
   expect_rows_contiguous(op, "x", args.x);
   expect_unit_inner(op, "w1", args.w1);
   expect_unit_inner(op, "w2", args.w2);
-}
-
-// dW1, db1 and dX from dH (region P); the dX rows go through region Q when k > 1.
-void mlp_backward_first_layer(const MlpArgs& args, const RoutingPlan& plan, const MlpGrads& grads,
-                              const MlpBackwardScratch& s, cudaStream_t stream) {
-  const bool need_first = grads.dx.defined() || grads.dw1.defined() || grads.db1.defined();
-  if (!need_first) return;
-  const DType dtype = args.x.dtype();
-  const std::int64_t d = args.x.size(1);
-  const std::int64_t h1 = args.w1.size(2);
-  const std::int64_t k = args.gates.size(1);
-  const std::int64_t* ss = index_ptr(plan.sorted_scattered_idxs);
-  const RowSource dh_rows{s.d_hidden, h1, nullptr, 1};
-  weight_grads(dtype, rows_of(args.x, ss, k), d, dh_rows, h1, plan, grads.dw1, grads.db1, stream);
-
-  if (grads.dx.defined()) {
-    Linear back1;
-    back1.a = dh_rows;
-    back1.w = args.w1.transposed(1, 2);
-    back1.c_index = ss;
-    if (k == 1) {
-      back1.c = grads.dx.data();
-      back1.ldc = grads.dx.stride(0);
-    } else {
-      back1.c = s.dx_expanded;
-      back1.ldc = d;
-    }
-    run_linear(back1, plan, s.tiles, stream);
-    if (k > 1) sum_k_rows(dtype, s.dx_expanded, d, k, args.x.size(0), grads.dx.data(), grads.dx.stride(0), d, stream);
-  }
 }
 
 }  // namespace
@@ -544,39 +500,6 @@ void mlp_backward(const MlpArgs& args, const RoutingPlan& plan, const TensorView
   const std::int64_t* ss = index_ptr(plan.sorted_scattered_idxs);
   const FlatFloats gates = flat_floats(args.gates);
 
-  // Fused path: one GEMM computes dA' and, in its epilogue, dH (region P), g * A (region Q,
-  // dW2's operand) and the d_gates partials; dA' and A are never stored.
-  if (fused_backward_possible(args)) {
-    Linear back2;
-    back2.a = rows_of(d_out, ss, k);
-    back2.w = args.w2.transposed(1, 2);
-    GluBackwardEpilogue epi;
-    epi.hidden = hidden.data();
-    epi.ld_hidden = hidden.stride(0);
-    epi.glu = args.glu;
-    epi.activation = args.activation;
-    epi.gates = gates;
-    epi.gate_index = ss;
-    epi.d_hidden = s.d_hidden;
-    epi.ld_d_hidden = h1;
-    if (grads.dw2.defined()) {
-      epi.a_gated = s.d_a;
-      epi.ld_a_gated = h;
-    }
-    if (grads.d_gates.defined()) epi.dot_partials = s.dot_partials;
-    if (run_varlen_m_gemm_glu_backward(dtype, linear_gemm(back2, plan), epi, s.tiles, stream)) {
-      if (grads.d_gates.defined()) {
-        sum_partials(s.dot_partials, glu_backward_parts(h), L, flat_floats(grads.d_gates), ss, stream);
-      }
-      if (grads.dw2.defined()) {
-        weight_grads(dtype, RowSource{s.d_a, h, nullptr, 1}, h, rows_of(d_out, ss, k), d, plan, grads.dw2,
-                     TensorView{}, stream);
-      }
-      mlp_backward_first_layer(args, plan, grads, s, stream);
-      return;
-    }
-  }
-
   // A = act(H), recomputed from the saved pre-activation.
   activation_forward(dtype, args.activation, args.glu, hidden.data(), hidden.stride(0), L, h, s.a, h, stream);
   const RowSource a_rows{s.a, h, nullptr, 1};
@@ -626,7 +549,24 @@ void mlp_backward(const MlpArgs& args, const RoutingPlan& plan, const TensorView
   // dH = act'(H) * (g * dA')
   activation_backward(dtype, args.activation, args.glu, hidden.data(), hidden.stride(0), s.d_a, h,
                       &gates, ss, L, h, s.d_hidden, h1, stream);
-  mlp_backward_first_layer(args, plan, grads, s, stream);
+  const RowSource dh_rows{s.d_hidden, h1, nullptr, 1};
+  weight_grads(dtype, rows_of(args.x, ss, k), d, dh_rows, h1, plan, grads.dw1, grads.db1, stream);
+
+  if (grads.dx.defined()) {
+    Linear back1;
+    back1.a = dh_rows;
+    back1.w = args.w1.transposed(1, 2);
+    back1.c_index = ss;
+    if (k == 1) {
+      back1.c = grads.dx.data();
+      back1.ldc = grads.dx.stride(0);
+    } else {
+      back1.c = s.dx_expanded;
+      back1.ldc = d;
+    }
+    run_linear(back1, plan, s.tiles, stream);
+    if (k > 1) sum_k_rows(dtype, s.dx_expanded, d, k, args.x.size(0), grads.dx.data(), grads.dx.stride(0), d, stream);
+  }
 }
 
 // ---- devices ------------------------------------------------------------------------------------

@@ -5,7 +5,6 @@
 #include <initializer_list>
 #include <type_traits>
 
-#include "cuda/activation.cuh"
 #include "cuda/kernels.hpp"
 
 namespace scattermoe::cuda {
@@ -13,6 +12,57 @@ namespace scattermoe::cuda {
 namespace {
 
 constexpr int kThreads = 256;
+
+__device__ __forceinline__ float load_float(const void* ptr, DType dtype, std::int64_t offset) {
+  switch (dtype) {
+    case DType::kFloat16: return static_cast<float>(static_cast<const cute::half_t*>(ptr)[offset]);
+    case DType::kBFloat16: return static_cast<float>(static_cast<const cute::bfloat16_t*>(ptr)[offset]);
+    default: return static_cast<const float*>(ptr)[offset];
+  }
+}
+
+__device__ __forceinline__ void store_float(void* ptr, DType dtype, std::int64_t offset, float v) {
+  switch (dtype) {
+    case DType::kFloat16: static_cast<cute::half_t*>(ptr)[offset] = cute::half_t(v); break;
+    case DType::kBFloat16: static_cast<cute::bfloat16_t*>(ptr)[offset] = cute::bfloat16_t(v); break;
+    default: static_cast<float*>(ptr)[offset] = v; break;
+  }
+}
+
+__device__ __forceinline__ std::int64_t flat_offset(const FlatFloats& f, std::int64_t p) {
+  return (p / f.cols) * f.stride0 + (p % f.cols) * f.stride1;
+}
+
+__device__ __forceinline__ float activate(Activation act, float x) {
+  switch (act) {
+    case Activation::kGelu: return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
+    case Activation::kGeluTanh:
+      return 0.5f * x * (1.0f + tanhf(0.79788456080286536f * (x + 0.044715f * x * x * x)));
+    case Activation::kSilu: return x / (1.0f + expf(-x));
+    case Activation::kRelu: return x > 0.0f ? x : 0.0f;
+  }
+  return 0.0f;
+}
+
+__device__ __forceinline__ float activate_grad(Activation act, float x) {
+  switch (act) {
+    case Activation::kGelu:
+      return 0.5f * (1.0f + erff(x * 0.70710678118654752f)) +
+             x * 0.39894228040143268f * expf(-0.5f * x * x);
+    case Activation::kGeluTanh: {
+      const float u = 0.79788456080286536f * (x + 0.044715f * x * x * x);
+      const float t = tanhf(u);
+      const float du = 0.79788456080286536f * (1.0f + 3.0f * 0.044715f * x * x);
+      return 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * du;
+    }
+    case Activation::kSilu: {
+      const float s = 1.0f / (1.0f + expf(-x));
+      return s * (1.0f + x * (1.0f - s));
+    }
+    case Activation::kRelu: return x > 0.0f ? 1.0f : 0.0f;
+  }
+  return 0.0f;
+}
 
 // kVec consecutive elements moved as one access (16 bytes when the host found every row
 // start and width a multiple of it, else 1).
@@ -118,16 +168,6 @@ __global__ void __launch_bounds__(kThreads) row_dot_kernel(RowDot r) {
     const std::int64_t p = r.out_index ? r.out_index[i] : i;
     store_float(r.out.ptr, r.out.dtype, flat_offset(r.out, p), acc);
   }
-}
-
-__global__ void __launch_bounds__(kThreads)
-    sum_partials_kernel(const float* __restrict__ partials, std::int64_t parts, std::int64_t rows,
-                        FlatFloats out, const std::int64_t* __restrict__ out_index) {
-  const std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if (i >= rows) return;
-  float sum = 0.0f;
-  for (std::int64_t j = 0; j < parts; ++j) sum += partials[i * parts + j];
-  store_float(out.ptr, out.dtype, flat_offset(out, out_index ? out_index[i] : i), sum);
 }
 
 // Each thread owns kVec columns of one expert and sums them down its rows in order.
@@ -296,13 +336,6 @@ void row_dot(DType dtype, const RowDot& r, cudaStream_t stream) {
     });
   });
   check_launch("row dot");
-}
-
-void sum_partials(const float* partials, std::int64_t parts, std::int64_t rows, const FlatFloats& out,
-                  const std::int64_t* out_index, cudaStream_t stream) {
-  if (rows == 0) return;
-  sum_partials_kernel<<<ceil_div(rows, kThreads), kThreads, 0, stream>>>(partials, parts, rows, out, out_index);
-  check_launch("sum of row-dot partials");
 }
 
 void expert_column_sums(DType dtype, RowSource src, const std::int64_t* expert_offsets,

@@ -164,46 +164,6 @@ void run_varlen_m_gemm(DType dtype, const VarlenMGemm& g, void* workspace, cudaS
   });
 }
 
-bool run_varlen_m_gemm_glu_backward(DType dtype, const VarlenMGemm& g, const GluBackwardEpilogue& epi,
-                                    void* workspace, cudaStream_t stream) {
-#ifdef SCATTERMOE_HAS_SM90
-  static const bool enabled = env_int("SCATTERMOE_FUSED_EPILOGUE", 1) != 0;
-  if (!enabled || dtype == DType::kFloat32 || g.rows == 0 || g.n == 0 || g.num_experts == 0) return false;
-  const int sms = sm90_device_sms();
-  const bool b_k_major = g.b_stride_k == 1;
-  if (sms == 0 || (g.b_stride_k != 1 && g.b_stride_n != 1) || !chunks_aligned(g, 8) ||
-      !use_weight_tma(b_k_major) || !weight_tma_possible(g, 2)) {
-    return false;
-  }
-  // Every 8-column chunk the epilogue reads or writes is whole and 16-byte aligned.
-  auto rows_aligned = [](const void* ptr, std::int64_t ld) {
-    return ptr == nullptr || (reinterpret_cast<std::uintptr_t>(ptr) % 16 == 0 && ld % 8 == 0);
-  };
-  if (g.n % 8 != 0 || epi.hidden == nullptr || epi.d_hidden == nullptr || epi.gate_index == nullptr ||
-      !rows_aligned(epi.hidden, epi.ld_hidden) || !rows_aligned(epi.d_hidden, epi.ld_d_hidden) ||
-      !rows_aligned(epi.a_gated, epi.ld_a_gated)) {
-    return false;
-  }
-  auto* tile_prefix = static_cast<int*>(workspace);
-  VarlenMGemm tuned = g;
-  tuned.raster_group_rows = raster_group_rows();
-  dispatch_float(dtype, [&](auto element) {
-    using T = decltype(element);
-    if constexpr (sizeof(T) == 2) {
-      build_tile_prefix_kernel<<<1, kScanThreads, 0, stream>>>(g.expert_offsets, g.num_experts,
-                                                              varlen_m_tile_rows<T>(), tile_prefix);
-      check_launch("grouped GEMM tile list");
-      b_k_major ? launch_sm90_tma_glu_backward_gemm<T, true>(tuned, epi, tile_prefix, stream)
-                : launch_sm90_tma_glu_backward_gemm<T, false>(tuned, epi, tile_prefix, stream);
-    }
-  });
-  return true;
-#else
-  (void)dtype, (void)g, (void)epi, (void)workspace, (void)stream;
-  return false;
-#endif
-}
-
 void run_varlen_k_gemm(DType dtype, const VarlenKGemm& g, cudaStream_t stream) {
   if (g.m == 0 || g.n == 0 || g.num_experts == 0) return;
   dispatch_float(dtype, [&](auto element) {

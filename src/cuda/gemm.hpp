@@ -16,8 +16,6 @@
 #include <cstdint>
 
 #include "cuda/common.cuh"
-#include "cuda/kernels.hpp"
-#include "scattermoe/modules.hpp"
 #include "scattermoe/tensor.hpp"
 
 namespace scattermoe::cuda {
@@ -78,38 +76,6 @@ inline bool weight_tma_possible(const VarlenMGemm& g, std::int64_t element_bytes
   return line > 0 && line < limit && expert > 0 && expert < limit;
 }
 
-// The MLP backward's GLU step fused into the epilogue of the dA' GEMM (dA' = dOut @ W2^T, rows i
-// of the grouped order, columns n < h): with g = gates[gate_index[i]] and H the saved
-// pre-activation (glu: up H[:, n], gate H[:, h + n]; else H[:, n]), each tile computes
-//   A = act(gate) * up (glu) or act(H), rounded to the element type as activation_forward does,
-//   dH = act'(H) * (g * dA') into d_hidden (both halves for glu), as activation_backward does,
-//   g * A into a_gated (optional: dW2's operand),
-//   <dA', A> over the tile's columns into dot_partials[i * parts + column tile] (optional;
-//   parts = glu_backward_parts(h), summed in order by sum_partials: d_gates without atomics),
-// and dA' itself is never stored. The GEMM's c / ldc / c_index / bias are unused.
-struct GluBackwardEpilogue {
-  const void* hidden = nullptr;
-  std::int64_t ld_hidden = 0;
-  bool glu = true;
-  Activation activation = Activation::kSilu;
-  FlatFloats gates;
-  const std::int64_t* gate_index = nullptr;
-  void* d_hidden = nullptr;
-  std::int64_t ld_d_hidden = 0;
-  void* a_gated = nullptr;
-  std::int64_t ld_a_gated = 0;
-  float* dot_partials = nullptr;
-};
-// Column tiles of the fused epilogue over h columns (the dot_partials row length).
-inline std::int64_t glu_backward_parts(std::int64_t h) { return (h + 255) / 256; }
-
-// Runs g with the fused epilogue when this device and layout have it (the sm_90a TMA kernel:
-// 16-bit, aligned, h a multiple of 8, every row of hidden / d_hidden / a_gated 16-byte aligned;
-// SCATTERMOE_FUSED_EPILOGUE=0 switches it off for measurements) and returns true; returns false,
-// having written nothing, when the caller must take the unfused kernels.
-bool run_varlen_m_gemm_glu_backward(DType dtype, const VarlenMGemm& g, const GluBackwardEpilogue& epi,
-                                    void* workspace, cudaStream_t stream);
-
 // Scratch of run_varlen_m_gemm: the device-built tile list.
 std::size_t varlen_m_gemm_workspace_size(int num_experts);
 void run_varlen_m_gemm(DType dtype, const VarlenMGemm& g, void* workspace, cudaStream_t stream);
@@ -140,9 +106,5 @@ void launch_sm90_persistent_varlen_k_gemm(const VarlenKGemm& g, int sm_count, cu
 // weight_tma_possible(g, element size).
 template <class T, bool kBKMajor>
 void launch_sm90_tma_varlen_m_gemm(const VarlenMGemm& g, const int* tile_prefix, cudaStream_t stream);
-// The same kernel with the GLU-backward epilogue (sm90_tma_glu_backward_*.cu).
-template <class T, bool kBKMajor>
-void launch_sm90_tma_glu_backward_gemm(const VarlenMGemm& g, const GluBackwardEpilogue& epi,
-                                       const int* tile_prefix, cudaStream_t stream);
 
 }  // namespace scattermoe::cuda

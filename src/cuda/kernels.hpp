@@ -65,11 +65,6 @@ struct RowDot {
 };
 void row_dot(DType dtype, const RowDot& r, cudaStream_t stream);
 
-// out[out_index ? out_index[i] : i] = sum over j of partials[i * parts + j], in order of j
-// (i < rows; out any float dtype): the fused epilogue's row-dot partials made whole.
-void sum_partials(const float* partials, std::int64_t parts, std::int64_t rows, const FlatFloats& out,
-                  const std::int64_t* out_index, cudaStream_t stream);
-
 // db[e, n] = sum over expert e's grouped rows i of src[src.row(i), n], in row order.
 void expert_column_sums(DType dtype, RowSource src, const std::int64_t* expert_offsets,
                         int num_experts, std::int64_t cols, void* db, std::int64_t db_expert_stride,

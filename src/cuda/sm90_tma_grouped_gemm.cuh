@@ -18,7 +18,6 @@
 #include <cute/atom/copy_traits_sm90_tma.hpp>
 #include <cutlass/arch/barrier.h>
 
-#include "cuda/activation.cuh"
 #include "cuda/sm90_grouped_gemm.cuh"
 
 namespace scattermoe::cuda {
@@ -41,107 +40,10 @@ auto make_weight_tma(const VarlenMGemm& g) {
   return make_tma_copy(SM90_TMA_LOAD{}, weights, Config::template gmma_stage_layout<kBKMajor, Config::kBN>());
 }
 
-// The GLU-backward epilogue (gemm.hpp, GluBackwardEpilogue): the dA' tile is staged (rounded to
-// T, as the unfused path stores it), then each warp takes one row's 256 columns, 8 per lane: it
-// reads H's chunks (and the row's gate), writes dH, g * A and its lane's share of <dA', A>, and
-// lane 0 stores the warp's sum as the row's partial for this column tile. A thread's rows are
-// warp + 8 j (j < 16), always at the same column chunk; their H chunks and gates are loaded
-// kBatch rows at a time before any is used, so one memory latency covers kBatch rows (stores
-// in between would keep the compiler from hoisting the loads itself).
-template <class Config, bool kBKMajor, class Acc, class Coord>
-__device__ __forceinline__ void store_glu_backward_tile(const VarlenMGemm& p, const GluBackwardEpilogue& epi,
-                                                        const Acc& acc, const Coord& coord, unsigned char* smem,
-                                                        std::int64_t row0, std::int64_t row_end, std::int64_t n0) {
-  using T = typename Config::Element;
-  using Epilogue = StagedEpilogue<Config>;
-  constexpr int kVec = Config::kVec;
-  constexpr int kWarps = Config::kThreads / 32;
-  constexpr int kPasses = Config::kBM / kWarps;  // rows per warp
-  constexpr int kBatch = 8;
-  static_assert(Epilogue::kChunks == 32, "one warp per staged row");
-  static_assert(kPasses % kBatch == 0, "whole batches of rows");
-  T* staged = Epilogue::template tile<true, kBKMajor>(smem);
-  __syncthreads();
-  Epilogue::stage(staged, acc, coord, [](int) { return 0.0f; });
-  const int rows = static_cast<int>(row_end - row0);
-  const int cols = static_cast<int>(min(static_cast<std::int64_t>(Config::kBN), p.n - n0));  // a multiple of 8
-  const std::int64_t h = p.n;
-  const std::int64_t parts = (p.n + Config::kBN - 1) / Config::kBN;
-  const std::int64_t column_tile = n0 / Config::kBN;
-  const int warp = static_cast<int>(threadIdx.x) / 32;
-  const int c = static_cast<int>(threadIdx.x) % 32 * kVec;  // this lane's column chunk
-  const bool lane_in = c < cols;
-  const std::int64_t n = n0 + c;
-  for (int pass0 = 0; pass0 < kPasses && warp + pass0 * kWarps < rows; pass0 += kBatch) {
-    uint4 first_chunk[kBatch];
-    uint4 gate_chunk[kBatch];
-    float g[kBatch];
-    CUTE_UNROLL
-    for (int b = 0; b < kBatch; ++b) {
-      const int r = warp + (pass0 + b) * kWarps;
-      first_chunk[b] = uint4{};
-      gate_chunk[b] = uint4{};
-      g[b] = 0.0f;
-      if (r < rows && lane_in) {
-        const std::int64_t i = row0 + r;
-        const T* row = static_cast<const T*>(epi.hidden) + i * epi.ld_hidden;
-        first_chunk[b] = *reinterpret_cast<const uint4*>(row + n);
-        if (epi.glu) gate_chunk[b] = *reinterpret_cast<const uint4*>(row + h + n);
-        g[b] = load_float(epi.gates.ptr, epi.gates.dtype, flat_offset(epi.gates, epi.gate_index[i]));
-      }
-    }
-    CUTE_UNROLL
-    for (int b = 0; b < kBatch; ++b) {
-      const int r = warp + (pass0 + b) * kWarps;
-      if (r >= rows) break;  // the same row for the whole warp
-      const std::int64_t i = row0 + r;
-      float dot = 0.0f;
-      if (lane_in) {
-        const uint4 d_a_chunk = *reinterpret_cast<const uint4*>(staged + Epilogue::offset(r, c));
-        const T* d_a = reinterpret_cast<const T*>(&d_a_chunk);
-        const T* first = reinterpret_cast<const T*>(&first_chunk[b]);
-        const T* gate = reinterpret_cast<const T*>(&gate_chunk[b]);
-        T d_first[kVec], d_gate[kVec], a_gated[kVec];
-        CUTE_UNROLL
-        for (int v = 0; v < kVec; ++v) {
-          const float da = to_float(d_a[v]);
-          const float x = to_float(first[v]);
-          const float dq = da * g[b];
-          float a;
-          if (epi.glu) {
-            const float gx = to_float(gate[v]);
-            a = activate(epi.activation, gx) * x;
-            d_first[v] = T(dq * activate(epi.activation, gx));
-            d_gate[v] = T(dq * x * activate_grad(epi.activation, gx));
-          } else {
-            a = activate(epi.activation, x);
-            d_first[v] = T(dq * activate_grad(epi.activation, x));
-          }
-          const float a_rounded = to_float(T(a));
-          dot += da * a_rounded;
-          a_gated[v] = T(a_rounded * g[b]);
-        }
-        T* d_row = static_cast<T*>(epi.d_hidden) + i * epi.ld_d_hidden;
-        *reinterpret_cast<uint4*>(d_row + n) = *reinterpret_cast<const uint4*>(d_first);
-        if (epi.glu) *reinterpret_cast<uint4*>(d_row + h + n) = *reinterpret_cast<const uint4*>(d_gate);
-        if (epi.a_gated) {
-          *reinterpret_cast<uint4*>(static_cast<T*>(epi.a_gated) + i * epi.ld_a_gated + n) =
-              *reinterpret_cast<const uint4*>(a_gated);
-        }
-      }
-      if (epi.dot_partials) {
-        for (int offset = 16; offset > 0; offset /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, offset);
-        if (threadIdx.x % 32 == 0) epi.dot_partials[i * parts + column_tile] = dot;
-      }
-    }
-  }
-}
-
-template <class Config, bool kBKMajor, bool kGluBackward, class WeightTma>
+template <class Config, bool kBKMajor, class WeightTma>
 __global__ void __launch_bounds__(Config::kThreads, 1)
     sm90_tma_varlen_m_gemm_kernel(VarlenMGemm p, const int* __restrict__ tile_prefix,
-                                  CUTE_GRID_CONSTANT WeightTma const weight_tma,
-                                  const GluBackwardEpilogue epi) {
+                                  CUTE_GRID_CONSTANT WeightTma const weight_tma) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using namespace cute;
   using T = typename Config::Element;
@@ -202,11 +104,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   Config::template steady<true, kBKMajor>(smem_a, smem_b, k_tiles, load_a, load_b, acc, wait_b);
 
   Tensor coord = mma.get_slice(threadIdx.x).partition_C(make_identity_tensor(make_shape(Int<kBM>{}, Int<kBN>{})));
-  if constexpr (kGluBackward) {
-    store_glu_backward_tile<Config, kBKMajor>(p, epi, acc, coord, smem_raw, t.row0, t.row_end, t.n0);
-  } else {
-    store_varlen_m_tile<Config, kBKMajor>(p, acc, coord, smem_raw, t.e, t.row0, t.row_end, t.n0);
-  }
+  store_varlen_m_tile<Config, kBKMajor>(p, acc, coord, smem_raw, t.e, t.row0, t.row_end, t.n0);
 #endif
 }
 
@@ -216,30 +114,17 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
 template <class T>
 using Sm90TmaConfig = Sm90GemmConfig<T, 128, 256, 4, true>;
 
-template <class T, bool kBKMajor, bool kGluBackward>
-void launch_sm90_tma_kernel(const VarlenMGemm& g, const GluBackwardEpilogue& epi, const int* tile_prefix,
-                            cudaStream_t stream) {
+template <class T, bool kBKMajor>
+void launch_sm90_tma_varlen_m_gemm(const VarlenMGemm& g, const int* tile_prefix, cudaStream_t stream) {
   using Config = Sm90TmaConfig<T>;
   const auto weight_tma = make_weight_tma<Config, kBKMajor>(g);
-  auto kernel = sm90_tma_varlen_m_gemm_kernel<Config, kBKMajor, kGluBackward,
-                                              std::remove_const_t<decltype(weight_tma)>>;
+  auto kernel = sm90_tma_varlen_m_gemm_kernel<Config, kBKMajor, std::remove_const_t<decltype(weight_tma)>>;
   constexpr int smem = gemm_smem_bytes<Config, true, kBKMajor>() + Config::kStages * static_cast<int>(sizeof(std::uint64_t));
   check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
              "varlen-M GEMM: shared memory size");
   const dim3 grid(ceil_div(g.rows, Config::kBM) + static_cast<unsigned>(g.num_experts), ceil_div(g.n, Config::kBN));
-  kernel<<<grid, Config::kThreads, smem, stream>>>(g, tile_prefix, weight_tma, epi);
+  kernel<<<grid, Config::kThreads, smem, stream>>>(g, tile_prefix, weight_tma);
   check_launch("varlen-M GEMM");
-}
-
-template <class T, bool kBKMajor>
-void launch_sm90_tma_varlen_m_gemm(const VarlenMGemm& g, const int* tile_prefix, cudaStream_t stream) {
-  launch_sm90_tma_kernel<T, kBKMajor, false>(g, GluBackwardEpilogue{}, tile_prefix, stream);
-}
-
-template <class T, bool kBKMajor>
-void launch_sm90_tma_glu_backward_gemm(const VarlenMGemm& g, const GluBackwardEpilogue& epi,
-                                       const int* tile_prefix, cudaStream_t stream) {
-  launch_sm90_tma_kernel<T, kBKMajor, true>(g, epi, tile_prefix, stream);
 }
 
 }  // namespace scattermoe::cuda

@@ -475,9 +475,9 @@ TEST(CudaMlp, WeightGradientsWithoutBiasGradientsMatchCpu) {
   }
 }
 
-// Without the second bias, the 16-bit backward on sm_90a computes dH, g * A and the d_gates
-// partials in the epilogue of the dA' GEMM (elsewhere the unfused kernels run): every subset of
-// the gradients, both layouts of W2, h spanning two 256-column tiles, with GLU and without.
+// The backward without biases for every subset of the gradients (each skips different steps and
+// reuses the scratch regions differently), both layouts of W2, h spanning two 256-column tiles,
+// with GLU and without.
 TEST(CudaMlp, BackwardGradientSubsetsMatchCpu) {
   SCATTERMOE_REQUIRE_GPU();
   std::mt19937_64 rng(21);
