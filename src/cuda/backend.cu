@@ -391,9 +391,10 @@ MlpForwardScratch mlp_forward_layout(detail::WorkspaceCarver& carver, const MlpA
 
 // The backward's scratch in two regions whose contents change as the pass goes on (one stream,
 // so each buffer is dead before the next one is written over it):
-//   P (L x h1): A = act(H) (L x h, compact) until dW2 is done, then dH.
+//   P (L x h1): with b2, A = act(H) (L x h, compact) until dW2 is done; then dH.
 //   Q: dA' (L x h), and the gated dOut rows (L x d) behind it when db2 needs them, until dH is
-//      computed; then the dX rows (L x d) before the k-sum.
+//      computed (without b2, g * A over dA' until dW2 is done); then the dX rows (L x d) before
+//      the k-sum.
 struct MlpBackwardScratch {
   void* tiles = nullptr;
   void* a = nullptr;            // (L, h) recomputed activation (region P)
@@ -428,6 +429,36 @@ void expect_mlp_layouts(const char* op, const MlpArgs& args, const RoutingPlan& 
   expect_rows_contiguous(op, "x", args.x);
   expect_unit_inner(op, "w1", args.w1);
   expect_unit_inner(op, "w2", args.w2);
+}
+
+// dW1, db1 and dX from dH (region P); the dX rows go through region Q when k > 1.
+void mlp_backward_first_layer(const MlpArgs& args, const RoutingPlan& plan, const MlpGrads& grads,
+                              const MlpBackwardScratch& s, cudaStream_t stream) {
+  const bool need_first = grads.dx.defined() || grads.dw1.defined() || grads.db1.defined();
+  if (!need_first) return;
+  const DType dtype = args.x.dtype();
+  const std::int64_t d = args.x.size(1);
+  const std::int64_t h1 = args.w1.size(2);
+  const std::int64_t k = args.gates.size(1);
+  const std::int64_t* ss = index_ptr(plan.sorted_scattered_idxs);
+  const RowSource dh_rows{s.d_hidden, h1, nullptr, 1};
+  weight_grads(dtype, rows_of(args.x, ss, k), d, dh_rows, h1, plan, grads.dw1, grads.db1, stream);
+
+  if (grads.dx.defined()) {
+    Linear back1;
+    back1.a = dh_rows;
+    back1.w = args.w1.transposed(1, 2);
+    back1.c_index = ss;
+    if (k == 1) {
+      back1.c = grads.dx.data();
+      back1.ldc = grads.dx.stride(0);
+    } else {
+      back1.c = s.dx_expanded;
+      back1.ldc = d;
+    }
+    run_linear(back1, plan, s.tiles, stream);
+    if (k > 1) sum_k_rows(dtype, s.dx_expanded, d, k, args.x.size(0), grads.dx.data(), grads.dx.stride(0), d, stream);
+  }
 }
 
 }  // namespace
@@ -500,7 +531,46 @@ void mlp_backward(const MlpArgs& args, const RoutingPlan& plan, const TensorView
   const std::int64_t* ss = index_ptr(plan.sorted_scattered_idxs);
   const FlatFloats gates = flat_floats(args.gates);
 
-  // A = act(H), recomputed from the saved pre-activation.
+  if (!args.b2.defined()) {
+    // dA' = dOut[t] @ W2[e]^T (ungated), read straight from d_out; then one pass over the rows
+    // computes A = act(H), d_gates = <dA', A>, dH (region P) and g * A over dA' (region Q).
+    Linear back2;
+    back2.a = rows_of(d_out, ss, k);
+    back2.w = args.w2.transposed(1, 2);
+    back2.c = s.d_a;
+    back2.ldc = h;
+    run_linear(back2, plan, s.tiles, stream);
+    const bool need_first = grads.dx.defined() || grads.dw1.defined() || grads.db1.defined();
+    MlpBackwardRows r;
+    r.act = args.activation;
+    r.glu = args.glu;
+    r.hidden = hidden.data();
+    r.ld_hidden = hidden.stride(0);
+    r.d_a = s.d_a;
+    r.ld_d_a = h;
+    r.gates = gates;
+    r.gate_index = ss;
+    if (need_first) {
+      r.d_hidden = s.d_hidden;
+      r.ld_d_hidden = h1;
+    }
+    r.scale_a_in_place = grads.dw2.defined();
+    if (grads.d_gates.defined()) {
+      r.d_gates = flat_floats(grads.d_gates);
+      r.has_d_gates = true;
+    }
+    r.rows = L;
+    r.h = h;
+    mlp_backward_rows(dtype, r, stream);
+    if (grads.dw2.defined()) {
+      weight_grads(dtype, RowSource{s.d_a, h, nullptr, 1}, h, rows_of(d_out, ss, k), d, plan, grads.dw2,
+                   TensorView{}, stream);
+    }
+    mlp_backward_first_layer(args, plan, grads, s, stream);
+    return;
+  }
+
+  // With b2: A = act(H), recomputed from the saved pre-activation.
   activation_forward(dtype, args.activation, args.glu, hidden.data(), hidden.stride(0), L, h, s.a, h, stream);
   const RowSource a_rows{s.a, h, nullptr, 1};
 
@@ -549,24 +619,7 @@ void mlp_backward(const MlpArgs& args, const RoutingPlan& plan, const TensorView
   // dH = act'(H) * (g * dA')
   activation_backward(dtype, args.activation, args.glu, hidden.data(), hidden.stride(0), s.d_a, h,
                       &gates, ss, L, h, s.d_hidden, h1, stream);
-  const RowSource dh_rows{s.d_hidden, h1, nullptr, 1};
-  weight_grads(dtype, rows_of(args.x, ss, k), d, dh_rows, h1, plan, grads.dw1, grads.db1, stream);
-
-  if (grads.dx.defined()) {
-    Linear back1;
-    back1.a = dh_rows;
-    back1.w = args.w1.transposed(1, 2);
-    back1.c_index = ss;
-    if (k == 1) {
-      back1.c = grads.dx.data();
-      back1.ldc = grads.dx.stride(0);
-    } else {
-      back1.c = s.dx_expanded;
-      back1.ldc = d;
-    }
-    run_linear(back1, plan, s.tiles, stream);
-    if (k > 1) sum_k_rows(dtype, s.dx_expanded, d, k, args.x.size(0), grads.dx.data(), grads.dx.stride(0), d, stream);
-  }
+  mlp_backward_first_layer(args, plan, grads, s, stream);
 }
 
 // ---- devices ------------------------------------------------------------------------------------

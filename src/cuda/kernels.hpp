@@ -81,4 +81,30 @@ void activation_backward(DType dtype, Activation act, bool glu, const void* hidd
                          std::int64_t rows, std::int64_t h, void* d_hidden,
                          std::int64_t ld_d_hidden, cudaStream_t stream);
 
+// The MLP backward's steps between the dA' GEMM and the weight gradients in one pass over the
+// rows (no second bias): for each grouped row i with gate g = gates[gate_index[i]],
+//   A = act(H) (glu: act(H[:, h:]) * H[:, :h]), rounded to T as activation_forward rounds it,
+//   d_gates[gate_index[i]] = <dA'[i], A> (optional; summed as row_dot sums),
+//   dH[i] = act'(H) * (g * dA'[i]) (optional; as activation_backward),
+//   dA'[i] = g * A (optional, in place: dW2's operand; as gather_rows scales).
+// Each lane reads its chunks of dA' before it writes them, so the in-place write is safe.
+struct MlpBackwardRows {
+  Activation act = Activation::kSilu;
+  bool glu = true;
+  const void* hidden = nullptr;
+  std::int64_t ld_hidden = 0;
+  void* d_a = nullptr;
+  std::int64_t ld_d_a = 0;
+  FlatFloats gates;
+  const std::int64_t* gate_index = nullptr;
+  void* d_hidden = nullptr;  // null: dH not wanted
+  std::int64_t ld_d_hidden = 0;
+  bool scale_a_in_place = false;
+  FlatFloats d_gates;
+  bool has_d_gates = false;
+  std::int64_t rows = 0;
+  std::int64_t h = 0;
+};
+void mlp_backward_rows(DType dtype, const MlpBackwardRows& r, cudaStream_t stream);
+
 }  // namespace scattermoe::cuda
