@@ -1,6 +1,5 @@
-// Memory-bound kernels: rows (or tokens) over the blocks, one or more per block, threads across
-// the columns, 16-byte accesses where the layout allows.
-#include <algorithm>
+// Memory-bound kernels: one block per row (or token), threads across the columns, 16-byte
+// accesses where the layout allows; the MLP backward's row pass takes one warp per row.
 #include <cmath>
 #include <cstdint>
 #include <initializer_list>
@@ -65,26 +64,6 @@ __device__ __forceinline__ float activate_grad(Activation act, float x) {
   return 0.0f;
 }
 
-// The row kernels' blocks: kThreads threads as (x, y), y rows of one block each taken by x
-// threads, x the row's kVec-element chunks rounded up to a warp (at most kThreads). A block per
-// row left most threads idle on narrow rows (h = 768 in 16-byte chunks: 96 of 256).
-struct RowBlocks {
-  dim3 grid;
-  dim3 block;
-};
-
-RowBlocks row_blocks(std::int64_t rows, std::int64_t cols, int vec) {
-  const std::int64_t chunks = (cols + vec - 1) / vec;
-  const int x = static_cast<int>(std::min<std::int64_t>(kThreads, (chunks + 31) / 32 * 32));
-  const int y = kThreads / x;
-  return RowBlocks{dim3(ceil_div(rows, y)), dim3(static_cast<unsigned>(x), static_cast<unsigned>(y))};
-}
-
-// This thread's row: blockDim.y rows per block.
-__device__ __forceinline__ std::int64_t block_row() {
-  return static_cast<std::int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
-}
-
 // kVec consecutive elements moved as one access (16 bytes when the host found every row
 // start and width a multiple of it, else 1).
 template <class T, int kVec>
@@ -109,10 +88,9 @@ __device__ __forceinline__ void store_chunk(T* p, const float (&in)[kVec]) {
 
 template <class T, int kVec>
 __global__ void __launch_bounds__(kThreads)
-    gather_rows_kernel(RowSource src, T* out, std::int64_t ld_out, std::int64_t rows, std::int64_t cols,
+    gather_rows_kernel(RowSource src, T* out, std::int64_t ld_out, std::int64_t cols,
                        FlatFloats coeff, bool has_coeff, const std::int64_t* __restrict__ coeff_index) {
-  const std::int64_t i = block_row();
-  if (i >= rows) return;
+  const std::int64_t i = blockIdx.x;
   const T* in = static_cast<const T*>(src.ptr) + src.row(i) * src.ld;
   float scale = 1.0f;
   if (has_coeff) {
@@ -130,10 +108,9 @@ __global__ void __launch_bounds__(kThreads)
 
 template <class T, int kVec>
 __global__ void __launch_bounds__(kThreads)
-    gate_combine_kernel(const T* __restrict__ y, std::int64_t ld_y, FlatFloats gates, std::int64_t tokens,
+    gate_combine_kernel(const T* __restrict__ y, std::int64_t ld_y, FlatFloats gates,
                         T* __restrict__ out, std::int64_t ld_out, std::int64_t cols) {
-  const std::int64_t t = block_row();
-  if (t >= tokens) return;
+  const std::int64_t t = blockIdx.x;
   const std::int64_t kg = gates.cols;
   for (std::int64_t c = threadIdx.x * kVec; c < cols; c += blockDim.x * kVec) {
     float acc[kVec] = {};
@@ -150,10 +127,9 @@ __global__ void __launch_bounds__(kThreads)
 
 template <class T, int kVec>
 __global__ void __launch_bounds__(kThreads)
-    sum_k_rows_kernel(const T* __restrict__ src, std::int64_t ld_src, std::int64_t k, std::int64_t tokens,
+    sum_k_rows_kernel(const T* __restrict__ src, std::int64_t ld_src, std::int64_t k,
                       T* __restrict__ out, std::int64_t ld_out, std::int64_t cols) {
-  const std::int64_t t = block_row();
-  if (t >= tokens) return;
+  const std::int64_t t = blockIdx.x;
   for (std::int64_t c = threadIdx.x * kVec; c < cols; c += blockDim.x * kVec) {
     float acc[kVec] = {};
     for (std::int64_t j = 0; j < k; ++j) {
@@ -220,10 +196,9 @@ __global__ void __launch_bounds__(kThreads)
 template <class T, int kVec>
 __global__ void __launch_bounds__(kThreads)
     activation_forward_kernel(Activation act, bool glu, const T* __restrict__ hidden,
-                              std::int64_t ld_hidden, std::int64_t rows, std::int64_t h, T* __restrict__ a,
+                              std::int64_t ld_hidden, std::int64_t h, T* __restrict__ a,
                               std::int64_t ld_a) {
-  const std::int64_t i = block_row();
-  if (i >= rows) return;
+  const std::int64_t i = blockIdx.x;
   const T* row = hidden + i * ld_hidden;
   for (std::int64_t c = threadIdx.x * kVec; c < h; c += blockDim.x * kVec) {
     float first[kVec], out[kVec];
@@ -246,10 +221,9 @@ __global__ void __launch_bounds__(kThreads)
     activation_backward_kernel(Activation act, bool glu, const T* __restrict__ hidden,
                                std::int64_t ld_hidden, const T* __restrict__ d_a,
                                std::int64_t ld_d_a, FlatFloats scale, bool has_scale,
-                               const std::int64_t* __restrict__ scale_index, std::int64_t rows,
-                               std::int64_t h, T* __restrict__ d_hidden, std::int64_t ld_d_hidden) {
-  const std::int64_t i = block_row();
-  if (i >= rows) return;
+                               const std::int64_t* __restrict__ scale_index, std::int64_t h,
+                               T* __restrict__ d_hidden, std::int64_t ld_d_hidden) {
+  const std::int64_t i = blockIdx.x;
   const T* row = hidden + i * ld_hidden;
   T* out = d_hidden + i * ld_d_hidden;
   float s = 1.0f;
@@ -371,9 +345,8 @@ void gather_rows(DType dtype, RowSource src, void* out, std::int64_t ld_out, std
   dispatch_float(dtype, [&](auto element) {
     using T = decltype(element);
     with_vector_width<T>({src.ptr, out}, {src.ld, ld_out, cols}, [&](auto vec) {
-      const RowBlocks b = row_blocks(rows, cols, vec());
-      gather_rows_kernel<T, vec()><<<b.grid, b.block, 0, stream>>>(
-          src, static_cast<T*>(out), ld_out, rows, cols, coeff ? *coeff : FlatFloats{}, coeff != nullptr,
+      gather_rows_kernel<T, vec()><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
+          src, static_cast<T*>(out), ld_out, cols, coeff ? *coeff : FlatFloats{}, coeff != nullptr,
           coeff_index);
     });
   });
@@ -387,9 +360,8 @@ void gate_combine(DType dtype, const void* y, std::int64_t ld_y, const FlatFloat
   dispatch_float(dtype, [&](auto element) {
     using T = decltype(element);
     with_vector_width<T>({y, out}, {ld_y, ld_out, cols}, [&](auto vec) {
-      const RowBlocks b = row_blocks(tokens, cols, vec());
-      gate_combine_kernel<T, vec()><<<b.grid, b.block, 0, stream>>>(
-          static_cast<const T*>(y), ld_y, gates, tokens, static_cast<T*>(out), ld_out, cols);
+      gate_combine_kernel<T, vec()><<<static_cast<unsigned>(tokens), kThreads, 0, stream>>>(
+          static_cast<const T*>(y), ld_y, gates, static_cast<T*>(out), ld_out, cols);
     });
   });
   check_launch("gate combine");
@@ -402,9 +374,8 @@ void sum_k_rows(DType dtype, const void* src, std::int64_t ld_src, std::int64_t 
   dispatch_float(dtype, [&](auto element) {
     using T = decltype(element);
     with_vector_width<T>({src, out}, {ld_src, ld_out, cols}, [&](auto vec) {
-      const RowBlocks b = row_blocks(tokens, cols, vec());
-      sum_k_rows_kernel<T, vec()><<<b.grid, b.block, 0, stream>>>(
-          static_cast<const T*>(src), ld_src, k, tokens, static_cast<T*>(out), ld_out, cols);
+      sum_k_rows_kernel<T, vec()><<<static_cast<unsigned>(tokens), kThreads, 0, stream>>>(
+          static_cast<const T*>(src), ld_src, k, static_cast<T*>(out), ld_out, cols);
     });
   });
   check_launch("sum over k");
@@ -443,9 +414,8 @@ void activation_forward(DType dtype, Activation act, bool glu, const void* hidde
   dispatch_float(dtype, [&](auto element) {
     using T = decltype(element);
     with_vector_width<T>({hidden, a}, {ld_hidden, ld_a, h}, [&](auto vec) {
-      const RowBlocks b = row_blocks(rows, h, vec());
-      activation_forward_kernel<T, vec()><<<b.grid, b.block, 0, stream>>>(
-          act, glu, static_cast<const T*>(hidden), ld_hidden, rows, h, static_cast<T*>(a), ld_a);
+      activation_forward_kernel<T, vec()><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
+          act, glu, static_cast<const T*>(hidden), ld_hidden, h, static_cast<T*>(a), ld_a);
     });
   });
   check_launch("activation forward");
@@ -460,11 +430,10 @@ void activation_backward(DType dtype, Activation act, bool glu, const void* hidd
   dispatch_float(dtype, [&](auto element) {
     using T = decltype(element);
     with_vector_width<T>({hidden, d_a, d_hidden}, {ld_hidden, ld_d_a, ld_d_hidden, h}, [&](auto vec) {
-      const RowBlocks b = row_blocks(rows, h, vec());
-      activation_backward_kernel<T, vec()><<<b.grid, b.block, 0, stream>>>(
+      activation_backward_kernel<T, vec()><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
           act, glu, static_cast<const T*>(hidden), ld_hidden, static_cast<const T*>(d_a), ld_d_a,
-          scale ? *scale : FlatFloats{}, scale != nullptr, scale_index, rows, h,
-          static_cast<T*>(d_hidden), ld_d_hidden);
+          scale ? *scale : FlatFloats{}, scale != nullptr, scale_index, h, static_cast<T*>(d_hidden),
+          ld_d_hidden);
     });
   });
   check_launch("activation backward");
