@@ -449,6 +449,9 @@ struct VarlenKCopies {
     }
   }
 
+  // kCopyA false: resolve the tile's B rows (and fetch the next entries) without copying A,
+  // which comes by TMA then.
+  template <bool kCopyA = true>
   __device__ __forceinline__ void load_a(const VarlenKGemm& p, T* smem_a, int stage, int k_tile) {
     std::int64_t a_entries[Chunks::kCount];
     CUTE_UNROLL
@@ -457,6 +460,7 @@ struct VarlenKCopies {
       b_rows[j] = b_next[j] >= 0 ? b_divide(b_next[j]) : -1;
     }
     fetch_entries(p, k_tile + 1);
+    if constexpr (!kCopyA) return;
     const T* any = static_cast<const T*>(p.a.ptr);
     CUTE_UNROLL
     for (int j = 0; j < Chunks::kCount; ++j) {

@@ -73,10 +73,17 @@ struct Sm90GemmConfig {
   }
 
   // The same layouts as plain element offsets, for the copies (swizzled_tile_layout: the
-  // shared-memory base is 1024-byte aligned).
+  // shared-memory base is 1024-byte aligned). K-first MN-major tiles place the same atoms in
+  // gmma_layout's order; a 16-byte chunk is still 8 contiguous mn elements of one atom.
   template <bool kKMajor, int kMN>
   static constexpr auto copy_layout() {
-    return swizzled_tile_layout<kKMajor, kMN, kBK, kStages>();
+    using namespace cute;
+    if constexpr (!kKMajor && kKFirst) {
+      auto atom = composition(Swizzle<3, 3, 3>{}, Layout<Shape<_64, _8>, Stride<_1, _64>>{});
+      return tile_to_shape(atom, make_shape(Int<kMN>{}, Int<kBK>{}, Int<kStages>{}), Step<_2, _1, _3>{});
+    } else {
+      return swizzled_tile_layout<kKMajor, kMN, kBK, kStages>();
+    }
   }
 
   // The pipeline's prologue: k tiles 0 .. kStages-3 in flight, one commit group each (empty past

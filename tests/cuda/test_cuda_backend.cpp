@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <limits>
 #include <random>
 #include <string>
 #include <vector>
@@ -261,6 +262,51 @@ TEST(CudaGroupXty, MatchesCpuInBothWeightLayouts) {
           expect_match(dw, ints, dtype, what + " dw");
           expect_match(db, ints, dtype, what + " db");
         }
+      }
+    }
+  }
+}
+
+// An expert's weight gradient depends on its own rows alone: when the next expert's rows hold
+// inf (a diverged gradient), every other expert's dW stays finite and matches the oracle's. A
+// kernel that reads a whole 64-row tile past an expert's end must keep those rows out, even as
+// 0 * inf.
+TEST(CudaGroupXty, NonFiniteRowsOfOneExpertStayInIt) {
+  SCATTERMOE_REQUIRE_GPU();
+  std::mt19937_64 rng(23);
+  const Case c{300, 2, 4, 72, 136, -1, false};
+  Plans plans(route(c, rng), c.tokens, c.k, c.experts);
+  const std::int64_t L = c.tokens * c.k;
+  const auto* offsets = static_cast<const std::int64_t*>(plans.host.plan().expert_offsets.data());
+  for (DType dtype : {DType::kBFloat16, DType::kFloat16}) {
+    for (bool transposed : {false, true}) {
+      Pair dy(dtype, {L, c.d_out});
+      Pair x(dtype, {L, c.d_in});
+      Pair dw(dtype, {c.experts, c.d_in, c.d_out}, transposed);
+      fill(dy.host, false, rng);
+      fill(x.host, false, rng);
+      for (std::int64_t i = offsets[0]; i < offsets[1]; ++i) {  // expert 1's rows
+        const std::int64_t first[2] = {i, 0};
+        check::write_element(dy.host.view(), first, std::numeric_limits<double>::infinity());
+        check::write_element(x.host.view(), first, std::numeric_limits<double>::infinity());
+      }
+      dy.dev.upload(dy.host);
+      x.dev.upload(x.host);
+      dw.poison();
+      group_xty(dy.host.view(), x.host.view(), plans.host.plan(), dw.host.view(), TensorView{});
+      group_xty(dy.dev.view(), x.dev.view(), plans.dev, dw.dev.view(), TensorView{});
+      SCATTERMOE_CUDA_OK(cudaDeviceSynchronize());
+      HostTensor got = dw.host;
+      dw.dev.download(got);
+      const auto want = check::to_matrices(dw.host.view());
+      const auto have = check::to_matrices(got.view());
+      const std::string what = std::string("group_xty with inf rows in expert 1, ") + dtype_name(dtype) +
+                               (transposed ? " transposed" : "");
+      for (int e = 0; e < c.experts; ++e) {
+        if (e == 1) continue;
+        const auto ue = static_cast<std::size_t>(e);
+        for (double v : have[ue].v) ASSERT_TRUE(std::isfinite(v)) << what << ", expert " << e;
+        EXPECT_LE(check::relative_error(have[ue], want[ue]), check::tolerance_for(dtype)) << what << ", expert " << e;
       }
     }
   }
