@@ -42,13 +42,14 @@ struct Case {
 };
 
 // The awkward shapes: T = 1, k = 1, 3 and 4 (3: gathered rows divide by a non-power of two),
-// sizes that are not multiples of 8, an empty expert, one expert taking every token, more rows
-// than a tile, T = 0.
+// sizes that are not multiples of 8 (d_out = 44 with d_in = 32: the wgmma kernels with a tile
+// whose last 16-byte chunk is partial), an empty expert, one expert taking every token, more
+// rows than a tile, T = 0.
 std::vector<Case> cases() {
   return {
       {37, 2, 5, 24, 40, -1, false},  {1, 1, 3, 16, 8, -1, false},    {50, 4, 6, 13, 7, 2, false},
       {64, 1, 4, 32, 48, -1, true},   {300, 2, 8, 72, 136, 3, false}, {0, 2, 4, 16, 16, -1, false},
-      {129, 4, 16, 40, 24, -1, true}, {200, 3, 7, 48, 64, -1, false},
+      {129, 4, 16, 40, 24, -1, true}, {200, 3, 7, 48, 64, -1, false}, {100, 2, 4, 32, 44, -1, false},
   };
 }
 
