@@ -142,6 +142,14 @@ void run_varlen_m_gemm(DType dtype, const VarlenMGemm& g, void* workspace, cudaS
       if (sms > 0 && chunks_aligned(g, 8)) {
         // The wgmma tiles have 128 rows, like the mma.sync ones: the same tile list serves.
         if (use_weight_tma(b_k_major) && weight_tma_possible(g, sizeof(T))) {
+          // The persistent TMA kernel: prepared, not yet measured, so only with
+          // SCATTERMOE_SM90_PERSISTENT_TMA=1.
+          static const bool persistent_tma = env_int("SCATTERMOE_SM90_PERSISTENT_TMA", 0) != 0;
+          if (persistent_tma) {
+            b_k_major ? launch_sm90_persistent_tma_varlen_m_gemm<T, true>(tuned, tile_prefix, sms, stream)
+                      : launch_sm90_persistent_tma_varlen_m_gemm<T, false>(tuned, tile_prefix, sms, stream);
+            return;
+          }
           b_k_major ? launch_sm90_tma_varlen_m_gemm<T, true>(tuned, tile_prefix, stream)
                     : launch_sm90_tma_varlen_m_gemm<T, false>(tuned, tile_prefix, stream);
         } else if (persistent_varlen_m(b_k_major)) {

@@ -118,5 +118,9 @@ inline bool varlen_k_tma_possible(const RowSource& src, std::int64_t rows, std::
 // weight_tma_possible(g, element size).
 template <class T, bool kBKMajor>
 void launch_sm90_tma_varlen_m_gemm(const VarlenMGemm& g, const int* tile_prefix, cudaStream_t stream);
+// Its persistent form (sm90_persistent_tma_*.cu): sm_count blocks at most.
+template <class T, bool kBKMajor>
+void launch_sm90_persistent_tma_varlen_m_gemm(const VarlenMGemm& g, const int* tile_prefix, int sm_count,
+                                              cudaStream_t stream);
 
 }  // namespace scattermoe::cuda

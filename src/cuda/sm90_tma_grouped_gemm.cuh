@@ -258,11 +258,121 @@ void launch_sm90_tma_varlen_k_gemm(const VarlenKGemm& g, int sm_count, cudaStrea
   check_launch("varlen-K GEMM");
 }
 
+// ---------------------------------------------------------------------------------------------
+// The persistent form of the TMA varlen-M kernel: one block per SM walks the tile schedule as
+// sm90_persistent_varlen_m_gemm_kernel does, starting each next tile's copies (A's rows by
+// cp.async, the weight tile by TMA) before it writes the finished one. Meant for short-K GEMMs
+// (qwen3's down projection: 12 k tiles), where each tile's start and end are a large share.
+template <class Config, bool kBKMajor, class WeightTma>
+__global__ void __launch_bounds__(Config::kThreads, 1)
+    sm90_persistent_tma_varlen_m_gemm_kernel(VarlenMGemm p, const int* __restrict__ tile_prefix,
+                                             CUTE_GRID_CONSTANT WeightTma const weight_tma) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using namespace cute;
+  using T = typename Config::Element;
+  using Barrier = cutlass::arch::ClusterTransactionBarrier;
+  constexpr int kBM = Config::kBM;
+  constexpr int kBN = Config::kBN;
+  constexpr int kBK = Config::kBK;
+  constexpr int kStages = Config::kStages;
+  constexpr std::uint32_t kWeightTileBytes = kBN * kBK * sizeof(T);
+
+  const int row_tiles = p.num_experts ? tile_prefix[p.num_experts - 1] : 0;
+  const int column_tiles = static_cast<int>((p.n + kBN - 1) / kBN);
+  const int tiles = row_tiles * column_tiles;
+  int linear = static_cast<int>(blockIdx.x);
+  if (linear >= tiles) return;
+  const int k_tiles = static_cast<int>((p.k + kBK - 1) / kBK);
+
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  constexpr auto layout_a = Config::template copy_layout<true, kBM>();
+  constexpr auto layout_b = Config::template copy_layout<kBKMajor, kBN>();
+  T* smem_a = reinterpret_cast<T*>(smem_raw);
+  T* smem_b = smem_a + cosize(layout_a);
+  std::uint64_t* full = reinterpret_cast<std::uint64_t*>(smem_b + cosize(layout_b));
+  if (threadIdx.x == 0) {
+    CUTE_UNROLL
+    for (int s = 0; s < kStages; ++s) Barrier::init(&full[s], 1);
+    cutlass::arch::fence_barrier_init();
+  }
+  __syncthreads();
+
+  VarlenMCopies<Config, kBKMajor, true> copies(layout_a, layout_b);
+  Tensor m_b = weight_tma.get_tma_tensor(make_shape(static_cast<int>(p.n), static_cast<int>(p.k), p.num_experts));
+  Tensor s_b = make_tensor(make_smem_ptr(smem_b), Config::template gmma_layout<kBKMajor, kBN>());  // (BN,BK,STAGES)
+  auto cta_tma = weight_tma.get_slice(Int<0>{});
+  Tensor tBsB = cta_tma.partition_D(s_b);  // (TMA,TMA_N,TMA_K,STAGES)
+  int expert = 0;  // the tile being loaded: its expert and column tile
+  int column_tile = 0;
+  std::uint32_t phases = 0;  // bit s: the parity stage s's barrier completes with next
+
+  auto load_a = [&](int stage, int k_tile) { copies.load_a(p, smem_a, stage, k_tile); };
+  auto load_b = [&](int stage, int k_tile) {
+    if (threadIdx.x == 0) {
+      Tensor g_b = local_tile(m_b(_, _, expert), make_shape(Int<kBN>{}, Int<kBK>{}),
+                              make_coord(column_tile, _));  // (BN,BK,k)
+      Tensor tBgB = cta_tma.partition_S(g_b);              // (TMA,TMA_N,TMA_K,k)
+      Barrier::arrive_and_expect_tx(&full[stage], kWeightTileBytes);
+      copy(weight_tma.with(full[stage]), tBgB(_, _, _, k_tile), tBsB(_, _, _, stage));
+    }
+  };
+  auto wait_b = [&](int stage) {
+    Barrier::wait(&full[stage], (phases >> stage) & 1u);
+    phases ^= 1u << stage;
+  };
+  auto start = [&](int tile_number) {
+    const RasterTile r = raster_tile(tile_number, row_tiles, column_tiles, p.raster_group_rows);
+    const VarlenMTile t = varlen_m_tile<kBM, kBN>(p, tile_prefix, r.row, r.column);
+    copies.locate_rows(p, t.row0, t.row_end);
+    expert = t.e;
+    column_tile = r.column;
+    Config::prologue(k_tiles, load_a, load_b);
+    return t;
+  };
+
+  typename Config::template TiledMma<true, kBKMajor> mma;
+  Tensor acc = partition_fragment_C(mma, make_shape(Int<kBM>{}, Int<kBN>{}));
+  Tensor coord = mma.get_slice(threadIdx.x).partition_C(make_identity_tensor(make_shape(Int<kBM>{}, Int<kBN>{})));
+  static_assert(StagedEpilogue<Config>::template clear_of_prologue<kBKMajor>(),
+                "the next tile's prologue must not overwrite the staged epilogue");
+  VarlenMTile tile = start(linear);
+  while (true) {
+    clear(acc);
+    Config::template steady<true, kBKMajor>(smem_a, smem_b, k_tiles, load_a, load_b, acc, wait_b);
+    const VarlenMTile done = tile;
+    linear += static_cast<int>(gridDim.x);
+    const bool more = linear < tiles;
+    if (more) {
+      __syncthreads();  // every warpgroup's wgmma has retired: the stages are free
+      tile = start(linear);
+    }
+    store_varlen_m_tile<Config, kBKMajor>(p, acc, coord, smem_raw, done.e, done.row0, done.row_end, done.n0);
+    if (!more) break;
+  }
+#endif
+}
+
 // The caller checked chunks_aligned and weight_tma_possible (gemm.hpp).
 // The tile configuration: that of the cp.async kernels, with N-major weight stages ordered K-first
 // (4 TMA boxes of 64 x 64 per stage instead of 32 of 64 x 8).
 template <class T>
 using Sm90TmaConfig = Sm90GemmConfig<T, 128, 256, 4, true>;
+
+template <class T, bool kBKMajor>
+void launch_sm90_persistent_tma_varlen_m_gemm(const VarlenMGemm& g, const int* tile_prefix, int sm_count,
+                                              cudaStream_t stream) {
+  using Config = Sm90TmaConfig<T>;
+  const auto weight_tma = make_weight_tma<Config, kBKMajor>(g);
+  auto kernel = sm90_persistent_tma_varlen_m_gemm_kernel<Config, kBKMajor, std::remove_const_t<decltype(weight_tma)>>;
+  constexpr int smem = gemm_smem_bytes<Config, true, kBKMajor>() + Config::kStages * static_cast<int>(sizeof(std::uint64_t));
+  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
+             "varlen-M GEMM: shared memory size");
+  const std::int64_t max_tiles = (static_cast<std::int64_t>(ceil_div(g.rows, Config::kBM)) + g.num_experts) *
+                                 ceil_div(g.n, Config::kBN);
+  const unsigned blocks = static_cast<unsigned>(std::min<std::int64_t>(sm_count, max_tiles));
+  kernel<<<blocks, Config::kThreads, smem, stream>>>(g, tile_prefix, weight_tma);
+  check_launch("varlen-M GEMM");
+}
 
 template <class T, bool kBKMajor>
 void launch_sm90_tma_varlen_m_gemm(const VarlenMGemm& g, const int* tile_prefix, cudaStream_t stream) {
