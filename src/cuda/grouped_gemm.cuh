@@ -414,11 +414,12 @@ struct VarlenKCopies {
   std::int64_t a_next[Chunks::kCount];
   std::int64_t b_next[Chunks::kCount];
   std::int64_t b_rows[Chunks::kCount];  // the rows of a tile: resolved by load_a, used by load_b
-  FastDivisor a_divide;                 // p.a.divisor, p.b.divisor
+  FastDivisor a_divide;                 // p.a.divisor, p.b.divisor (fixed for the launch)
   FastDivisor b_divide;
 
   template <class LayoutA, class LayoutB>
-  __device__ VarlenKCopies(const LayoutA& layout_a, const LayoutB& layout_b) : chunks_a(layout_a) {
+  __device__ VarlenKCopies(const VarlenKGemm& p, const LayoutA& layout_a, const LayoutB& layout_b)
+      : chunks_a(layout_a), a_divide(p.a.divisor), b_divide(p.b.divisor) {
     CUTE_UNROLL
     for (int h = 0; h < kParts; ++h) chunks_b[h] = Chunks(layout_b, h * kBM);
   }
@@ -426,8 +427,6 @@ struct VarlenKCopies {
   __device__ __forceinline__ void locate(const VarlenKGemm& p, int e, std::int64_t m0, std::int64_t n0) {
     r0 = e ? p.expert_offsets[e - 1] : 0;
     r1 = p.expert_offsets[e];
-    a_divide = FastDivisor(p.a.divisor);
-    b_divide = FastDivisor(p.b.divisor);
     a_base = static_cast<const T*>(p.a.ptr) + m0 + Chunks::off();
     b_base = static_cast<const T*>(p.b.ptr) + n0 + Chunks::off();
     a_valid = valid_elements<Config::kVec>(p.m, m0 + Chunks::off());
@@ -563,7 +562,7 @@ __global__ void __launch_bounds__(Config::kThreads, Config::kMinBlocks)
   T* smem_a = reinterpret_cast<T*>(smem_raw);
   T* smem_b = smem_a + cosize(layout_a);
 
-  VarlenKCopies<Config, kAligned> copies(layout_a, layout_b);
+  VarlenKCopies<Config, kAligned> copies(p, layout_a, layout_b);
   copies.locate(p, e, m0, n0);
   auto load_a = [&](int stage, int k_tile) { copies.load_a(p, smem_a, stage, k_tile); };
   auto load_b = [&](int stage, int) { copies.load_b(p, smem_b, stage); };

@@ -165,10 +165,8 @@ struct Sm90GemmConfig {
 };
 
 // ---------------------------------------------------------------------------------------------
-// Persistent forms of the same kernels: one block per SM walks the tiles blockIdx.x, +gridDim.x,
-// ... of the schedule. Once a tile's k loop is done, the block starts the copies of its next
-// tile (the prologue) and only then writes the finished tile (staged in stages the prologue
-// leaves alone), so the epilogue's stores and the next tile's first copies overlap.
+// Persistent forms of the same kernels: one block per SM walks the tile schedule
+// (persistent_walk below).
 
 // varlen-K tile number `linear`: expert-major, grouped raster over (M tiles, N tiles) within it.
 struct VarlenKTile {
@@ -185,6 +183,32 @@ __device__ __forceinline__ VarlenKTile varlen_k_tile(int m_tiles, int n_tiles, i
                      static_cast<std::int64_t>(r.column) * kBN};
 }
 
+// The persistent walk shared by the persistent kernels: tiles blockIdx.x, + gridDim.x, ... below
+// `tiles` (the caller returned already when blockIdx.x >= tiles). start(n) locates tile n and
+// issues its prologue, returning its description; k_loop() runs the current tile's k loop into
+// the accumulators; store(tile) writes a finished tile. The next tile starts (after a barrier:
+// every warpgroup's wgmma has retired, so the stages are free) before the finished one is
+// stored, so its first copies overlap the stores; the staging tile lies in stages the prologue
+// leaves alone (StagedEpilogue::clear_of_prologue), and the next k loop first writes them after
+// the barrier that opens it, once every thread has written its rows out.
+template <class Start, class KLoop, class Store>
+__device__ __forceinline__ void persistent_walk(int tiles, Start&& start, KLoop&& k_loop, Store&& store) {
+  int linear = static_cast<int>(blockIdx.x);
+  auto tile = start(linear);
+  while (true) {
+    k_loop();
+    const auto done = tile;
+    linear += static_cast<int>(gridDim.x);
+    const bool more = linear < tiles;
+    if (more) {
+      __syncthreads();
+      tile = start(linear);
+    }
+    store(done);
+    if (!more) break;
+  }
+}
+
 template <class Config, bool kBKMajor>
 __global__ void __launch_bounds__(Config::kThreads, 1)
     sm90_persistent_varlen_m_gemm_kernel(VarlenMGemm p, const int* __restrict__ tile_prefix) {
@@ -198,8 +222,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   const int row_tiles = p.num_experts ? tile_prefix[p.num_experts - 1] : 0;
   const int column_tiles = static_cast<int>((p.n + kBN - 1) / kBN);
   const int tiles = row_tiles * column_tiles;
-  int linear = static_cast<int>(blockIdx.x);
-  if (linear >= tiles) return;
+  if (static_cast<int>(blockIdx.x) >= tiles) return;
   const int k_tiles = static_cast<int>((p.k + kBK - 1) / kBK);
 
   extern __shared__ __align__(1024) unsigned char smem_raw[];
@@ -225,22 +248,15 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   Tensor coord = mma.get_slice(threadIdx.x).partition_C(make_identity_tensor(make_shape(Int<kBM>{}, Int<kBN>{})));
   static_assert(StagedEpilogue<Config>::template clear_of_prologue<kBKMajor>(),
                 "the next tile's prologue must not overwrite the staged epilogue");
-  VarlenMTile tile = start(linear);
-  while (true) {
-    clear(acc);
-    Config::template steady<true, kBKMajor>(smem_a, smem_b, k_tiles, load_a, load_b, acc);
-    const VarlenMTile done = tile;
-    linear += static_cast<int>(gridDim.x);
-    const bool more = linear < tiles;
-    if (more) {
-      __syncthreads();  // every warpgroup's wgmma has retired: the stages are free
-      tile = start(linear);
-    }
-    // Staged in B's last two stages, which the next tile's k loop first writes after the
-    // barrier that opens it, once every thread has written its rows out.
-    store_varlen_m_tile<Config, kBKMajor>(p, acc, coord, smem_raw, done.e, done.row0, done.row_end, done.n0);
-    if (!more) break;
-  }
+  persistent_walk(
+      tiles, start,
+      [&] {
+        clear(acc);
+        Config::template steady<true, kBKMajor>(smem_a, smem_b, k_tiles, load_a, load_b, acc);
+      },
+      [&](const VarlenMTile& done) {
+        store_varlen_m_tile<Config, kBKMajor>(p, acc, coord, smem_raw, done.e, done.row0, done.row_end, done.n0);
+      });
 #endif
 }
 
@@ -255,8 +271,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1) sm90_persistent_varlen_k_
   const int m_tiles = static_cast<int>((p.m + kBM - 1) / kBM);
   const int n_tiles = static_cast<int>((p.n + kBN - 1) / kBN);
   const int tiles = p.num_experts * m_tiles * n_tiles;
-  int linear = static_cast<int>(blockIdx.x);
-  if (linear >= tiles) return;
+  if (static_cast<int>(blockIdx.x) >= tiles) return;
 
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   constexpr auto layout_a = Config::template copy_layout<false, kBM>();
@@ -264,7 +279,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1) sm90_persistent_varlen_k_
   T* smem_a = reinterpret_cast<T*>(smem_raw);
   T* smem_b = smem_a + cosize(layout_a);
 
-  VarlenKCopies<Config, true> copies(layout_a, layout_b);
+  VarlenKCopies<Config, true> copies(p, layout_a, layout_b);
   auto load_a = [&](int stage, int k_tile) { copies.load_a(p, smem_a, stage, k_tile); };
   auto load_b = [&](int stage, int) { copies.load_b(p, smem_b, stage); };
   auto start = [&](int tile_number) {
@@ -279,20 +294,13 @@ __global__ void __launch_bounds__(Config::kThreads, 1) sm90_persistent_varlen_k_
   Tensor coord = mma.get_slice(threadIdx.x).partition_C(make_identity_tensor(make_shape(Int<kBM>{}, Int<kBN>{})));
   static_assert(StagedEpilogue<Config>::template clear_of_prologue<false>(),
                 "the next tile's prologue must not overwrite the staged epilogue");
-  VarlenKTile tile = start(linear);
-  while (true) {
-    clear(acc);
-    Config::template steady<false, false>(smem_a, smem_b, copies.k_tiles(), load_a, load_b, acc);
-    const VarlenKTile done = tile;
-    linear += static_cast<int>(gridDim.x);
-    const bool more = linear < tiles;
-    if (more) {
-      __syncthreads();
-      tile = start(linear);
-    }
-    store_varlen_k_tile<Config>(p, acc, coord, smem_raw, done.e, done.m0, done.n0);
-    if (!more) break;
-  }
+  persistent_walk(
+      tiles, start,
+      [&] {
+        clear(acc);
+        Config::template steady<false, false>(smem_a, smem_b, copies.k_tiles(), load_a, load_b, acc);
+      },
+      [&](const VarlenKTile& done) { store_varlen_k_tile<Config>(p, acc, coord, smem_raw, done.e, done.m0, done.n0); });
 #endif
 }
 

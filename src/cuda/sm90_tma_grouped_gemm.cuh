@@ -1,13 +1,15 @@
-// varlen-M wgmma GEMMs whose weight tiles come by TMA (sm_90a), written with CuTe.
+// wgmma GEMMs with one operand by TMA (sm_90a), written with CuTe.
 //
-// The multistage kernel of sm90_grouped_gemm.cuh with one change: each stage's B tile (expert
-// e's BN x BK weight block) comes by TMA copies issued by one thread (one box when the weights
-// are K-major, four when N-major), instead of BN x BK / 8 16-byte cp.async spread over the block, so the threads' copies are only the gathered A rows (a third
-// of the bytes). The TMA completes a transaction barrier per stage; the k loop waits on it beside
-// the cp.async group of A. Token rows cannot come by TMA (it cannot gather), weights can: they
-// are one (N, K, E) tensor, described once per launch on the host.
+// The multistage kernels of sm90_grouped_gemm.cuh with one change: each stage's tile of an
+// operand that need not be gathered comes by TMA copies issued by one thread, instead of
+// 16-byte cp.async spread over the block, so the threads copy only the gathered rows. The TMA
+// completes a transaction barrier per stage; the k loop waits on it beside the cp.async group.
+// Token rows gathered through an index cannot come by TMA; weights can (varlen-M: one (N, K, E)
+// tensor, described once per launch on the host), and so can the rows of a varlen-K operand
+// that are contiguous in the grouped order.
 //
-// Compiled for sm_90a only (sm90_tma_*.cu); elsewhere the kernel is empty and never launched.
+// Compiled for sm_90a only (sm90_tma_*.cu, sm90_persistent_tma_*.cu); elsewhere the kernels are
+// empty and never launched.
 #pragma once
 
 #include <cstdint>
@@ -21,6 +23,45 @@
 #include "cuda/sm90_grouped_gemm.cuh"
 
 namespace scattermoe::cuda {
+
+// The tile configuration of every TMA kernel: that of the cp.async kernels, with MN-major stages
+// ordered K-first (a TMA box covers 64 x 64: 4 per 256-wide stage instead of 32 of 64 x 8).
+template <class T>
+using Sm90TmaConfig = Sm90GemmConfig<T, 128, 256, 4, true>;
+
+// One transaction barrier per pipeline stage, completed by the stage's TMA copies (issued by
+// thread 0), in shared memory after the operand stages; and this thread's expected parity of
+// each, flipped on every wait (every copy issued is waited for exactly once, in stage order).
+template <int kStages>
+struct StageBarriers {
+  using Barrier = cutlass::arch::ClusterTransactionBarrier;
+  static constexpr int kBytes = kStages * static_cast<int>(sizeof(std::uint64_t));
+
+  std::uint64_t* full;
+  std::uint32_t phases = 0;  // bit s: the parity stage s's barrier completes with next
+
+  // Thread 0 initialises them; the block synchronises.
+  __device__ explicit StageBarriers(void* memory) : full(static_cast<std::uint64_t*>(memory)) {
+    if (threadIdx.x == 0) {
+      CUTE_UNROLL
+      for (int s = 0; s < kStages; ++s) Barrier::init(&full[s], 1);
+      cutlass::arch::fence_barrier_init();
+    }
+    __syncthreads();
+  }
+
+  // Thread 0, before the stage's copies: the barrier they complete, expecting `bytes`.
+  __device__ std::uint64_t& expect(int stage, std::uint32_t bytes) {
+    Barrier::arrive_and_expect_tx(&full[stage], bytes);
+    return full[stage];
+  }
+
+  // Every thread: returns once the stage's copies have landed.
+  __device__ void wait(int stage) {
+    Barrier::wait(&full[stage], (phases >> stage) & 1u);
+    phases ^= 1u << stage;
+  }
+};
 
 // The weights as one (N, K, E) tensor (unit stride along K when kBKMajor, else along N) and its
 // TMA copy into one (BN, BK) stage of Config's GMMA layout.
@@ -47,7 +88,6 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using namespace cute;
   using T = typename Config::Element;
-  using Barrier = cutlass::arch::ClusterTransactionBarrier;
   constexpr int kBM = Config::kBM;
   constexpr int kBN = Config::kBN;
   constexpr int kBK = Config::kBK;
@@ -63,14 +103,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   constexpr auto layout_b = Config::template copy_layout<kBKMajor, kBN>();
   T* smem_a = reinterpret_cast<T*>(smem_raw);
   T* smem_b = smem_a + cosize(layout_a);
-  // One transaction barrier per stage, after the operand stages: its TMA completes it.
-  std::uint64_t* full = reinterpret_cast<std::uint64_t*>(smem_b + cosize(layout_b));
-  if (threadIdx.x == 0) {
-    CUTE_UNROLL
-    for (int s = 0; s < kStages; ++s) Barrier::init(&full[s], 1);
-    cutlass::arch::fence_barrier_init();
-  }
-  __syncthreads();
+  StageBarriers<kStages> barriers(smem_b + cosize(layout_b));
 
   VarlenMCopies<Config, kBKMajor, true> copies(layout_a, layout_b);
   copies.locate_rows(p, t.row0, t.row_end);
@@ -86,15 +119,10 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   Tensor tBsB = cta_tma.partition_D(s_b);  // (TMA,TMA_N,TMA_K,STAGES)
   auto load_b = [&](int stage, int k_tile) {
     if (threadIdx.x == 0) {
-      Barrier::arrive_and_expect_tx(&full[stage], kWeightTileBytes);
-      copy(weight_tma.with(full[stage]), tBgB(_, _, _, k_tile), tBsB(_, _, _, stage));
+      copy(weight_tma.with(barriers.expect(stage, kWeightTileBytes)), tBgB(_, _, _, k_tile), tBsB(_, _, _, stage));
     }
   };
-  std::uint32_t phases = 0;  // bit s: the parity stage s's barrier completes with next
-  auto wait_b = [&](int stage) {
-    Barrier::wait(&full[stage], (phases >> stage) & 1u);
-    phases ^= 1u << stage;
-  };
+  auto wait_b = [&](int stage) { barriers.wait(stage); };
 
   typename Config::template TiledMma<true, kBKMajor> mma;
   Tensor acc = partition_fragment_C(mma, make_shape(Int<kBM>{}, Int<kBN>{}));
@@ -135,7 +163,6 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using namespace cute;
   using T = typename Config::Element;
-  using Barrier = cutlass::arch::ClusterTransactionBarrier;
   constexpr int kBM = Config::kBM;
   constexpr int kBN = Config::kBN;
   constexpr int kBK = Config::kBK;
@@ -146,23 +173,16 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   const int m_tiles = static_cast<int>((p.m + kBM - 1) / kBM);
   const int n_tiles = static_cast<int>((p.n + kBN - 1) / kBN);
   const int tiles = p.num_experts * m_tiles * n_tiles;
-  int linear = static_cast<int>(blockIdx.x);
-  if (linear >= tiles) return;
+  if (static_cast<int>(blockIdx.x) >= tiles) return;
 
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   constexpr auto layout_a = Config::template copy_layout<false, kBM>();
   constexpr auto layout_b = Config::template copy_layout<false, kBN>();
   T* smem_a = reinterpret_cast<T*>(smem_raw);
   T* smem_b = smem_a + cosize(layout_a);
-  std::uint64_t* full = reinterpret_cast<std::uint64_t*>(smem_b + cosize(layout_b));
-  if (threadIdx.x == 0) {
-    CUTE_UNROLL
-    for (int s = 0; s < kStages; ++s) Barrier::init(&full[s], 1);
-    cutlass::arch::fence_barrier_init();
-  }
-  __syncthreads();
+  StageBarriers<kStages> barriers(smem_b + cosize(layout_b));
 
-  VarlenKCopies<Config, true> copies(layout_a, layout_b);
+  VarlenKCopies<Config, true> copies(p, layout_a, layout_b);
   T* smem_tma = kATma ? smem_a : smem_b;
   Tensor s_x = make_tensor(make_smem_ptr(smem_tma), Config::template gmma_layout<false, kMN>());  // (MN,BK,STAGES)
   const std::int64_t cols = kATma ? p.m : p.n;
@@ -175,7 +195,6 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   int r1 = 0;
   int k_tiles = 0;
   int waited = 0;         // k tiles of the current tile waited for
-  std::uint32_t phases = 0;  // bit s: the parity stage s's barrier completes with next
 
   auto load_a = [&](int stage, int k_tile) {
     if constexpr (kATma) {
@@ -190,13 +209,11 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
       Tensor g_x = local_tile(domain_offset(make_coord(mn0, r0), m_x), make_shape(Int<kMN>{}, Int<kBK>{}),
                               make_coord(0, _));  // (MN,BK,k)
       Tensor tXgX = cta_tma.partition_S(g_x);    // (TMA,TMA_MN,TMA_K,k)
-      Barrier::arrive_and_expect_tx(&full[stage], kStageBytes);
-      copy(rows_tma.with(full[stage]), tXgX(_, _, _, k_tile), tXsX(_, _, _, stage));
+      copy(rows_tma.with(barriers.expect(stage, kStageBytes)), tXgX(_, _, _, k_tile), tXsX(_, _, _, stage));
     }
   };
   auto wait_x = [&](int stage) {
-    Barrier::wait(&full[stage], (phases >> stage) & 1u);
-    phases ^= 1u << stage;
+    barriers.wait(stage);
     const int k_tile = waited++;
     const int valid = r1 - (r0 + k_tile * kBK);  // rows of this k tile inside the expert
     if (valid < kBK) {
@@ -222,33 +239,23 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   Tensor coord = mma.get_slice(threadIdx.x).partition_C(make_identity_tensor(make_shape(Int<kBM>{}, Int<kBN>{})));
   static_assert(StagedEpilogue<Config>::template clear_of_prologue<false>(),
                 "the next tile's prologue must not overwrite the staged epilogue");
-  VarlenKTile tile = start(linear);
-  while (true) {
-    clear(acc);
-    Config::template steady<false, false>(smem_a, smem_b, k_tiles, load_a, load_b, acc, wait_x);
-    const VarlenKTile done = tile;
-    linear += static_cast<int>(gridDim.x);
-    const bool more = linear < tiles;
-    if (more) {
-      __syncthreads();
-      tile = start(linear);
-    }
-    store_varlen_k_tile<Config>(p, acc, coord, smem_raw, done.e, done.m0, done.n0);
-    if (!more) break;
-  }
+  persistent_walk(
+      tiles, start,
+      [&] {
+        clear(acc);
+        Config::template steady<false, false>(smem_a, smem_b, k_tiles, load_a, load_b, acc, wait_x);
+      },
+      [&](const VarlenKTile& done) { store_varlen_k_tile<Config>(p, acc, coord, smem_raw, done.e, done.m0, done.n0); });
 #endif
 }
 
-template <class T>
-using Sm90TmaVarlenKConfig = Sm90GemmConfig<T, 128, 256, 4, true>;
-
 template <class T, bool kATma>
 void launch_sm90_tma_varlen_k_gemm(const VarlenKGemm& g, int sm_count, cudaStream_t stream) {
-  using Config = Sm90TmaVarlenKConfig<T>;
+  using Config = Sm90TmaConfig<T>;
   constexpr int kMN = kATma ? Config::kBM : Config::kBN;
   const auto rows_tma = make_rows_tma<Config, kMN>(kATma ? g.a : g.b, g.rows, kATma ? g.m : g.n);
   auto kernel = sm90_tma_varlen_k_gemm_kernel<Config, kATma, std::remove_const_t<decltype(rows_tma)>>;
-  constexpr int smem = gemm_smem_bytes<Config, false, false>() + Config::kStages * static_cast<int>(sizeof(std::uint64_t));
+  constexpr int smem = gemm_smem_bytes<Config, false, false>() + StageBarriers<Config::kStages>::kBytes;
   check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
              "varlen-K GEMM: shared memory size");
   const std::int64_t tiles = static_cast<std::int64_t>(g.num_experts) * ceil_div(g.m, Config::kBM) *
@@ -270,7 +277,6 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using namespace cute;
   using T = typename Config::Element;
-  using Barrier = cutlass::arch::ClusterTransactionBarrier;
   constexpr int kBM = Config::kBM;
   constexpr int kBN = Config::kBN;
   constexpr int kBK = Config::kBK;
@@ -280,8 +286,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   const int row_tiles = p.num_experts ? tile_prefix[p.num_experts - 1] : 0;
   const int column_tiles = static_cast<int>((p.n + kBN - 1) / kBN);
   const int tiles = row_tiles * column_tiles;
-  int linear = static_cast<int>(blockIdx.x);
-  if (linear >= tiles) return;
+  if (static_cast<int>(blockIdx.x) >= tiles) return;
   const int k_tiles = static_cast<int>((p.k + kBK - 1) / kBK);
 
   extern __shared__ __align__(1024) unsigned char smem_raw[];
@@ -289,13 +294,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   constexpr auto layout_b = Config::template copy_layout<kBKMajor, kBN>();
   T* smem_a = reinterpret_cast<T*>(smem_raw);
   T* smem_b = smem_a + cosize(layout_a);
-  std::uint64_t* full = reinterpret_cast<std::uint64_t*>(smem_b + cosize(layout_b));
-  if (threadIdx.x == 0) {
-    CUTE_UNROLL
-    for (int s = 0; s < kStages; ++s) Barrier::init(&full[s], 1);
-    cutlass::arch::fence_barrier_init();
-  }
-  __syncthreads();
+  StageBarriers<kStages> barriers(smem_b + cosize(layout_b));
 
   VarlenMCopies<Config, kBKMajor, true> copies(layout_a, layout_b);
   Tensor m_b = weight_tma.get_tma_tensor(make_shape(static_cast<int>(p.n), static_cast<int>(p.k), p.num_experts));
@@ -304,7 +303,6 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   Tensor tBsB = cta_tma.partition_D(s_b);  // (TMA,TMA_N,TMA_K,STAGES)
   int expert = 0;  // the tile being loaded: its expert and column tile
   int column_tile = 0;
-  std::uint32_t phases = 0;  // bit s: the parity stage s's barrier completes with next
 
   auto load_a = [&](int stage, int k_tile) { copies.load_a(p, smem_a, stage, k_tile); };
   auto load_b = [&](int stage, int k_tile) {
@@ -312,14 +310,10 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
       Tensor g_b = local_tile(m_b(_, _, expert), make_shape(Int<kBN>{}, Int<kBK>{}),
                               make_coord(column_tile, _));  // (BN,BK,k)
       Tensor tBgB = cta_tma.partition_S(g_b);              // (TMA,TMA_N,TMA_K,k)
-      Barrier::arrive_and_expect_tx(&full[stage], kWeightTileBytes);
-      copy(weight_tma.with(full[stage]), tBgB(_, _, _, k_tile), tBsB(_, _, _, stage));
+      copy(weight_tma.with(barriers.expect(stage, kWeightTileBytes)), tBgB(_, _, _, k_tile), tBsB(_, _, _, stage));
     }
   };
-  auto wait_b = [&](int stage) {
-    Barrier::wait(&full[stage], (phases >> stage) & 1u);
-    phases ^= 1u << stage;
-  };
+  auto wait_b = [&](int stage) { barriers.wait(stage); };
   auto start = [&](int tile_number) {
     const RasterTile r = raster_tile(tile_number, row_tiles, column_tiles, p.raster_group_rows);
     const VarlenMTile t = varlen_m_tile<kBM, kBN>(p, tile_prefix, r.row, r.column);
@@ -335,28 +329,19 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   Tensor coord = mma.get_slice(threadIdx.x).partition_C(make_identity_tensor(make_shape(Int<kBM>{}, Int<kBN>{})));
   static_assert(StagedEpilogue<Config>::template clear_of_prologue<kBKMajor>(),
                 "the next tile's prologue must not overwrite the staged epilogue");
-  VarlenMTile tile = start(linear);
-  while (true) {
-    clear(acc);
-    Config::template steady<true, kBKMajor>(smem_a, smem_b, k_tiles, load_a, load_b, acc, wait_b);
-    const VarlenMTile done = tile;
-    linear += static_cast<int>(gridDim.x);
-    const bool more = linear < tiles;
-    if (more) {
-      __syncthreads();  // every warpgroup's wgmma has retired: the stages are free
-      tile = start(linear);
-    }
-    store_varlen_m_tile<Config, kBKMajor>(p, acc, coord, smem_raw, done.e, done.row0, done.row_end, done.n0);
-    if (!more) break;
-  }
+  persistent_walk(
+      tiles, start,
+      [&] {
+        clear(acc);
+        Config::template steady<true, kBKMajor>(smem_a, smem_b, k_tiles, load_a, load_b, acc, wait_b);
+      },
+      [&](const VarlenMTile& done) {
+        store_varlen_m_tile<Config, kBKMajor>(p, acc, coord, smem_raw, done.e, done.row0, done.row_end, done.n0);
+      });
 #endif
 }
 
 // The caller checked chunks_aligned and weight_tma_possible (gemm.hpp).
-// The tile configuration: that of the cp.async kernels, with N-major weight stages ordered K-first
-// (4 TMA boxes of 64 x 64 per stage instead of 32 of 64 x 8).
-template <class T>
-using Sm90TmaConfig = Sm90GemmConfig<T, 128, 256, 4, true>;
 
 template <class T, bool kBKMajor>
 void launch_sm90_persistent_tma_varlen_m_gemm(const VarlenMGemm& g, const int* tile_prefix, int sm_count,
@@ -364,7 +349,7 @@ void launch_sm90_persistent_tma_varlen_m_gemm(const VarlenMGemm& g, const int* t
   using Config = Sm90TmaConfig<T>;
   const auto weight_tma = make_weight_tma<Config, kBKMajor>(g);
   auto kernel = sm90_persistent_tma_varlen_m_gemm_kernel<Config, kBKMajor, std::remove_const_t<decltype(weight_tma)>>;
-  constexpr int smem = gemm_smem_bytes<Config, true, kBKMajor>() + Config::kStages * static_cast<int>(sizeof(std::uint64_t));
+  constexpr int smem = gemm_smem_bytes<Config, true, kBKMajor>() + StageBarriers<Config::kStages>::kBytes;
   check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
              "varlen-M GEMM: shared memory size");
   const std::int64_t max_tiles = (static_cast<std::int64_t>(ceil_div(g.rows, Config::kBM)) + g.num_experts) *
@@ -379,7 +364,7 @@ void launch_sm90_tma_varlen_m_gemm(const VarlenMGemm& g, const int* tile_prefix,
   using Config = Sm90TmaConfig<T>;
   const auto weight_tma = make_weight_tma<Config, kBKMajor>(g);
   auto kernel = sm90_tma_varlen_m_gemm_kernel<Config, kBKMajor, std::remove_const_t<decltype(weight_tma)>>;
-  constexpr int smem = gemm_smem_bytes<Config, true, kBKMajor>() + Config::kStages * static_cast<int>(sizeof(std::uint64_t));
+  constexpr int smem = gemm_smem_bytes<Config, true, kBKMajor>() + StageBarriers<Config::kStages>::kBytes;
   check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
              "varlen-M GEMM: shared memory size");
   const dim3 grid(ceil_div(g.rows, Config::kBM) + static_cast<unsigned>(g.num_experts), ceil_div(g.n, Config::kBN));
