@@ -532,15 +532,17 @@ void mlp_backward(const MlpArgs& args, const RoutingPlan& plan, const TensorView
   const std::int64_t* ss = index_ptr(plan.sorted_scattered_idxs);
   const FlatFloats gates = flat_floats(args.gates);
 
+  // dA' = dOut[t] @ W2[e]^T (ungated), read straight from d_out.
+  Linear back2;
+  back2.a = rows_of(d_out, ss, k);
+  back2.w = args.w2.transposed(1, 2);
+  back2.c = s.d_a;
+  back2.ldc = h;
+  run_linear(back2, plan, s.tiles, stream);
+
   if (!args.b2.defined()) {
-    // dA' = dOut[t] @ W2[e]^T (ungated), read straight from d_out; then one pass over the rows
-    // computes A = act(H), d_gates = <dA', A>, dH (region P) and g * A over dA' (region Q).
-    Linear back2;
-    back2.a = rows_of(d_out, ss, k);
-    back2.w = args.w2.transposed(1, 2);
-    back2.c = s.d_a;
-    back2.ldc = h;
-    run_linear(back2, plan, s.tiles, stream);
+    // One pass over the rows computes A = act(H), d_gates = <dA', A>, dH (region P) and g * A
+    // over dA' (region Q).
     const bool need_first = grads.dx.defined() || grads.dw1.defined() || grads.db1.defined();
     MlpBackwardRows r;
     r.act = args.activation;
@@ -571,17 +573,9 @@ void mlp_backward(const MlpArgs& args, const RoutingPlan& plan, const TensorView
     return;
   }
 
-  // With b2: A = act(H), recomputed from the saved pre-activation.
+  // With b2: A = act(H), recomputed from the saved pre-activation (region P).
   activation_forward(dtype, args.activation, args.glu, hidden.data(), hidden.stride(0), L, h, s.a, h, stream);
   const RowSource a_rows{s.a, h, nullptr, 1};
-
-  // dA' = dOut[t] @ W2[e]^T (ungated), read straight from d_out.
-  Linear back2;
-  back2.a = rows_of(d_out, ss, k);
-  back2.w = args.w2.transposed(1, 2);
-  back2.c = s.d_a;
-  back2.ldc = h;
-  run_linear(back2, plan, s.tiles, stream);
 
   // d_gates[t, j] = <dA'[i], A[i]> + <dOut[t], b2[e]>, written at flat position p = ss[i].
   if (grads.d_gates.defined()) {
@@ -592,14 +586,12 @@ void mlp_backward(const MlpArgs& args, const RoutingPlan& plan, const TensorView
     r.out_index = ss;
     r.rows = L;
     r.cols = h;
-    if (args.b2.defined()) {  // the bias term: <dOut[t], b2[e]> over d columns
-      r.c = rows_of(d_out, ss, k);
-      r.bias = args.b2.data();
-      r.bias_expert_stride = args.b2.stride(0);
-      r.bias_stride = args.b2.stride(1);
-      r.bias_cols = d;
-      r.expert = index_ptr(plan.sorted_expert_idxs);
-    }
+    r.c = rows_of(d_out, ss, k);  // the bias term: <dOut[t], b2[e]> over d columns
+    r.bias = args.b2.data();
+    r.bias_expert_stride = args.b2.stride(0);
+    r.bias_stride = args.b2.stride(1);
+    r.bias_cols = d;
+    r.expert = index_ptr(plan.sorted_expert_idxs);
     row_dot(dtype, r, stream);
   }
 
