@@ -415,14 +415,28 @@ struct MlpPairs {
   }
 };
 
-void run_mlp_device(const MlpPairs& m, const RoutingPlan& plan, Activation act, bool glu,
-                    bool bias) {
+// mlp_forward then mlp_backward into grads, each with a workspace of its own size: on the host
+// (the oracle; plan is the host plan) or on the device.
+void run_mlp_host(const MlpPairs& m, const RoutingPlan& plan, Activation act, bool glu, bool bias,
+                  const MlpGrads& grads) {
+  const MlpArgs args = m.args(false, act, glu, bias);
+  check::Scratch f(mlp_forward_workspace_size(args, plan));
+  mlp_forward(args, plan, m.out.host.view(), m.hidden.host.view(), f.context());
+  check::Scratch b(mlp_backward_workspace_size(args, plan));
+  mlp_backward(args, plan, m.hidden.host.view(), m.d_out.host.view(), grads, b.context());
+}
+
+void run_mlp_device(const MlpPairs& m, const RoutingPlan& plan, Activation act, bool glu, bool bias,
+                    const MlpGrads& grads) {
   const MlpArgs args = m.args(true, act, glu, bias);
   DeviceBuffer fws(mlp_forward_workspace_size(args, plan));
   mlp_forward(args, plan, m.out.dev.view(), m.hidden.dev.view(), device_context(fws));
   DeviceBuffer bws(mlp_backward_workspace_size(args, plan));
-  mlp_backward(args, plan, m.hidden.dev.view(), m.d_out.dev.view(), m.grads(true, bias),
-               device_context(bws));
+  mlp_backward(args, plan, m.hidden.dev.view(), m.d_out.dev.view(), grads, device_context(bws));
+}
+
+void run_mlp_device(const MlpPairs& m, const RoutingPlan& plan, Activation act, bool glu, bool bias) {
+  run_mlp_device(m, plan, act, glu, bias, m.grads(true, bias));
 }
 
 TEST(CudaMlp, ForwardBackwardMatchCpu) {
@@ -444,15 +458,7 @@ TEST(CudaMlp, ForwardBackwardMatchCpu) {
           p->fill_and_upload(false, rng);
         for (Pair* p : {&m.out, &m.hidden, &m.dx, &m.dw1, &m.db1, &m.dw2, &m.db2, &m.dg})
           p->poison();
-        {
-          const MlpArgs args = m.args(false, act, glu, bias);
-          check::Scratch f(mlp_forward_workspace_size(args, plans.host.plan()));
-          mlp_forward(args, plans.host.plan(), m.out.host.view(), m.hidden.host.view(),
-                      f.context());
-          check::Scratch b(mlp_backward_workspace_size(args, plans.host.plan()));
-          mlp_backward(args, plans.host.plan(), m.hidden.host.view(), m.d_out.host.view(),
-                       m.grads(false, bias), b.context());
-        }
+        run_mlp_host(m, plans.host.plan(), act, glu, bias, m.grads(false, bias));
         run_mlp_device(m, plans.dev, act, glu, bias);
         SCATTERMOE_CUDA_OK(cudaDeviceSynchronize());
         const std::string what = "mlp " + c.name() + " " + dtype_name(dtype) + " " +
@@ -494,20 +500,8 @@ TEST(CudaMlp, WeightGradientsWithoutBiasGradientsMatchCpu) {
                                      TensorView{}}
                           : MlpGrads{v(m.dx), v(m.dw1), TensorView{}, v(m.dw2), TensorView{}, v(m.dg)};
         };
-        {
-          const MlpArgs args = m.args(false, Activation::kSilu, true, true);
-          check::Scratch f(mlp_forward_workspace_size(args, plans.host.plan()));
-          mlp_forward(args, plans.host.plan(), m.out.host.view(), m.hidden.host.view(), f.context());
-          check::Scratch b(mlp_backward_workspace_size(args, plans.host.plan()));
-          mlp_backward(args, plans.host.plan(), m.hidden.host.view(), m.d_out.host.view(),
-                       grads(false), b.context());
-        }
-        const MlpArgs args = m.args(true, Activation::kSilu, true, true);
-        DeviceBuffer fws(mlp_forward_workspace_size(args, plans.dev));
-        mlp_forward(args, plans.dev, m.out.dev.view(), m.hidden.dev.view(), device_context(fws));
-        DeviceBuffer bws(mlp_backward_workspace_size(args, plans.dev));
-        mlp_backward(args, plans.dev, m.hidden.dev.view(), m.d_out.dev.view(), grads(true),
-                     device_context(bws));
+        run_mlp_host(m, plans.host.plan(), Activation::kSilu, true, true, grads(false));
+        run_mlp_device(m, plans.dev, Activation::kSilu, true, true, grads(true));
         SCATTERMOE_CUDA_OK(cudaDeviceSynchronize());
         const std::string what = "mlp " + c.name() + " " + dtype_name(dtype) +
                                  (only_dw2 ? " dw2 only" : " no bias grads");
@@ -548,20 +542,8 @@ TEST(CudaMlp, BackwardGradientSubsetsMatchCpu) {
             return MlpGrads{v(m.dx, want_first), v(m.dw1, want_first), TensorView{},
                             v(m.dw2, want_dw2),  TensorView{},          v(m.dg, want_dg)};
           };
-          {
-            const MlpArgs args = m.args(false, act, glu, false);
-            check::Scratch f(mlp_forward_workspace_size(args, plans.host.plan()));
-            mlp_forward(args, plans.host.plan(), m.out.host.view(), m.hidden.host.view(), f.context());
-            check::Scratch b(mlp_backward_workspace_size(args, plans.host.plan()));
-            mlp_backward(args, plans.host.plan(), m.hidden.host.view(), m.d_out.host.view(), grads(false),
-                         b.context());
-          }
-          const MlpArgs args = m.args(true, act, glu, false);
-          DeviceBuffer fws(mlp_forward_workspace_size(args, plans.dev));
-          mlp_forward(args, plans.dev, m.out.dev.view(), m.hidden.dev.view(), device_context(fws));
-          DeviceBuffer bws(mlp_backward_workspace_size(args, plans.dev));
-          mlp_backward(args, plans.dev, m.hidden.dev.view(), m.d_out.dev.view(), grads(true),
-                       device_context(bws));
+          run_mlp_host(m, plans.host.plan(), act, glu, false, grads(false));
+          run_mlp_device(m, plans.dev, act, glu, false, grads(true));
           SCATTERMOE_CUDA_OK(cudaDeviceSynchronize());
           const std::string what = "mlp " + c.name() + " " + dtype_name(dtype) + (glu ? " glu" : "") +
                                    (w2_row_major ? " w2 row-major" : "") + " subset " + std::to_string(subset);
