@@ -8,6 +8,7 @@
 
 #include <cute/numeric/numeric_types.hpp>
 
+#include "cuda/fast_divisor.hpp"
 #include "scattermoe/error.hpp"
 #include "scattermoe/tensor.hpp"
 
@@ -41,29 +42,6 @@ struct RowSource {
     return divisor == 1 ? r
                         : static_cast<std::int64_t>(static_cast<std::uint32_t>(r) /
                                                     static_cast<std::uint32_t>(divisor));
-  }
-};
-
-// r / d for 0 <= r, d < 2^31 as a multiply-high and a shift (the round-up method of CUTLASS's
-// FastDivmod), for a divisor fixed over a kernel: a 32-bit division is a dependent chain of
-// about 20 instructions, and the varlen-K copies divide every token row of every k tile.
-struct FastDivisor {
-  std::uint32_t mul = 0;  // 0: d is 1
-  std::uint32_t shift = 0;
-
-  FastDivisor() = default;
-  __host__ __device__ explicit FastDivisor(std::int64_t d) {
-    if (d > 1) {
-      int log2_ceil = 0;
-      while ((std::int64_t{1} << log2_ceil) < d) ++log2_ceil;
-      const int p = 31 + log2_ceil;
-      mul = static_cast<std::uint32_t>(((std::uint64_t{1} << p) + static_cast<std::uint64_t>(d) - 1) /
-                                       static_cast<std::uint64_t>(d));
-      shift = static_cast<std::uint32_t>(p - 32);
-    }
-  }
-  __device__ __forceinline__ std::int64_t operator()(std::int64_t r) const {
-    return mul ? static_cast<std::int64_t>(__umulhi(static_cast<std::uint32_t>(r), mul) >> shift) : r;
   }
 };
 

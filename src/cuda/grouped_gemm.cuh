@@ -393,6 +393,11 @@ struct VarlenMCopies {
 // A-widths and each part copies with A's line mapping, so each row index is resolved once for
 // both operands; the index entries are fetched one k tile ahead (load_a runs over the k tiles in
 // order), so their latency hides behind a whole tile instead of stalling the copies.
+// The copies run inside every k tile of the weight-gradient GEMMs, on the threads that issue the
+// wgmma, so they are kept lean: rows in 32 bits (fewer than 2^31 routed rows on CUDA), a line
+// past the expert's end reads the expert's last row instead (always a valid address) and is
+// zero-filled by its predicate, and a column chunk past m or n reads column 0 the same way, so
+// no source pointer is selected per chunk.
 template <class Config, bool kAligned>
 struct VarlenKCopies {
   using T = typename Config::Element;
@@ -405,46 +410,65 @@ struct VarlenKCopies {
 
   Chunks chunks_a;
   Chunks chunks_b[kParts];
-  const T* a_base = nullptr;  // this thread's column of A (m0 + off), of B (n0 + off)
-  const T* b_base = nullptr;
-  int a_valid = 0;
+  const char* a_col = nullptr;  // this thread's column of A (m0 + off), of B (n0 + off); column 0
+  const char* b_col = nullptr;  // when that lies past m (n): a valid address the predicate masks
+  std::int64_t a_ld_bytes = 0;
+  std::int64_t b_ld_bytes = 0;
+  int a_valid = 0;              // elements of this thread's chunk inside m, inside n (0..kVec)
   int b_valid[kParts];
-  std::int64_t r0 = 0;  // the expert's routed rows [r0, r1)
-  std::int64_t r1 = 0;
-  std::int64_t a_next[Chunks::kCount];
-  std::int64_t b_next[Chunks::kCount];
-  std::int64_t b_rows[Chunks::kCount];  // the rows of a tile: resolved by load_a, used by load_b
-  FastDivisor a_divide;                 // p.a.divisor, p.b.divisor (fixed for the launch)
+  int b_part[kParts];           // B part h's offset from the line pointer in bytes (0 past n)
+  int r0 = 0;                // the expert's routed rows [r0, r1)
+  int r1 = 0;
+  std::uint32_t a_next[Chunks::kCount];  // the next k tile's entries (lines past r1: row r1 - 1's)
+  std::uint32_t b_next[Chunks::kCount];
+  const char* b_src[Chunks::kCount];  // B's lines of a tile: resolved by load_a, used by load_b
+  unsigned inside = 0;             // bit j: line j of that tile lies inside the expert
+  FastDivisor a_divide;            // p.a.divisor, p.b.divisor (fixed for the launch)
   FastDivisor b_divide;
 
   template <class LayoutA, class LayoutB>
   __device__ VarlenKCopies(const VarlenKGemm& p, const LayoutA& layout_a, const LayoutB& layout_b)
-      : chunks_a(layout_a), a_divide(p.a.divisor), b_divide(p.b.divisor) {
+      : chunks_a(layout_a),
+        a_ld_bytes(p.a.ld * static_cast<std::int64_t>(sizeof(T))),
+        b_ld_bytes(p.b.ld * static_cast<std::int64_t>(sizeof(T))),
+        a_divide(p.a.divisor),
+        b_divide(p.b.divisor) {
     CUTE_UNROLL
     for (int h = 0; h < kParts; ++h) chunks_b[h] = Chunks(layout_b, h * kBM);
   }
 
   __device__ __forceinline__ void locate(const VarlenKGemm& p, int e, std::int64_t m0, std::int64_t n0) {
-    r0 = e ? p.expert_offsets[e - 1] : 0;
-    r1 = p.expert_offsets[e];
-    a_base = static_cast<const T*>(p.a.ptr) + m0 + Chunks::off();
-    b_base = static_cast<const T*>(p.b.ptr) + n0 + Chunks::off();
+    r0 = static_cast<int>(e ? p.expert_offsets[e - 1] : 0);
+    r1 = static_cast<int>(p.expert_offsets[e]);
     a_valid = valid_elements<Config::kVec>(p.m, m0 + Chunks::off());
+    a_col = static_cast<const char*>(p.a.ptr) + (a_valid > 0 ? m0 + Chunks::off() : 0) * sizeof(T);
     CUTE_UNROLL
-    for (int h = 0; h < kParts; ++h) b_valid[h] = valid_elements<Config::kVec>(p.n, n0 + h * kBM + Chunks::off());
-    fetch_entries(p, 0);
+    for (int h = 0; h < kParts; ++h) {
+      b_valid[h] = valid_elements<Config::kVec>(p.n, n0 + h * kBM + Chunks::off());
+      b_part[h] = b_valid[h] > 0 ? h * kBM * static_cast<int>(sizeof(T)) : 0;
+    }
+    // The parts share one line pointer at part 0's column (column 0 when even that lies past
+    // n; then so do the later parts), and a part past n reads part 0's bytes, masked.
+    b_col = static_cast<const char*>(p.b.ptr) + (b_valid[0] > 0 ? n0 + Chunks::off() : 0) * sizeof(T);
+    if (r1 > r0) fetch_entries(p, 0);
   }
 
-  __device__ __forceinline__ int k_tiles() const { return static_cast<int>((r1 - r0 + kBK - 1) / kBK); }
+  __device__ __forceinline__ int k_tiles() const { return (r1 - r0 + kBK - 1) / kBK; }
+
+  // An entry of the index as 32 bits: entries are routed-row positions, below 2^31, so the low
+  // word of the little-endian int64 is the value.
+  static __device__ __forceinline__ std::uint32_t entry(const RowSource& src, int position) {
+    return src.index ? *reinterpret_cast<const std::uint32_t*>(src.index + position)
+                     : static_cast<std::uint32_t>(position);
+  }
 
   __device__ __forceinline__ void fetch_entries(const VarlenKGemm& p, int k_tile) {
-    const std::int64_t k0 = r0 + static_cast<std::int64_t>(k_tile) * kBK;
+    const int k0 = r0 + k_tile * kBK;
     CUTE_UNROLL
     for (int j = 0; j < Chunks::kCount; ++j) {
-      const std::int64_t r = k0 + Chunks::line(j);
-      const bool inside = r < r1;
-      a_next[j] = inside ? p.a.entry(r) : -1;
-      b_next[j] = inside ? p.b.entry(r) : -1;
+      const int r = min(k0 + Chunks::line(j), r1 - 1);
+      a_next[j] = entry(p.a, r);
+      b_next[j] = entry(p.b, r);
     }
   }
 
@@ -452,32 +476,33 @@ struct VarlenKCopies {
   // which comes by TMA then.
   template <bool kCopyA = true>
   __device__ __forceinline__ void load_a(const VarlenKGemm& p, T* smem_a, int stage, int k_tile) {
-    std::int64_t a_entries[Chunks::kCount];
+    const int k0 = r0 + k_tile * kBK;
+    std::uint32_t a_rows[Chunks::kCount];
+    inside = 0;
     CUTE_UNROLL
     for (int j = 0; j < Chunks::kCount; ++j) {
-      a_entries[j] = a_next[j];
-      b_rows[j] = b_next[j] >= 0 ? b_divide(b_next[j]) : -1;
+      inside |= (k0 + Chunks::line(j) < r1 ? 1u : 0u) << j;
+      a_rows[j] = a_divide(a_next[j]);
+      b_src[j] = b_col + static_cast<std::uint64_t>(b_divide(b_next[j])) * b_ld_bytes;
     }
-    fetch_entries(p, k_tile + 1);
-    if constexpr (!kCopyA) return;
-    const T* any = static_cast<const T*>(p.a.ptr);
-    CUTE_UNROLL
-    for (int j = 0; j < Chunks::kCount; ++j) {
-      const bool inside = a_entries[j] >= 0;
-      const T* src = a_base + (inside ? a_divide(a_entries[j]) : 0) * p.a.ld;
-      chunks_a.template copy<kAligned>(smem_a, stage, j, src, inside ? a_valid : 0, any);
+    if (r1 > r0) fetch_entries(p, k_tile + 1);
+    if constexpr (kCopyA) {
+      CUTE_UNROLL
+      for (int j = 0; j < Chunks::kCount; ++j) {
+        const T* src = reinterpret_cast<const T*>(a_col + static_cast<std::uint64_t>(a_rows[j]) * a_ld_bytes);
+        chunks_a.template copy<kAligned>(smem_a, stage, j, src, (inside >> j) & 1u ? a_valid : 0, src);
+      }
     }
   }
 
   __device__ __forceinline__ void load_b(const VarlenKGemm& p, T* smem_b, int stage) const {
-    const T* any = static_cast<const T*>(p.b.ptr);
     CUTE_UNROLL
     for (int j = 0; j < Chunks::kCount; ++j) {
-      const bool inside = b_rows[j] >= 0;
-      const T* src = b_base + (inside ? b_rows[j] : 0) * p.b.ld;
+      const bool in = (inside >> j) & 1u;
       CUTE_UNROLL
       for (int h = 0; h < kParts; ++h) {
-        chunks_b[h].template copy<kAligned>(smem_b, stage, j, src + h * kBM, inside ? b_valid[h] : 0, any);
+        const T* src = reinterpret_cast<const T*>(b_src[j] + b_part[h]);
+        chunks_b[h].template copy<kAligned>(smem_b, stage, j, src, in ? b_valid[h] : 0, src);
       }
     }
   }

@@ -13,6 +13,7 @@
 
 #include "check/host_tensor.hpp"
 #include "check/reference_f64.hpp"
+#include "cuda/fast_divisor.hpp"
 #include "device_tensor.hpp"
 #include "scattermoe/scattermoe.hpp"
 
@@ -150,6 +151,31 @@ void expect_match(const Pair& p, bool exact, DType dtype, const std::string& wha
 
 Context device_context(DeviceBuffer& ws) {
   return Context{nullptr, Workspace{ws.data(), ws.bytes()}};
+}
+
+// The varlen-K copies divide every gathered row by k with FastDivisor (the same code runs on
+// the host): exact against integer division for divisors 1-299 and large ones, each at the
+// range's edges, around multiples of the divisor and on random values below 2^31. No GPU needed.
+TEST(CudaFastDivisor, MatchesIntegerDivision) {
+  std::vector<std::int64_t> divisors;
+  for (std::int64_t d = 1; d < 300; ++d) divisors.push_back(d);
+  for (std::int64_t d : {65536LL, 65537LL, 1000003LL, (1LL << 30), (1LL << 30) + 1, 3LL << 28, (1LL << 31) - 1}) {
+    divisors.push_back(d);
+  }
+  std::mt19937_64 rng(7);
+  for (const std::int64_t d : divisors) {
+    const cuda::FastDivisor divide(d);
+    auto expect_exact = [&](std::uint32_t r) {
+      ASSERT_EQ(divide(r), static_cast<std::uint32_t>(r / static_cast<std::uint64_t>(d))) << r << " / " << d;
+    };
+    for (std::uint32_t r = 0; r < 2000; ++r) expect_exact(r);
+    for (std::uint32_t r = (1u << 31) - 2000; r < (1u << 31); ++r) expect_exact(r);
+    for (std::int64_t q = 1; q * d < (1LL << 31); q = 3 * q + 1) {
+      expect_exact(static_cast<std::uint32_t>(q * d));
+      expect_exact(static_cast<std::uint32_t>(q * d - 1));
+    }
+    for (int i = 0; i < 2000; ++i) expect_exact(static_cast<std::uint32_t>(rng() % (1u << 31)));
+  }
 }
 
 TEST(CudaPlan, MatchesCpuBitwise) {
