@@ -118,7 +118,6 @@ void weight_grads(DType dtype, RowSource x_rows, std::int64_t d_in, RowSource dy
     g.c_expert_stride = dw.stride(0);
     g.expert_offsets = offsets;
     g.num_experts = E;
-    g.rows = plan.num_rows();
     if (dw.stride(2) == 1 || d_out == 1) {  // dW[e] row-major (d_in x d_out)
       g.a = x_rows;
       g.b = dy_rows;

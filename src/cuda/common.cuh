@@ -34,6 +34,8 @@ struct RowSource {
   std::int64_t divisor = 1;
 
   __device__ __forceinline__ std::int64_t row(std::int64_t i) const { return divide(entry(i)); }
+  // Row i is row i itself: no index to read, nothing to divide.
+  __host__ __device__ bool contiguous() const { return index == nullptr && divisor == 1; }
 
   // row(i) in two steps, so a kernel can fetch the entries ahead and divide when it uses them.
   __device__ __forceinline__ std::int64_t entry(std::int64_t i) const { return index ? index[i] : i; }

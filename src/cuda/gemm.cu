@@ -180,19 +180,16 @@ void run_varlen_k_gemm(DType dtype, const VarlenKGemm& g, cudaStream_t stream) {
     if constexpr (sizeof(T) == 2) {
       const int sms = sm90_device_sms();
       if (sms > 0 && chunks_aligned(g, 8)) {
-        // The operand whose rows are contiguous by TMA (B, the wider tile, when both are):
-        // prepared, not yet measured, so only with SCATTERMOE_SM90_VARLEN_K_TMA=1.
-        static const bool varlen_k_tma = env_int("SCATTERMOE_SM90_VARLEN_K_TMA", 0) != 0;
-        if (varlen_k_tma && varlen_k_tma_possible(g.b, g.rows, sizeof(T))) {
-          launch_sm90_tma_varlen_k_gemm<T, false>(g, sms, stream);
-          return;
-        }
-        if (varlen_k_tma && varlen_k_tma_possible(g.a, g.rows, sizeof(T))) {
-          launch_sm90_tma_varlen_k_gemm<T, true>(g, sms, stream);
-          return;
-        }
         if (persistent_varlen_k()) {
-          launch_sm90_persistent_varlen_k_gemm<T>(g, sms, stream);
+          // The copies of an operand read in grouped order skip its index: B's when both are
+          // (the wider tile), else A's.
+          if (g.b.contiguous()) {
+            launch_sm90_persistent_varlen_k_gemm<T, VarlenKContiguous::kB>(g, sms, stream);
+          } else if (g.a.contiguous()) {
+            launch_sm90_persistent_varlen_k_gemm<T, VarlenKContiguous::kA>(g, sms, stream);
+          } else {
+            launch_sm90_persistent_varlen_k_gemm<T, VarlenKContiguous::kNeither>(g, sms, stream);
+          }
         } else {
           launch_sm90_varlen_k_gemm<T>(g, stream);
         }

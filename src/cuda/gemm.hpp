@@ -50,8 +50,10 @@ struct VarlenKGemm {
   std::int64_t n = 0;
   const std::int64_t* expert_offsets = nullptr;
   int num_experts = 0;
-  std::int64_t rows = 0;                // L (0: unknown; the TMA kernels need it)
 };
+
+// Which operand of a varlen-K GEMM reads its rows in the grouped order (RowSource::contiguous).
+enum class VarlenKContiguous { kNeither, kA, kB };
 
 // Whether every 16-byte chunk (vec elements) that the kernels copy starts 16-byte aligned, so
 // each is one cp.async: pointers, leading dimensions, expert strides and the contiguous extents.
@@ -101,19 +103,10 @@ void launch_sm90_varlen_k_gemm(const VarlenKGemm& g, cudaStream_t stream);
 template <class T, bool kBKMajor>
 void launch_sm90_persistent_varlen_m_gemm(const VarlenMGemm& g, const int* tile_prefix, int sm_count,
                                           cudaStream_t stream);
-template <class T>
+// kContiguous names an operand whose rows are contiguous in the grouped order (no index,
+// divisor 1: dW1's dH, dW2's g * A), so its copies skip the index and the division.
+template <class T, VarlenKContiguous kContiguous>
 void launch_sm90_persistent_varlen_k_gemm(const VarlenKGemm& g, int sm_count, cudaStream_t stream);
-// varlen-K, persistent, with the operand whose rows are contiguous (no index, divisor 1) loaded
-// by TMA: A when kATma, else B (sm90_tma_varlen_k_*.cu). Needs g.rows and that operand
-// TMA-describable (varlen_k_tma_possible).
-template <class T, bool kATma>
-void launch_sm90_tma_varlen_k_gemm(const VarlenKGemm& g, int sm_count, cudaStream_t stream);
-inline bool varlen_k_tma_possible(const RowSource& src, std::int64_t rows, std::int64_t element_bytes) {
-  const std::int64_t line = src.ld * element_bytes;
-  return src.index == nullptr && src.divisor == 1 && rows > 0 && rows < (std::int64_t{1} << 31) &&
-         line > 0 && line % 16 == 0 && line < (std::int64_t{1} << 40) &&
-         reinterpret_cast<std::uintptr_t>(src.ptr) % 16 == 0;
-}
 // varlen-M with the weight tiles loaded by TMA (sm90_tma_*.cu): also needs
 // weight_tma_possible(g, element size).
 template <class T, bool kBKMajor>

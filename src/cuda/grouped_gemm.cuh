@@ -397,8 +397,9 @@ struct VarlenMCopies {
 // wgmma, so they are kept lean: rows in 32 bits (fewer than 2^31 routed rows on CUDA), a line
 // past the expert's end reads the expert's last row instead (always a valid address) and is
 // zero-filled by its predicate, and a column chunk past m or n reads column 0 the same way, so
-// no source pointer is selected per chunk.
-template <class Config, bool kAligned>
+// no source pointer is selected per chunk. kContiguous: that operand's row is the routed row
+// itself, so its copies read no index and divide nothing.
+template <class Config, bool kAligned, VarlenKContiguous kContiguous = VarlenKContiguous::kNeither>
 struct VarlenKCopies {
   using T = typename Config::Element;
   static constexpr int kBM = Config::kBM;
@@ -407,6 +408,8 @@ struct VarlenKCopies {
   static_assert(kBN % kBM == 0, "varlen-K shares row lines between its operands");
   static constexpr int kParts = kBN / kBM;
   using Chunks = TileChunks<Config, false, kBM>;
+  static constexpr bool kAIndexed = kContiguous != VarlenKContiguous::kA;
+  static constexpr bool kBIndexed = kContiguous != VarlenKContiguous::kB;
 
   Chunks chunks_a;
   Chunks chunks_b[kParts];
@@ -467,31 +470,29 @@ struct VarlenKCopies {
     CUTE_UNROLL
     for (int j = 0; j < Chunks::kCount; ++j) {
       const int r = min(k0 + Chunks::line(j), r1 - 1);
-      a_next[j] = entry(p.a, r);
-      b_next[j] = entry(p.b, r);
+      if constexpr (kAIndexed) a_next[j] = entry(p.a, r);
+      if constexpr (kBIndexed) b_next[j] = entry(p.b, r);
     }
   }
 
-  // kCopyA false: resolve the tile's B rows (and fetch the next entries) without copying A,
-  // which comes by TMA then.
-  template <bool kCopyA = true>
   __device__ __forceinline__ void load_a(const VarlenKGemm& p, T* smem_a, int stage, int k_tile) {
     const int k0 = r0 + k_tile * kBK;
     std::uint32_t a_rows[Chunks::kCount];
     inside = 0;
     CUTE_UNROLL
     for (int j = 0; j < Chunks::kCount; ++j) {
-      inside |= (k0 + Chunks::line(j) < r1 ? 1u : 0u) << j;
-      a_rows[j] = a_divide(a_next[j]);
-      b_src[j] = b_col + static_cast<std::uint64_t>(b_divide(b_next[j])) * b_ld_bytes;
+      const int r = k0 + Chunks::line(j);
+      inside |= (r < r1 ? 1u : 0u) << j;
+      const auto clamped = static_cast<std::uint32_t>(min(r, r1 - 1));
+      a_rows[j] = kAIndexed ? a_divide(a_next[j]) : clamped;
+      const std::uint32_t b_row = kBIndexed ? b_divide(b_next[j]) : clamped;
+      b_src[j] = b_col + static_cast<std::uint64_t>(b_row) * b_ld_bytes;
     }
     if (r1 > r0) fetch_entries(p, k_tile + 1);
-    if constexpr (kCopyA) {
-      CUTE_UNROLL
-      for (int j = 0; j < Chunks::kCount; ++j) {
-        const T* src = reinterpret_cast<const T*>(a_col + static_cast<std::uint64_t>(a_rows[j]) * a_ld_bytes);
-        chunks_a.template copy<kAligned>(smem_a, stage, j, src, (inside >> j) & 1u ? a_valid : 0, src);
-      }
+    CUTE_UNROLL
+    for (int j = 0; j < Chunks::kCount; ++j) {
+      const T* src = reinterpret_cast<const T*>(a_col + static_cast<std::uint64_t>(a_rows[j]) * a_ld_bytes);
+      chunks_a.template copy<kAligned>(smem_a, stage, j, src, (inside >> j) & 1u ? a_valid : 0, src);
     }
   }
 

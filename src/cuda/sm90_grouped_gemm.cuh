@@ -260,7 +260,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
 #endif
 }
 
-template <class Config>
+template <class Config, VarlenKContiguous kContiguous>
 __global__ void __launch_bounds__(Config::kThreads, 1) sm90_persistent_varlen_k_gemm_kernel(VarlenKGemm p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using namespace cute;
@@ -279,7 +279,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1) sm90_persistent_varlen_k_
   T* smem_a = reinterpret_cast<T*>(smem_raw);
   T* smem_b = smem_a + cosize(layout_a);
 
-  VarlenKCopies<Config, true> copies(p, layout_a, layout_b);
+  VarlenKCopies<Config, true, kContiguous> copies(p, layout_a, layout_b);
   auto load_a = [&](int stage, int k_tile) { copies.load_a(p, smem_a, stage, k_tile); };
   auto load_b = [&](int stage, int) { copies.load_b(p, smem_b, stage); };
   auto start = [&](int tile_number) {
@@ -337,11 +337,11 @@ void launch_sm90_persistent_varlen_m_gemm(const VarlenMGemm& g, const int* tile_
   check_launch("varlen-M GEMM");
 }
 
-template <class T>
+template <class T, VarlenKContiguous kContiguous>
 void launch_sm90_persistent_varlen_k_gemm(const VarlenKGemm& g, int sm_count, cudaStream_t stream) {
   using Config = Sm90Config<T>;
   constexpr int smem = gemm_smem_bytes<Config, false, false>();
-  auto kernel = sm90_persistent_varlen_k_gemm_kernel<Config>;
+  auto kernel = sm90_persistent_varlen_k_gemm_kernel<Config, kContiguous>;
   check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
              "varlen-K GEMM: shared memory size");
   const std::int64_t tiles = static_cast<std::int64_t>(g.num_experts) * ceil_div(g.m, Config::kBM) *

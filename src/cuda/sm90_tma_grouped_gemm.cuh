@@ -5,8 +5,9 @@
 // 16-byte cp.async spread over the block, so the threads copy only the gathered rows. The TMA
 // completes a transaction barrier per stage; the k loop waits on it beside the cp.async group.
 // Token rows gathered through an index cannot come by TMA; weights can (varlen-M: one (N, K, E)
-// tensor, described once per launch on the host), and so can the rows of a varlen-K operand
-// that are contiguous in the grouped order.
+// tensor, described once per launch on the host). A varlen-K form that loaded the operand whose
+// rows are contiguous by TMA measured slower than the lean cp.async copies (docs/perf.md step 22)
+// and was removed.
 //
 // Compiled for sm_90a only (sm90_tma_*.cu, sm90_persistent_tma_*.cu); elsewhere the kernels are
 // empty and never launched.
@@ -134,135 +135,6 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   Tensor coord = mma.get_slice(threadIdx.x).partition_C(make_identity_tensor(make_shape(Int<kBM>{}, Int<kBN>{})));
   store_varlen_m_tile<Config, kBKMajor>(p, acc, coord, smem_raw, t.e, t.row0, t.row_end, t.n0);
 #endif
-}
-
-// ---------------------------------------------------------------------------------------------
-// varlen-K with one operand by TMA: the persistent kernel of sm90_grouped_gemm.cuh, where the
-// operand whose rows are contiguous in the grouped order (dW1's dH, dW2's g * A: no index) comes
-// as (kMN, 64) stages of K-first 64 x 64 boxes, issued by one thread into a per-stage
-// transaction barrier, and the gathered operand by cp.async as before. An expert's rows start
-// anywhere (the tensor is offset to the expert's first row); in its last k tile the box runs
-// into the next expert's rows, which the threads zero in shared memory once the copy has landed
-// (the gathered operand is zero there too, but 0 * inf would not be).
-
-// The contiguous operand (rows, cols) as an (cols, rows) MN-major tensor and its TMA copy into
-// one (kMN, BK) stage of Config's K-first GMMA layout.
-template <class Config, int kMN>
-auto make_rows_tma(const RowSource& src, std::int64_t rows, std::int64_t cols) {
-  using namespace cute;
-  using T = typename Config::Element;
-  Tensor rows_t = make_tensor(make_gmem_ptr(static_cast<const T*>(src.ptr)),
-                              make_layout(make_shape(static_cast<int>(cols), static_cast<int>(rows)),
-                                          make_stride(Int<1>{}, src.ld)));
-  return make_tma_copy(SM90_TMA_LOAD{}, rows_t, Config::template gmma_stage_layout<false, kMN>());
-}
-
-template <class Config, bool kATma, class RowsTma>
-__global__ void __launch_bounds__(Config::kThreads, 1)
-    sm90_tma_varlen_k_gemm_kernel(VarlenKGemm p, CUTE_GRID_CONSTANT RowsTma const rows_tma) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using namespace cute;
-  using T = typename Config::Element;
-  constexpr int kBM = Config::kBM;
-  constexpr int kBN = Config::kBN;
-  constexpr int kBK = Config::kBK;
-  constexpr int kStages = Config::kStages;
-  constexpr int kMN = kATma ? kBM : kBN;  // the TMA operand's tile extent
-  constexpr std::uint32_t kStageBytes = kMN * kBK * sizeof(T);
-
-  const int m_tiles = static_cast<int>((p.m + kBM - 1) / kBM);
-  const int n_tiles = static_cast<int>((p.n + kBN - 1) / kBN);
-  const int tiles = p.num_experts * m_tiles * n_tiles;
-  if (static_cast<int>(blockIdx.x) >= tiles) return;
-
-  extern __shared__ __align__(1024) unsigned char smem_raw[];
-  constexpr auto layout_a = Config::template copy_layout<false, kBM>();
-  constexpr auto layout_b = Config::template copy_layout<false, kBN>();
-  T* smem_a = reinterpret_cast<T*>(smem_raw);
-  T* smem_b = smem_a + cosize(layout_a);
-  StageBarriers<kStages> barriers(smem_b + cosize(layout_b));
-
-  VarlenKCopies<Config, true> copies(p, layout_a, layout_b);
-  T* smem_tma = kATma ? smem_a : smem_b;
-  Tensor s_x = make_tensor(make_smem_ptr(smem_tma), Config::template gmma_layout<false, kMN>());  // (MN,BK,STAGES)
-  const std::int64_t cols = kATma ? p.m : p.n;
-  Tensor m_x = rows_tma.get_tma_tensor(make_shape(static_cast<int>(cols), static_cast<int>(p.rows)));
-  auto cta_tma = rows_tma.get_slice(Int<0>{});
-  Tensor tXsX = cta_tma.partition_D(s_x);  // (TMA,TMA_MN,TMA_K,STAGES)
-
-  int mn0 = 0;            // the current tile's first column of the TMA operand
-  int r0 = 0;             // its expert's rows [r0, r1)
-  int r1 = 0;
-  int k_tiles = 0;
-  int waited = 0;         // k tiles of the current tile waited for
-
-  auto load_a = [&](int stage, int k_tile) {
-    if constexpr (kATma) {
-      copies.template load_a<false>(p, smem_a, stage, k_tile);
-    } else {
-      copies.load_a(p, smem_a, stage, k_tile);
-    }
-  };
-  auto load_b = [&](int stage, int k_tile) {
-    if constexpr (kATma) copies.load_b(p, smem_b, stage);  // B gathered by cp.async
-    if (threadIdx.x == 0) {
-      Tensor g_x = local_tile(domain_offset(make_coord(mn0, r0), m_x), make_shape(Int<kMN>{}, Int<kBK>{}),
-                              make_coord(0, _));  // (MN,BK,k)
-      Tensor tXgX = cta_tma.partition_S(g_x);    // (TMA,TMA_MN,TMA_K,k)
-      copy(rows_tma.with(barriers.expect(stage, kStageBytes)), tXgX(_, _, _, k_tile), tXsX(_, _, _, stage));
-    }
-  };
-  auto wait_x = [&](int stage) {
-    barriers.wait(stage);
-    const int k_tile = waited++;
-    const int valid = r1 - (r0 + k_tile * kBK);  // rows of this k tile inside the expert
-    if (valid < kBK) {
-      for (int idx = static_cast<int>(threadIdx.x); idx < kMN * (kBK - valid); idx += Config::kThreads) {
-        s_x(idx % kMN, valid + idx / kMN, stage) = T(0);
-      }
-    }
-  };
-  auto start = [&](int tile_number) {
-    const VarlenKTile t = varlen_k_tile<kBM, kBN>(m_tiles, n_tiles, tile_number);
-    copies.locate(p, t.e, t.m0, t.n0);
-    mn0 = static_cast<int>(kATma ? t.m0 : t.n0);
-    r0 = static_cast<int>(t.e ? p.expert_offsets[t.e - 1] : 0);
-    r1 = static_cast<int>(p.expert_offsets[t.e]);
-    k_tiles = copies.k_tiles();
-    waited = 0;
-    Config::prologue(k_tiles, load_a, load_b);
-    return t;
-  };
-
-  typename Config::template TiledMma<false, false> mma;
-  Tensor acc = partition_fragment_C(mma, make_shape(Int<kBM>{}, Int<kBN>{}));
-  Tensor coord = mma.get_slice(threadIdx.x).partition_C(make_identity_tensor(make_shape(Int<kBM>{}, Int<kBN>{})));
-  static_assert(StagedEpilogue<Config>::template clear_of_prologue<false>(),
-                "the next tile's prologue must not overwrite the staged epilogue");
-  persistent_walk(
-      tiles, start,
-      [&] {
-        clear(acc);
-        Config::template steady<false, false>(smem_a, smem_b, k_tiles, load_a, load_b, acc, wait_x);
-      },
-      [&](const VarlenKTile& done) { store_varlen_k_tile<Config>(p, acc, coord, smem_raw, done.e, done.m0, done.n0); });
-#endif
-}
-
-template <class T, bool kATma>
-void launch_sm90_tma_varlen_k_gemm(const VarlenKGemm& g, int sm_count, cudaStream_t stream) {
-  using Config = Sm90TmaConfig<T>;
-  constexpr int kMN = kATma ? Config::kBM : Config::kBN;
-  const auto rows_tma = make_rows_tma<Config, kMN>(kATma ? g.a : g.b, g.rows, kATma ? g.m : g.n);
-  auto kernel = sm90_tma_varlen_k_gemm_kernel<Config, kATma, std::remove_const_t<decltype(rows_tma)>>;
-  constexpr int smem = gemm_smem_bytes<Config, false, false>() + StageBarriers<Config::kStages>::kBytes;
-  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
-             "varlen-K GEMM: shared memory size");
-  const std::int64_t tiles = static_cast<std::int64_t>(g.num_experts) * ceil_div(g.m, Config::kBM) *
-                             ceil_div(g.n, Config::kBN);
-  const unsigned blocks = static_cast<unsigned>(std::min<std::int64_t>(sm_count, tiles));
-  kernel<<<blocks, Config::kThreads, smem, stream>>>(g, rows_tma);
-  check_launch("varlen-K GEMM");
 }
 
 // ---------------------------------------------------------------------------------------------
