@@ -3,6 +3,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "cuda/gemm.hpp"
@@ -183,12 +184,24 @@ void run_varlen_k_gemm(DType dtype, const VarlenKGemm& g, cudaStream_t stream) {
         if (persistent_varlen_k()) {
           // The copies of an operand read in grouped order skip its index: B's when both are
           // (the wider tile), else A's.
+          // Finished tiles leave by TMA store where the output can be described
+          // (SCATTERMOE_SM90_VARLEN_K_TMA_STORE=0: by the threads' stores).
+          static const bool tma_store_setting = env_int("SCATTERMOE_SM90_VARLEN_K_TMA_STORE", 1) != 0;
+          const bool tma_store = tma_store_setting && varlen_k_store_tma_possible(g, sizeof(T));
+          auto launch = [&](auto contiguous) {
+            constexpr VarlenKContiguous kContiguous = decltype(contiguous)::value;
+            if (tma_store) {
+              launch_sm90_persistent_varlen_k_gemm<T, kContiguous, true>(g, sms, stream);
+            } else {
+              launch_sm90_persistent_varlen_k_gemm<T, kContiguous, false>(g, sms, stream);
+            }
+          };
           if (g.b.contiguous()) {
-            launch_sm90_persistent_varlen_k_gemm<T, VarlenKContiguous::kB>(g, sms, stream);
+            launch(std::integral_constant<VarlenKContiguous, VarlenKContiguous::kB>{});
           } else if (g.a.contiguous()) {
-            launch_sm90_persistent_varlen_k_gemm<T, VarlenKContiguous::kA>(g, sms, stream);
+            launch(std::integral_constant<VarlenKContiguous, VarlenKContiguous::kA>{});
           } else {
-            launch_sm90_persistent_varlen_k_gemm<T, VarlenKContiguous::kNeither>(g, sms, stream);
+            launch(std::integral_constant<VarlenKContiguous, VarlenKContiguous::kNeither>{});
           }
         } else {
           launch_sm90_varlen_k_gemm<T>(g, stream);

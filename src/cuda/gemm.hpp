@@ -105,8 +105,20 @@ void launch_sm90_persistent_varlen_m_gemm(const VarlenMGemm& g, const int* tile_
                                           cudaStream_t stream);
 // kContiguous names an operand whose rows are contiguous in the grouped order (no index,
 // divisor 1: dW1's dH, dW2's g * A), so its copies skip the index and the division.
-template <class T, VarlenKContiguous kContiguous>
+// kTmaStore: each finished tile leaves by TMA store (the caller checked
+// varlen_k_store_tma_possible) while the block goes on to the next tile.
+template <class T, VarlenKContiguous kContiguous, bool kTmaStore>
 void launch_sm90_persistent_varlen_k_gemm(const VarlenKGemm& g, int sm_count, cudaStream_t stream);
+// Whether the driver can describe g's output as one (M, N, E) TMA tensor: 16-byte aligned base
+// and strides (unit stride along n is the caller's layout), extents and strides in range.
+inline bool varlen_k_store_tma_possible(const VarlenKGemm& g, std::int64_t element_bytes) {
+  const std::int64_t limit = std::int64_t{1} << 40;
+  const std::int64_t row = g.ldc * element_bytes;
+  const std::int64_t expert = g.c_expert_stride * element_bytes;
+  return reinterpret_cast<std::uintptr_t>(g.c) % 16 == 0 && row > 0 && row % 16 == 0 && row < limit &&
+         expert > 0 && expert % 16 == 0 && expert < limit && g.m < (std::int64_t{1} << 31) &&
+         g.n < (std::int64_t{1} << 31);
+}
 // varlen-M with the weight tiles loaded by TMA (sm90_tma_*.cu): also needs
 // weight_tma_possible(g, element size).
 template <class T, bool kBKMajor>

@@ -15,6 +15,8 @@
 #include <algorithm>
 
 #include <cute/tensor.hpp>
+#include <cute/arch/copy_sm90_tma.hpp>
+#include <cute/atom/copy_traits_sm90_tma.hpp>
 #include <cutlass/arch/barrier.h>
 
 #include "cuda/grouped_gemm.cuh"
@@ -260,8 +262,43 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
 #endif
 }
 
-template <class Config, VarlenKContiguous kContiguous>
-__global__ void __launch_bounds__(Config::kThreads, 1) sm90_persistent_varlen_k_gemm_kernel(VarlenKGemm p) {
+// The varlen-K output tile as TMA stores it: the (BM, BN) tile row-major in 64-column blocks of
+// 128-byte-swizzled rows (GMMA's K-major atom: 8 rows x 64 columns), so each of the four
+// (64 x BM) boxes is one TMA store and the accumulator pairs a warp writes land in distinct banks.
+template <class Config>
+constexpr auto varlen_k_store_layout() {
+  using namespace cute;
+  return tile_to_shape(GMMA::Layout_K_SW128_Atom<typename Config::Element>{},
+                       make_shape(Int<Config::kBM>{}, Int<Config::kBN>{}));
+}
+
+// varlen_k_store_layout's offset of (r, c), written out: 64-column blocks of BM x 64 elements,
+// rows of 64, the 16-byte chunk index XOR-ed with r % 8 (Swizzle<3, 3, 3> of 16-bit elements).
+// With r and c a thread's accumulator coordinates the XOR folds to one instruction per chunk.
+template <class Config>
+__device__ __forceinline__ int varlen_k_store_offset(int r, int c) {
+  return c / 64 * (Config::kBM * 64) + r * 64 + ((c % 64 / 8) ^ (r % 8)) * 8 + c % 8;
+}
+
+// C as one (M, N, E) tensor and its TMA store from varlen_k_store_layout.
+template <class Config>
+auto make_varlen_k_store_tma(const VarlenKGemm& g) {
+  using namespace cute;
+  using T = typename Config::Element;
+  Tensor c = make_tensor(make_gmem_ptr(static_cast<T*>(g.c)),
+                         make_layout(make_shape(static_cast<int>(g.m), static_cast<int>(g.n), g.num_experts),
+                                     make_stride(g.ldc, Int<1>{}, g.c_expert_stride)));
+  return make_tma_copy(SM90_TMA_STORE{}, c, varlen_k_store_layout<Config>());
+}
+
+// kTmaStore: each finished tile is written into the staging tile in varlen_k_store_layout and
+// stored by TMA (issued by thread 0), so the block goes on to the next tile while the gradient
+// streams out (deepseek's dW1 writes 15 GB in 4-k-tile tiles). The staging tile lies in the B
+// stages that the next tile's k loop first writes at its first k tile: thread 0 waits for the
+// store to have read it before that loop, and the loop's first barrier holds the block until then.
+template <class Config, VarlenKContiguous kContiguous, bool kTmaStore, class StoreTma>
+__global__ void __launch_bounds__(Config::kThreads, 1)
+    sm90_persistent_varlen_k_gemm_kernel(VarlenKGemm p, CUTE_GRID_CONSTANT StoreTma const store_tma) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using namespace cute;
   using T = typename Config::Element;
@@ -294,13 +331,55 @@ __global__ void __launch_bounds__(Config::kThreads, 1) sm90_persistent_varlen_k_
   Tensor coord = mma.get_slice(threadIdx.x).partition_C(make_identity_tensor(make_shape(Int<kBM>{}, Int<kBN>{})));
   static_assert(StagedEpilogue<Config>::template clear_of_prologue<false>(),
                 "the next tile's prologue must not overwrite the staged epilogue");
-  persistent_walk(
-      tiles, start,
-      [&] {
-        clear(acc);
-        Config::template steady<false, false>(smem_a, smem_b, copies.k_tiles(), load_a, load_b, acc);
-      },
-      [&](const VarlenKTile& done) { store_varlen_k_tile<Config>(p, acc, coord, smem_raw, done.e, done.m0, done.n0); });
+  if constexpr (kTmaStore) {
+    T* staged = StagedEpilogue<Config>::template tile<false, false>(smem_raw);
+    Tensor s_c = make_tensor(make_smem_ptr(staged), varlen_k_store_layout<Config>());  // (BM,BN)
+    Tensor m_c = store_tma.get_tma_tensor(make_shape(static_cast<int>(p.m), static_cast<int>(p.n), p.num_experts));
+    auto cta_tma = store_tma.get_slice(Int<0>{});
+    persistent_walk(
+        tiles, start,
+        [&] {
+          if (threadIdx.x == 0) tma_store_wait<0>();  // the last tile's store has read the staging tile
+          clear(acc);
+          Config::template steady<false, false>(smem_a, smem_b, copies.k_tiles(), load_a, load_b, acc);
+        },
+        [&](const VarlenKTile& done) {
+          __syncthreads();  // every warpgroup's wgmma has read its last stage
+          struct alignas(2 * sizeof(T)) Pair {
+            T x, y;
+          };
+          CUTE_UNROLL
+          for (int v = 0; v < size(acc); v += 2) {
+            // wgmma's accumulator pairs are adjacent columns, even first: one 4-byte write each
+            // (the swizzle moves 16-byte chunks, so a pair stays adjacent).
+            const int r = get<0>(coord(v));
+            const int c = get<1>(coord(v));
+            if (adjacent_columns(coord, v) && c % 2 == 0) {
+              *reinterpret_cast<Pair*>(staged + varlen_k_store_offset<Config>(r, c)) = Pair{T(acc(v)), T(acc(v + 1))};
+            } else {
+              staged[varlen_k_store_offset<Config>(r, c)] = T(acc(v));
+              staged[varlen_k_store_offset<Config>(get<0>(coord(v + 1)), get<1>(coord(v + 1)))] = T(acc(v + 1));
+            }
+          }
+          tma_store_fence();  // the staging writes, visible to the TMA unit (async proxy)
+          __syncthreads();
+          if (threadIdx.x == 0) {
+            Tensor g_c = local_tile(m_c(_, _, done.e), make_shape(Int<kBM>{}, Int<kBN>{}),
+                                    make_coord(static_cast<int>(done.m0 / kBM), static_cast<int>(done.n0 / kBN)));
+            copy(store_tma, cta_tma.partition_S(s_c), cta_tma.partition_D(g_c));
+            tma_store_arrive();
+          }
+        });
+    if (threadIdx.x == 0) tma_store_wait<0>();
+  } else {
+    persistent_walk(
+        tiles, start,
+        [&] {
+          clear(acc);
+          Config::template steady<false, false>(smem_a, smem_b, copies.k_tiles(), load_a, load_b, acc);
+        },
+        [&](const VarlenKTile& done) { store_varlen_k_tile<Config>(p, acc, coord, smem_raw, done.e, done.m0, done.n0); });
+  }
 #endif
 }
 
@@ -337,18 +416,26 @@ void launch_sm90_persistent_varlen_m_gemm(const VarlenMGemm& g, const int* tile_
   check_launch("varlen-M GEMM");
 }
 
-template <class T, VarlenKContiguous kContiguous>
+template <class T, VarlenKContiguous kContiguous, bool kTmaStore>
 void launch_sm90_persistent_varlen_k_gemm(const VarlenKGemm& g, int sm_count, cudaStream_t stream) {
   using Config = Sm90Config<T>;
   constexpr int smem = gemm_smem_bytes<Config, false, false>();
-  auto kernel = sm90_persistent_varlen_k_gemm_kernel<Config, kContiguous>;
-  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
-             "varlen-K GEMM: shared memory size");
   const std::int64_t tiles = static_cast<std::int64_t>(g.num_experts) * ceil_div(g.m, Config::kBM) *
                              ceil_div(g.n, Config::kBN);
   const unsigned blocks = static_cast<unsigned>(std::min<std::int64_t>(sm_count, tiles));
-  kernel<<<blocks, Config::kThreads, smem, stream>>>(g);
-  check_launch("varlen-K GEMM");
+  auto launch = [&](auto kernel, const auto& store_tma) {
+    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
+               "varlen-K GEMM: shared memory size");
+    kernel<<<blocks, Config::kThreads, smem, stream>>>(g, store_tma);
+    check_launch("varlen-K GEMM");
+  };
+  if constexpr (kTmaStore) {
+    const auto store_tma = make_varlen_k_store_tma<Config>(g);
+    launch(sm90_persistent_varlen_k_gemm_kernel<Config, kContiguous, true, std::remove_const_t<decltype(store_tma)>>,
+           store_tma);
+  } else {
+    launch(sm90_persistent_varlen_k_gemm_kernel<Config, kContiguous, false, int>, 0);
+  }
 }
 
 }  // namespace scattermoe::cuda

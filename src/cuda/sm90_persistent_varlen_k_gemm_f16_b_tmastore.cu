@@ -1,0 +1,7 @@
+// One instantiation per translation unit keeps compile time and memory bounded (sm_90a only).
+#include "cuda/sm90_grouped_gemm.cuh"
+
+namespace scattermoe::cuda {
+template void launch_sm90_persistent_varlen_k_gemm<cute::half_t, VarlenKContiguous::kB, true>(const VarlenKGemm&,
+                                                                                            int, cudaStream_t);
+}  // namespace scattermoe::cuda
