@@ -420,8 +420,10 @@ struct VarlenKCopies {
   int a_valid = 0;              // elements of this thread's chunk inside m, inside n (0..kVec)
   int b_valid[kParts];
   int b_part[kParts];           // B part h's offset from the line pointer in bytes (0 past n)
-  int r0 = 0;                // the expert's routed rows [r0, r1)
-  int r1 = 0;
+  // The expert's routed rows [r0, r1). Unsigned: a k tile's lines run up to 127 past r1, and r1
+  // may lie just below 2^31.
+  std::uint32_t r0 = 0;
+  std::uint32_t r1 = 0;
   std::uint32_t a_next[Chunks::kCount];  // the next k tile's entries (lines past r1: row r1 - 1's)
   std::uint32_t b_next[Chunks::kCount];
   const char* b_src[Chunks::kCount];  // B's lines of a tile: resolved by load_a, used by load_b
@@ -441,8 +443,8 @@ struct VarlenKCopies {
   }
 
   __device__ __forceinline__ void locate(const VarlenKGemm& p, int e, std::int64_t m0, std::int64_t n0) {
-    r0 = static_cast<int>(e ? p.expert_offsets[e - 1] : 0);
-    r1 = static_cast<int>(p.expert_offsets[e]);
+    r0 = static_cast<std::uint32_t>(e ? p.expert_offsets[e - 1] : 0);
+    r1 = static_cast<std::uint32_t>(p.expert_offsets[e]);
     a_valid = valid_elements<Config::kVec>(p.m, m0 + Chunks::off());
     a_col = static_cast<const char*>(p.a.ptr) + (a_valid > 0 ? m0 + Chunks::off() : 0) * sizeof(T);
     CUTE_UNROLL
@@ -456,34 +458,34 @@ struct VarlenKCopies {
     if (r1 > r0) fetch_entries(p, 0);
   }
 
-  __device__ __forceinline__ int k_tiles() const { return (r1 - r0 + kBK - 1) / kBK; }
+  __device__ __forceinline__ int k_tiles() const { return static_cast<int>((r1 - r0 + kBK - 1) / kBK); }
 
   // An entry of the index as 32 bits: entries are routed-row positions, below 2^31, so the low
   // word of the little-endian int64 is the value.
-  static __device__ __forceinline__ std::uint32_t entry(const RowSource& src, int position) {
+  static __device__ __forceinline__ std::uint32_t entry(const RowSource& src, std::uint32_t position) {
     return src.index ? *reinterpret_cast<const std::uint32_t*>(src.index + position)
                      : static_cast<std::uint32_t>(position);
   }
 
   __device__ __forceinline__ void fetch_entries(const VarlenKGemm& p, int k_tile) {
-    const int k0 = r0 + k_tile * kBK;
+    const std::uint32_t k0 = r0 + static_cast<std::uint32_t>(k_tile) * kBK;
     CUTE_UNROLL
     for (int j = 0; j < Chunks::kCount; ++j) {
-      const int r = min(k0 + Chunks::line(j), r1 - 1);
+      const std::uint32_t r = min(k0 + static_cast<std::uint32_t>(Chunks::line(j)), r1 - 1);
       if constexpr (kAIndexed) a_next[j] = entry(p.a, r);
       if constexpr (kBIndexed) b_next[j] = entry(p.b, r);
     }
   }
 
   __device__ __forceinline__ void load_a(const VarlenKGemm& p, T* smem_a, int stage, int k_tile) {
-    const int k0 = r0 + k_tile * kBK;
+    const std::uint32_t k0 = r0 + static_cast<std::uint32_t>(k_tile) * kBK;
     std::uint32_t a_rows[Chunks::kCount];
     inside = 0;
     CUTE_UNROLL
     for (int j = 0; j < Chunks::kCount; ++j) {
-      const int r = k0 + Chunks::line(j);
+      const std::uint32_t r = k0 + static_cast<std::uint32_t>(Chunks::line(j));
       inside |= (r < r1 ? 1u : 0u) << j;
-      const auto clamped = static_cast<std::uint32_t>(min(r, r1 - 1));
+      const std::uint32_t clamped = min(r, r1 - 1);
       a_rows[j] = kAIndexed ? a_divide(a_next[j]) : clamped;
       const std::uint32_t b_row = kBIndexed ? b_divide(b_next[j]) : clamped;
       b_src[j] = b_col + static_cast<std::uint64_t>(b_row) * b_ld_bytes;

@@ -294,6 +294,32 @@ TEST(CudaGroupXty, MatchesCpuInBothWeightLayouts) {
   }
 }
 
+// More dW tiles than a GPU has SMs (64 experts x 2 x 2 tiles of 128 x 256 = 256), so every block
+// of the persistent weight-gradient kernel computes several tiles in turn and reuses the staging
+// tile that its previous tile's TMA store read; experts of 2-4 k tiles and an empty one.
+TEST(CudaGroupXty, MoreTilesThanSmsMatchCpu) {
+  SCATTERMOE_REQUIRE_GPU();
+  std::mt19937_64 rng(29);
+  const Case c{2080, 4, 64, 256, 512, 9, false};
+  Plans plans(route(c, rng), c.tokens, c.k, c.experts);
+  const std::int64_t L = c.tokens * c.k;
+  for (bool ints : {true, false}) {
+    for (bool transposed : {false, true}) {
+      Pair dy(DType::kBFloat16, {L, c.d_out});
+      Pair x(DType::kBFloat16, {L, c.d_in});
+      Pair dw(DType::kBFloat16, {c.experts, c.d_in, c.d_out}, transposed);
+      dy.fill_and_upload(ints, rng);
+      x.fill_and_upload(ints, rng);
+      dw.poison();
+      group_xty(dy.host.view(), x.host.view(), plans.host.plan(), dw.host.view(), TensorView());
+      group_xty(dy.dev.view(), x.dev.view(), plans.dev, dw.dev.view(), TensorView());
+      SCATTERMOE_CUDA_OK(cudaDeviceSynchronize());
+      expect_match(dw, ints, DType::kBFloat16,
+                   "group_xty " + c.name() + (ints ? " ints" : " random") + (transposed ? " transposed" : ""));
+    }
+  }
+}
+
 // An expert's weight gradient depends on its own rows alone: when the next expert's rows hold
 // inf (a diverged gradient), every other expert's dW stays finite and matches the oracle's. A
 // kernel that reads a whole 64-row tile past an expert's end must keep those rows out, even as
