@@ -88,28 +88,11 @@ int sm90_device_sms() {
 #endif
 }
 
-#ifdef SCATTERMOE_HAS_SM90
-// Which GEMMs take the persistent multistage kernels: by default varlen-K and the varlen-M ones
-// whose weight is N-major (dA' and dX: 7-8% faster per kernel on mixtral, where the K-major
-// up|gate GEMM is 6% slower; docs/perf.md step 15); SCATTERMOE_SM90_PERSISTENT=1 every GEMM,
-// =0 none.
-int persistent_setting() {
-  static const int setting = env_int("SCATTERMOE_SM90_PERSISTENT", -1);
-  return setting;
+// The measurement settings, read once.
+const KernelSettings& settings() {
+  static const KernelSettings s = KernelSettings::from_environment();
+  return s;
 }
-bool persistent_varlen_m(bool b_k_major) {
-  return persistent_setting() == 1 || (persistent_setting() < 0 && !b_k_major);
-}
-bool persistent_varlen_k() { return persistent_setting() != 0; }
-
-// Which varlen-M GEMMs load their weight tiles by TMA: by default all (K-major weights measured
-// 7-17% faster, docs/perf.md step 16; N-major ones, in 64 x 64 boxes, 7-10% faster per kernel
-// than the persistent cp.async kernel, step 17); SCATTERMOE_SM90_TMA=0 none.
-bool use_weight_tma(bool) {
-  static const int setting = env_int("SCATTERMOE_SM90_TMA", 1);
-  return setting != 0;
-}
-#endif
 
 }  // namespace
 
@@ -137,34 +120,41 @@ void run_varlen_m_gemm(DType dtype, const VarlenMGemm& g, void* workspace, cudaS
     check_launch("grouped GEMM tile list");
     // Unit stride along k: both operands K-major (the TN case). Otherwise B is N-major.
     const bool b_k_major = g.b_stride_k == 1;
+    VarlenMFacts facts;
+    facts.b_k_major = b_k_major;
+    int sms = 0;
+    if constexpr (sizeof(T) == 2) {
+      // The wgmma tiles have 128 rows, like the mma.sync ones: the same tile list serves.
+      sms = sm90_device_sms();
+      facts.wgmma = sms > 0 && chunks_aligned(g, 8);
+      facts.weight_tma_possible = weight_tma_possible(g, sizeof(T));
+    }
+    const VarlenMKernel kernel = choose_varlen_m_kernel(facts, settings());
 #ifdef SCATTERMOE_HAS_SM90
     if constexpr (sizeof(T) == 2) {
-      const int sms = sm90_device_sms();
-      if (sms > 0 && chunks_aligned(g, 8)) {
-        // The wgmma tiles have 128 rows, like the mma.sync ones: the same tile list serves.
-        if (use_weight_tma(b_k_major) && weight_tma_possible(g, sizeof(T))) {
-          // The persistent TMA kernel: prepared, not yet measured, so only with
-          // SCATTERMOE_SM90_PERSISTENT_TMA=1.
-          static const bool persistent_tma = env_int("SCATTERMOE_SM90_PERSISTENT_TMA", 0) != 0;
-          if (persistent_tma) {
-            b_k_major ? launch_sm90_persistent_tma_varlen_m_gemm<T, true>(tuned, tile_prefix, sms, stream)
-                      : launch_sm90_persistent_tma_varlen_m_gemm<T, false>(tuned, tile_prefix, sms, stream);
-            return;
-          }
+      switch (kernel) {
+        case VarlenMKernel::kSm90PersistentTma:
+          b_k_major ? launch_sm90_persistent_tma_varlen_m_gemm<T, true>(tuned, tile_prefix, sms, stream)
+                    : launch_sm90_persistent_tma_varlen_m_gemm<T, false>(tuned, tile_prefix, sms, stream);
+          return;
+        case VarlenMKernel::kSm90Tma:
           b_k_major ? launch_sm90_tma_varlen_m_gemm<T, true>(tuned, tile_prefix, stream)
                     : launch_sm90_tma_varlen_m_gemm<T, false>(tuned, tile_prefix, stream);
-        } else if (persistent_varlen_m(b_k_major)) {
+          return;
+        case VarlenMKernel::kSm90Persistent:
           b_k_major ? launch_sm90_persistent_varlen_m_gemm<T, true>(tuned, tile_prefix, sms, stream)
                     : launch_sm90_persistent_varlen_m_gemm<T, false>(tuned, tile_prefix, sms, stream);
-        } else if (b_k_major) {
-          launch_sm90_varlen_m_gemm<T, true>(tuned, tile_prefix, stream);
-        } else {
-          launch_sm90_varlen_m_gemm<T, false>(tuned, tile_prefix, stream);
-        }
-        return;
+          return;
+        case VarlenMKernel::kSm90:
+          b_k_major ? launch_sm90_varlen_m_gemm<T, true>(tuned, tile_prefix, stream)
+                    : launch_sm90_varlen_m_gemm<T, false>(tuned, tile_prefix, stream);
+          return;
+        case VarlenMKernel::kSm80:
+          break;
       }
     }
 #endif
+    (void)kernel;
     if (b_k_major) {
       launch_varlen_m_gemm<T, true>(tuned, tile_prefix, stream);
     } else {
@@ -177,35 +167,41 @@ void run_varlen_k_gemm(DType dtype, const VarlenKGemm& g, cudaStream_t stream) {
   if (g.m == 0 || g.n == 0 || g.num_experts == 0) return;
   dispatch_float(dtype, [&](auto element) {
     using T = decltype(element);
+    VarlenKFacts facts;
+    facts.a_contiguous = g.a.contiguous();
+    facts.b_contiguous = g.b.contiguous();
+    int sms = 0;
+    if constexpr (sizeof(T) == 2) {
+      sms = sm90_device_sms();
+      facts.wgmma = sms > 0 && chunks_aligned(g, 8);
+      facts.store_tma_possible = varlen_k_store_tma_possible(g, sizeof(T));
+    }
+    const VarlenKChoice choice = choose_varlen_k_kernel(facts, settings());
 #ifdef SCATTERMOE_HAS_SM90
     if constexpr (sizeof(T) == 2) {
-      const int sms = sm90_device_sms();
-      if (sms > 0 && chunks_aligned(g, 8)) {
-        if (persistent_varlen_k()) {
-          // The copies of an operand read in grouped order skip its index: B's when both are
-          // (the wider tile), else A's.
-          // Finished tiles leave by TMA store where the output can be described
-          // (SCATTERMOE_SM90_VARLEN_K_TMA_STORE=0: by the threads' stores).
-          static const bool tma_store_setting = env_int("SCATTERMOE_SM90_VARLEN_K_TMA_STORE", 1) != 0;
-          const bool tma_store = tma_store_setting && varlen_k_store_tma_possible(g, sizeof(T));
-          auto launch = [&](auto contiguous) {
-            constexpr VarlenKContiguous kContiguous = decltype(contiguous)::value;
-            if (tma_store) {
-              launch_sm90_persistent_varlen_k_gemm<T, kContiguous, true>(g, sms, stream);
-            } else {
-              launch_sm90_persistent_varlen_k_gemm<T, kContiguous, false>(g, sms, stream);
-            }
-          };
-          if (g.b.contiguous()) {
-            launch(std::integral_constant<VarlenKContiguous, VarlenKContiguous::kB>{});
-          } else if (g.a.contiguous()) {
-            launch(std::integral_constant<VarlenKContiguous, VarlenKContiguous::kA>{});
+      if (choice.kernel == VarlenKKernel::kSm90Persistent) {
+        auto launch = [&](auto contiguous) {
+          constexpr VarlenKContiguous kContiguous = decltype(contiguous)::value;
+          if (choice.tma_store) {
+            launch_sm90_persistent_varlen_k_gemm<T, kContiguous, true>(g, sms, stream);
           } else {
-            launch(std::integral_constant<VarlenKContiguous, VarlenKContiguous::kNeither>{});
+            launch_sm90_persistent_varlen_k_gemm<T, kContiguous, false>(g, sms, stream);
           }
-        } else {
-          launch_sm90_varlen_k_gemm<T>(g, stream);
+        };
+        switch (choice.contiguous) {
+          case VarlenKContiguous::kB:
+            launch(std::integral_constant<VarlenKContiguous, VarlenKContiguous::kB>{});
+            return;
+          case VarlenKContiguous::kA:
+            launch(std::integral_constant<VarlenKContiguous, VarlenKContiguous::kA>{});
+            return;
+          case VarlenKContiguous::kNeither:
+            launch(std::integral_constant<VarlenKContiguous, VarlenKContiguous::kNeither>{});
+            return;
         }
+      }
+      if (choice.kernel == VarlenKKernel::kSm90) {
+        launch_sm90_varlen_k_gemm<T>(g, stream);
         return;
       }
     }

@@ -16,6 +16,7 @@
 #include <cstdint>
 
 #include "cuda/common.cuh"
+#include "cuda/kernel_choice.hpp"
 #include "scattermoe/tensor.hpp"
 
 namespace scattermoe::cuda {
@@ -51,9 +52,6 @@ struct VarlenKGemm {
   const std::int64_t* expert_offsets = nullptr;
   int num_experts = 0;
 };
-
-// Which operand of a varlen-K GEMM reads its rows in the grouped order (RowSource::contiguous).
-enum class VarlenKContiguous { kNeither, kA, kB };
 
 // Whether every 16-byte chunk (vec elements) that the kernels copy starts 16-byte aligned, so
 // each is one cp.async: pointers, leading dimensions, expert strides and the contiguous extents.

@@ -14,6 +14,7 @@
 #include "check/host_tensor.hpp"
 #include "check/reference_f64.hpp"
 #include "cuda/fast_divisor.hpp"
+#include "cuda/kernel_choice.hpp"
 #include "device_tensor.hpp"
 #include "scattermoe/scattermoe.hpp"
 
@@ -176,6 +177,66 @@ TEST(CudaFastDivisor, MatchesIntegerDivision) {
     }
     for (int i = 0; i < 2000; ++i) expect_exact(static_cast<std::uint32_t>(rng() % (1u << 31)));
   }
+}
+
+// The dispatcher's choices (cuda/kernel_choice.hpp), no GPU needed: by default the measured
+// fastest kernel for each GEMM kind, the mma.sync kernels wherever wgmma cannot run, and each
+// measurement setting switching what its name says.
+TEST(CudaKernelChoice, DefaultsFallbacksAndSettings) {
+  using cuda::KernelSettings;
+  using cuda::VarlenKContiguous;
+  using cuda::VarlenKKernel;
+  using cuda::VarlenMKernel;
+  const KernelSettings defaults;
+
+  cuda::VarlenMFacts m;
+  EXPECT_EQ(cuda::choose_varlen_m_kernel(m, defaults), VarlenMKernel::kSm80);  // no wgmma
+  m.wgmma = true;
+  m.weight_tma_possible = true;
+  for (bool k_major : {false, true}) {
+    m.b_k_major = k_major;
+    EXPECT_EQ(cuda::choose_varlen_m_kernel(m, defaults), VarlenMKernel::kSm90Tma);
+    KernelSettings persistent_tma;
+    persistent_tma.persistent_tma = true;
+    EXPECT_EQ(cuda::choose_varlen_m_kernel(m, persistent_tma), VarlenMKernel::kSm90PersistentTma);
+  }
+  KernelSettings no_tma;
+  no_tma.weight_tma = false;
+  m.b_k_major = true;
+  EXPECT_EQ(cuda::choose_varlen_m_kernel(m, no_tma), VarlenMKernel::kSm90);
+  m.b_k_major = false;
+  EXPECT_EQ(cuda::choose_varlen_m_kernel(m, no_tma), VarlenMKernel::kSm90Persistent);
+  no_tma.persistent = 0;
+  EXPECT_EQ(cuda::choose_varlen_m_kernel(m, no_tma), VarlenMKernel::kSm90);
+  m.b_k_major = true;
+  no_tma.persistent = 1;
+  EXPECT_EQ(cuda::choose_varlen_m_kernel(m, no_tma), VarlenMKernel::kSm90Persistent);
+  m.weight_tma_possible = false;  // e.g. a broadcast weight (expert stride 0)
+  EXPECT_EQ(cuda::choose_varlen_m_kernel(m, defaults), VarlenMKernel::kSm90);
+
+  cuda::VarlenKFacts k;
+  EXPECT_EQ(cuda::choose_varlen_k_kernel(k, defaults).kernel, VarlenKKernel::kSm80);
+  k.wgmma = true;
+  k.store_tma_possible = true;
+  k.a_contiguous = true;  // dW2: g * A grouped, dY gathered
+  cuda::VarlenKChoice c = cuda::choose_varlen_k_kernel(k, defaults);
+  EXPECT_EQ(c.kernel, VarlenKKernel::kSm90Persistent);
+  EXPECT_EQ(c.contiguous, VarlenKContiguous::kA);
+  EXPECT_TRUE(c.tma_store);
+  k.b_contiguous = true;  // group_xty: both grouped; B is the wider tile
+  EXPECT_EQ(cuda::choose_varlen_k_kernel(k, defaults).contiguous, VarlenKContiguous::kB);
+  k.a_contiguous = false;  // dW1: X gathered, dH grouped
+  EXPECT_EQ(cuda::choose_varlen_k_kernel(k, defaults).contiguous, VarlenKContiguous::kB);
+  k.b_contiguous = false;
+  EXPECT_EQ(cuda::choose_varlen_k_kernel(k, defaults).contiguous, VarlenKContiguous::kNeither);
+  KernelSettings thread_stores;
+  thread_stores.varlen_k_tma_store = false;
+  EXPECT_FALSE(cuda::choose_varlen_k_kernel(k, thread_stores).tma_store);
+  k.store_tma_possible = false;  // e.g. an output row stride that is not a multiple of 16 bytes
+  EXPECT_FALSE(cuda::choose_varlen_k_kernel(k, defaults).tma_store);
+  KernelSettings not_persistent;
+  not_persistent.persistent = 0;
+  EXPECT_EQ(cuda::choose_varlen_k_kernel(k, not_persistent).kernel, VarlenKKernel::kSm90);
 }
 
 TEST(CudaPlan, MatchesCpuBitwise) {

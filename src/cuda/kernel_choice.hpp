@@ -1,0 +1,99 @@
+// The one place that decides which grouped-GEMM kernel runs a GEMM, one function per kind
+// (varlen-M, varlen-K), from what the GEMM is, what the device offers and the measurement
+// settings. Every default is the one measured fastest on the H200 (docs/perf.md, the step named
+// beside it). Plain C++, so the host tests check the choices.
+#pragma once
+
+#include <cstdlib>
+
+namespace scattermoe::cuda {
+
+// Which operand of a varlen-K GEMM reads its rows in the grouped order (no index, divisor 1).
+enum class VarlenKContiguous { kNeither, kA, kB };
+
+// Settings for measurements; from_environment() reads them once per process.
+struct KernelSettings {
+  bool weight_tma = true;          // SCATTERMOE_SM90_TMA: varlen-M weight tiles by TMA
+  int persistent = -1;             // SCATTERMOE_SM90_PERSISTENT: 1 every cp.async GEMM, 0 none
+  bool persistent_tma = false;     // SCATTERMOE_SM90_PERSISTENT_TMA: the TMA varlen-M kernel persistent
+  bool varlen_k_tma_store = true;  // SCATTERMOE_SM90_VARLEN_K_TMA_STORE: varlen-K tiles stored by TMA
+
+  static KernelSettings from_environment() {
+    auto read = [](const char* name, int otherwise) {
+      const char* env = std::getenv(name);
+      return env && *env ? std::atoi(env) : otherwise;
+    };
+    KernelSettings s;
+    s.weight_tma = read("SCATTERMOE_SM90_TMA", 1) != 0;
+    s.persistent = read("SCATTERMOE_SM90_PERSISTENT", -1);
+    s.persistent_tma = read("SCATTERMOE_SM90_PERSISTENT_TMA", 0) != 0;
+    s.varlen_k_tma_store = read("SCATTERMOE_SM90_VARLEN_K_TMA_STORE", 1) != 0;
+    return s;
+  }
+};
+
+// What the dispatcher knows about a GEMM and the device. The wgmma kernels take 16-bit operands
+// whose 16-byte chunks are all aligned, on a device of compute capability 9.0 with the library
+// built for sm_90a (and SCATTERMOE_SM90 not 0): `wgmma`.
+struct VarlenMFacts {
+  bool wgmma = false;
+  bool b_k_major = false;            // the weight has unit stride along k
+  bool weight_tma_possible = false;  // the weights describable as one TMA tensor
+};
+
+enum class VarlenMKernel {
+  kSm80,               // mma.sync, any type and alignment
+  kSm90,               // wgmma, both operands by cp.async
+  kSm90Persistent,     // the same, one block per SM walking the tiles
+  kSm90Tma,            // wgmma, weight tiles by TMA (the default, steps 16-17)
+  kSm90PersistentTma,  // the same, persistent (within 2% per kernel, step 23: opt-in)
+};
+
+inline VarlenMKernel choose_varlen_m_kernel(const VarlenMFacts& f, const KernelSettings& s) {
+  if (!f.wgmma) return VarlenMKernel::kSm80;
+  if (s.weight_tma && f.weight_tma_possible) {
+    return s.persistent_tma ? VarlenMKernel::kSm90PersistentTma : VarlenMKernel::kSm90Tma;
+  }
+  // Without TMA, the persistent walk helps the N-major weights (dA', dX: 7-8% on mixtral) and
+  // costs the K-major up|gate GEMM 6% (step 15).
+  const bool persistent = s.persistent == 1 || (s.persistent < 0 && !f.b_k_major);
+  return persistent ? VarlenMKernel::kSm90Persistent : VarlenMKernel::kSm90;
+}
+
+struct VarlenKFacts {
+  bool wgmma = false;
+  bool a_contiguous = false;        // A's rows in grouped order
+  bool b_contiguous = false;
+  bool store_tma_possible = false;  // the output describable as one (M, N, E) TMA tensor
+};
+
+enum class VarlenKKernel {
+  kSm80,            // mma.sync, any type and alignment
+  kSm90,            // wgmma, one block per tile (SCATTERMOE_SM90_PERSISTENT=0)
+  kSm90Persistent,  // wgmma, one block per SM walking the tiles (the default)
+};
+
+struct VarlenKChoice {
+  VarlenKKernel kernel = VarlenKKernel::kSm80;
+  // For kSm90Persistent: the operand whose copies skip the index (B when both are contiguous,
+  // the wider tile; step 25) and whether tiles leave by TMA store (step 26).
+  VarlenKContiguous contiguous = VarlenKContiguous::kNeither;
+  bool tma_store = false;
+};
+
+inline VarlenKChoice choose_varlen_k_kernel(const VarlenKFacts& f, const KernelSettings& s) {
+  VarlenKChoice c;
+  if (!f.wgmma) return c;
+  if (s.persistent == 0) {
+    c.kernel = VarlenKKernel::kSm90;
+    return c;
+  }
+  c.kernel = VarlenKKernel::kSm90Persistent;
+  c.contiguous = f.b_contiguous   ? VarlenKContiguous::kB
+                 : f.a_contiguous ? VarlenKContiguous::kA
+                                  : VarlenKContiguous::kNeither;
+  c.tma_store = s.varlen_k_tma_store && f.store_tma_possible;
+  return c;
+}
+
+}  // namespace scattermoe::cuda
