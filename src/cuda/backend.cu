@@ -431,11 +431,15 @@ void expect_mlp_layouts(const char* op, const MlpArgs& args, const RoutingPlan& 
   expect_unit_inner(op, "w2", args.w2);
 }
 
+// Whether the backward needs dH: for dX or the first layer's weight or bias gradient.
+bool wants_first_layer(const MlpGrads& grads) {
+  return grads.dx.defined() || grads.dw1.defined() || grads.db1.defined();
+}
+
 // dW1, db1 and dX from dH (region P); the dX rows go through region Q when k > 1.
 void mlp_backward_first_layer(const MlpArgs& args, const RoutingPlan& plan, const MlpGrads& grads,
                               const MlpBackwardScratch& s, cudaStream_t stream) {
-  const bool need_first = grads.dx.defined() || grads.dw1.defined() || grads.db1.defined();
-  if (!need_first) return;
+  if (!wants_first_layer(grads)) return;
   const DType dtype = args.x.dtype();
   const std::int64_t d = args.x.size(1);
   const std::int64_t h1 = args.w1.size(2);
@@ -542,7 +546,6 @@ void mlp_backward(const MlpArgs& args, const RoutingPlan& plan, const TensorView
   if (!args.b2.defined()) {
     // One pass over the rows computes A = act(H), d_gates = <dA', A>, dH (region P) and g * A
     // over dA' (region Q).
-    const bool need_first = grads.dx.defined() || grads.dw1.defined() || grads.db1.defined();
     MlpBackwardRows r;
     r.act = args.activation;
     r.glu = args.glu;
@@ -552,7 +555,7 @@ void mlp_backward(const MlpArgs& args, const RoutingPlan& plan, const TensorView
     r.ld_d_a = h;
     r.gates = gates;
     r.gate_index = ss;
-    if (need_first) {
+    if (wants_first_layer(grads)) {
       r.d_hidden = s.d_hidden;
       r.ld_d_hidden = h1;
     }
@@ -605,8 +608,7 @@ void mlp_backward(const MlpArgs& args, const RoutingPlan& plan, const TensorView
     gather_rows(dtype, a_rows, s.a, h, L, h, &gates, ss, stream);
     weight_grads(dtype, a_rows, h, rows_of(d_out, ss, k), d, plan, grads.dw2, TensorView{}, stream);
   }
-  const bool need_first = grads.dx.defined() || grads.dw1.defined() || grads.db1.defined();
-  if (!need_first) return;
+  if (!wants_first_layer(grads)) return;
 
   // dH = act'(H) * (g * dA')
   activation_backward(dtype, args.activation, args.glu, hidden.data(), hidden.stride(0), s.d_a, h,

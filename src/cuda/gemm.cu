@@ -90,7 +90,14 @@ int sm90_device_sms() {
 
 // The measurement settings, read once.
 const KernelSettings& settings() {
-  static const KernelSettings s = KernelSettings::from_environment();
+  static const KernelSettings s = [] {
+    KernelSettings k;
+    k.weight_tma = env_int("SCATTERMOE_SM90_TMA", 1) != 0;
+    k.persistent = env_int("SCATTERMOE_SM90_PERSISTENT", -1);
+    k.persistent_tma = env_int("SCATTERMOE_SM90_PERSISTENT_TMA", 0) != 0;
+    k.varlen_k_tma_store = env_int("SCATTERMOE_SM90_VARLEN_K_TMA_STORE", 1) != 0;
+    return k;
+  }();
   return s;
 }
 

@@ -13,6 +13,9 @@
 // Included only by the instantiation files.
 #pragma once
 
+#include <cstddef>
+#include <type_traits>
+
 #include <cute/tensor.hpp>
 
 #include "cuda/gemm.hpp"
@@ -202,13 +205,23 @@ struct StagedEpilogue {
     return kElements <= 2 * b_stage;
   }
 
-  // acc (+ bias(c) for tile column c) into the staging tile. The caller synchronised the block
-  // after its last read of that memory; stage() ends with a barrier.
-  template <class Acc, class Coord, class Bias>
-  __device__ static void stage(T* staged, const Acc& acc, const Coord& coord, Bias&& bias) {
+  // acc (+ bias(c) for tile column c; bias nullptr: nothing added) into a staging tile laid out
+  // by place(r, c) (an element offset that keeps 16-byte chunks whole, so an even column and the
+  // next stay adjacent). The caller synchronised the block after its last read of that memory;
+  // no barrier follows.
+  template <class Acc, class Coord, class Bias, class Place>
+  __device__ static void write_accumulators(T* staged, const Acc& acc, const Coord& coord, Bias&& bias,
+                                            Place&& place) {
     using namespace cute;
     struct alignas(2 * sizeof(T)) Pair {
       T x, y;
+    };
+    auto value = [&](int v, int c) {
+      if constexpr (std::is_same_v<std::decay_t<Bias>, std::nullptr_t>) {
+        return T(acc(v));
+      } else {
+        return T(acc(v) + bias(c));
+      }
     };
     constexpr bool kPairs = sizeof(T) == 2;
     CUTE_UNROLL
@@ -217,17 +230,23 @@ struct StagedEpilogue {
       const int c = get<1>(coord(v));
       if constexpr (kPairs) {
         if (adjacent_columns(coord, v) && c % 2 == 0) {
-          *reinterpret_cast<Pair*>(staged + offset(r, c)) = Pair{T(acc(v) + bias(c)), T(acc(v + 1) + bias(c + 1))};
+          *reinterpret_cast<Pair*>(staged + place(r, c)) = Pair{value(v, c), value(v + 1, c + 1)};
         } else {
-          staged[offset(r, c)] = T(acc(v) + bias(c));
+          staged[place(r, c)] = value(v, c);
           const int r2 = get<0>(coord(v + 1));
           const int c2 = get<1>(coord(v + 1));
-          staged[offset(r2, c2)] = T(acc(v + 1) + bias(c2));
+          staged[place(r2, c2)] = value(v + 1, c2);
         }
       } else {
-        staged[offset(r, c)] = T(acc(v) + bias(c));
+        staged[place(r, c)] = value(v, c);
       }
     }
+  }
+
+  // write_accumulators in this epilogue's layout (offset), then a barrier.
+  template <class Acc, class Coord, class Bias>
+  __device__ static void stage(T* staged, const Acc& acc, const Coord& coord, Bias&& bias) {
+    write_accumulators(staged, acc, coord, bias, [](int r, int c) { return offset(r, c); });
     __syncthreads();
   }
 

@@ -4,32 +4,17 @@
 // beside it). Plain C++, so the host tests check the choices.
 #pragma once
 
-#include <cstdlib>
-
 namespace scattermoe::cuda {
 
 // Which operand of a varlen-K GEMM reads its rows in the grouped order (no index, divisor 1).
 enum class VarlenKContiguous { kNeither, kA, kB };
 
-// Settings for measurements; from_environment() reads them once per process.
+// Settings for measurements (the dispatcher reads them from the environment once per process).
 struct KernelSettings {
   bool weight_tma = true;          // SCATTERMOE_SM90_TMA: varlen-M weight tiles by TMA
   int persistent = -1;             // SCATTERMOE_SM90_PERSISTENT: 1 every cp.async GEMM, 0 none
   bool persistent_tma = false;     // SCATTERMOE_SM90_PERSISTENT_TMA: the TMA varlen-M kernel persistent
   bool varlen_k_tma_store = true;  // SCATTERMOE_SM90_VARLEN_K_TMA_STORE: varlen-K tiles stored by TMA
-
-  static KernelSettings from_environment() {
-    auto read = [](const char* name, int otherwise) {
-      const char* env = std::getenv(name);
-      return env && *env ? std::atoi(env) : otherwise;
-    };
-    KernelSettings s;
-    s.weight_tma = read("SCATTERMOE_SM90_TMA", 1) != 0;
-    s.persistent = read("SCATTERMOE_SM90_PERSISTENT", -1);
-    s.persistent_tma = read("SCATTERMOE_SM90_PERSISTENT_TMA", 0) != 0;
-    s.varlen_k_tma_store = read("SCATTERMOE_SM90_VARLEN_K_TMA_STORE", 1) != 0;
-    return s;
-  }
 };
 
 // What the dispatcher knows about a GEMM and the device. The wgmma kernels take 16-bit operands

@@ -345,22 +345,8 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
         },
         [&](const VarlenKTile& done) {
           __syncthreads();  // every warpgroup's wgmma has read its last stage
-          struct alignas(2 * sizeof(T)) Pair {
-            T x, y;
-          };
-          CUTE_UNROLL
-          for (int v = 0; v < size(acc); v += 2) {
-            // wgmma's accumulator pairs are adjacent columns, even first: one 4-byte write each
-            // (the swizzle moves 16-byte chunks, so a pair stays adjacent).
-            const int r = get<0>(coord(v));
-            const int c = get<1>(coord(v));
-            if (adjacent_columns(coord, v) && c % 2 == 0) {
-              *reinterpret_cast<Pair*>(staged + varlen_k_store_offset<Config>(r, c)) = Pair{T(acc(v)), T(acc(v + 1))};
-            } else {
-              staged[varlen_k_store_offset<Config>(r, c)] = T(acc(v));
-              staged[varlen_k_store_offset<Config>(get<0>(coord(v + 1)), get<1>(coord(v + 1)))] = T(acc(v + 1));
-            }
-          }
+          StagedEpilogue<Config>::write_accumulators(staged, acc, coord, nullptr,
+                                                     [](int r, int c) { return varlen_k_store_offset<Config>(r, c); });
           tma_store_fence();  // the staging writes, visible to the TMA unit (async proxy)
           __syncthreads();
           if (threadIdx.x == 0) {
