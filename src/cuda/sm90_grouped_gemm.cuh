@@ -116,6 +116,28 @@ struct Sm90GemmConfig {
   template <bool kAKMajor, bool kBKMajor, class LoadA, class LoadB, class Accum, class WaitB>
   static __device__ __forceinline__ void steady(T* smem_a, T* smem_b, int k_tiles, LoadA&& load_a,
                                                 LoadB&& load_b, Accum& acc, WaitB&& wait_b) {
+    int read_stage = 0;
+    int write_stage = kStages - 2;
+    iterations<kAKMajor, kBKMajor>(
+        smem_a, smem_b, k_tiles, read_stage, write_stage, acc, wait_b, [&](int stage, int next) {
+          if (next < k_tiles) {
+            load_a(stage, next);
+            load_b(stage, next);
+          }
+        });
+    cute::cp_async_wait<0>();
+  }
+
+  // The k loop's iterations over k tiles [0, k_tiles), the first read from read_stage, the first
+  // copies issued into write_stage (both advanced on return, so a block may run the iterations of
+  // several tiles as one pipeline). Per k tile t: wait for the stage to land (cp.async) and
+  // before_barrier(stage) (a TMA wait), fence and barrier, issue the wgmma, then issue(stage,
+  // t + kStages - 2) fills the stage every warpgroup has retired (one commit group follows it).
+  // On return this thread's wgmma have completed; copies may still be in flight.
+  template <bool kAKMajor, bool kBKMajor, class Accum, class BeforeBarrier, class Issue>
+  static __device__ __forceinline__ void iterations(T* smem_a, T* smem_b, int k_tiles, int& read_stage,
+                                                    int& write_stage, Accum& acc, BeforeBarrier&& before_barrier,
+                                                    Issue&& issue) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     using namespace cute;
     Tensor sA = make_tensor(make_smem_ptr(smem_a), gmma_layout<kAKMajor, kBM>());  // (BM,BK,STAGES)
@@ -125,14 +147,12 @@ struct Sm90GemmConfig {
     Tensor tCrA = thr_mma.make_fragment_A(thr_mma.partition_A(sA));  // descriptors (MMA,M,K,STAGES)
     Tensor tCrB = thr_mma.make_fragment_B(thr_mma.partition_B(sB));  // descriptors (MMA,N,K,STAGES)
 
-    int read_stage = 0;
-    int write_stage = kStages - 2;
     CUTE_NO_UNROLL
     for (int t = 0; t < k_tiles; ++t) {
       // Tile t has landed (this thread's copies); make them visible to the async proxy that
       // wgmma reads through, then to every thread.
       cp_async_wait<kStages - 3>();
-      wait_b(read_stage);
+      before_barrier(read_stage);
       cutlass::arch::fence_view_async_shared();
       __syncthreads();
       warpgroup_fence_operand(acc);
@@ -141,11 +161,7 @@ struct Sm90GemmConfig {
       warpgroup_commit_batch();
       // While the tensor cores work: every warpgroup has retired its wgmma of tile t-2, so that
       // stage takes tile t + kStages - 2 (the row lookups of a gather wait here, not the wgmma).
-      const int next = t + kStages - 2;
-      if (next < k_tiles) {
-        load_a(write_stage, next);
-        load_b(write_stage, next);
-      }
+      issue(write_stage, t + kStages - 2);
       cp_async_fence();
       warpgroup_wait<1>();
       warpgroup_fence_operand(acc);
@@ -154,7 +170,6 @@ struct Sm90GemmConfig {
     }
     warpgroup_wait<0>();
     warpgroup_fence_operand(acc);
-    cp_async_wait<0>();
 #endif
   }
 
@@ -262,25 +277,24 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
 #endif
 }
 
-// The varlen-K output tile as TMA stores it: the (BM, BN) tile row-major in 64-column blocks of
-// 128-byte-swizzled rows (GMMA's K-major atom: 8 rows x 64 columns), so each of the four
-// (64 x BM) boxes is one TMA store and the accumulator pairs a warp writes land in distinct banks.
+// One 64-column box of a varlen-K output tile as TMA stores it: BM rows of 64 columns,
+// 128-byte-swizzled (GMMA's K-major atom: 8 rows x 64 columns), 16 KiB; a tile is kBN / 64 boxes.
+// The accumulator pairs a warp writes into it land in distinct banks.
 template <class Config>
-constexpr auto varlen_k_store_layout() {
+constexpr auto varlen_k_store_box_layout() {
   using namespace cute;
   return tile_to_shape(GMMA::Layout_K_SW128_Atom<typename Config::Element>{},
-                       make_shape(Int<Config::kBM>{}, Int<Config::kBN>{}));
+                       make_shape(Int<Config::kBM>{}, Int<64>{}));
 }
 
-// varlen_k_store_layout's offset of (r, c), written out: 64-column blocks of BM x 64 elements,
-// rows of 64, the 16-byte chunk index XOR-ed with r % 8 (Swizzle<3, 3, 3> of 16-bit elements).
-// With r and c a thread's accumulator coordinates the XOR folds to one instruction per chunk.
-template <class Config>
-__device__ __forceinline__ int varlen_k_store_offset(int r, int c) {
-  return c / 64 * (Config::kBM * 64) + r * 64 + ((c % 64 / 8) ^ (r % 8)) * 8 + c % 8;
+// varlen_k_store_box_layout's offset of (r, c), c < 64, written out: rows of 64, the 16-byte
+// chunk index XOR-ed with r % 8 (Swizzle<3, 3, 3> of 16-bit elements). With r and c a thread's
+// accumulator coordinates the XOR folds to one instruction per chunk.
+__device__ __forceinline__ int varlen_k_store_box_offset(int r, int c) {
+  return r * 64 + ((c / 8) ^ (r % 8)) * 8 + c % 8;
 }
 
-// C as one (M, N, E) tensor and its TMA store from varlen_k_store_layout.
+// C as one (M, N, E) tensor and its TMA store of one box (varlen_k_store_box_layout).
 template <class Config>
 auto make_varlen_k_store_tma(const VarlenKGemm& g) {
   using namespace cute;
@@ -288,14 +302,19 @@ auto make_varlen_k_store_tma(const VarlenKGemm& g) {
   Tensor c = make_tensor(make_gmem_ptr(static_cast<T*>(g.c)),
                          make_layout(make_shape(static_cast<int>(g.m), static_cast<int>(g.n), g.num_experts),
                                      make_stride(g.ldc, Int<1>{}, g.c_expert_stride)));
-  return make_tma_copy(SM90_TMA_STORE{}, c, varlen_k_store_layout<Config>());
+  return make_tma_copy(SM90_TMA_STORE{}, c, varlen_k_store_box_layout<Config>());
 }
 
-// kTmaStore: each finished tile is written into the staging tile in varlen_k_store_layout and
-// stored by TMA (issued by thread 0), so the block goes on to the next tile while the gradient
-// streams out (deepseek's dW1 writes 15 GB in 4-k-tile tiles). The staging tile lies in the B
-// stages that the next tile's k loop first writes at its first k tile: thread 0 waits for the
-// store to have read it before that loop, and the loop's first barrier holds the block until then.
+// kTmaStore: the block's tiles run as one pipeline of k tiles. Copies run kStages - 2 k tiles
+// ahead across tile boundaries, so the next tile's first operands arrive while a finished tile is
+// staged (deepseek's experts give 4-k-tile tiles, whose prologue was exposed at every tile). A
+// finished tile is staged in the B stages of its last two k tiles, the stages no copy is writing
+// (their next k tiles are issued one and two iterations later), as two pairs of boxes, and thread
+// 0 stores each pair by TMA as one bulk group. Before the iteration that refills the first
+// stage thread 0 waits for the first group to have been read, before the next iteration for the
+// second, and every k loop iteration's barrier holds the other threads until then.
+// Otherwise (thread stores) the tiles are walked as persistent_walk does: the next tile's
+// prologue, then the finished tile's stores.
 template <class Config, VarlenKContiguous kContiguous, bool kTmaStore, class StoreTma>
 __global__ void __launch_bounds__(Config::kThreads, 1)
     sm90_persistent_varlen_k_gemm_kernel(VarlenKGemm p, CUTE_GRID_CONSTANT StoreTma const store_tma) {
@@ -304,6 +323,8 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   using T = typename Config::Element;
   constexpr int kBM = Config::kBM;
   constexpr int kBN = Config::kBN;
+  constexpr int kBK = Config::kBK;
+  constexpr int kStages = Config::kStages;
 
   const int m_tiles = static_cast<int>((p.m + kBM - 1) / kBM);
   const int n_tiles = static_cast<int>((p.n + kBN - 1) / kBN);
@@ -319,45 +340,115 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   VarlenKCopies<Config, true, kContiguous> copies(p, layout_a, layout_b);
   auto load_a = [&](int stage, int k_tile) { copies.load_a(p, smem_a, stage, k_tile); };
   auto load_b = [&](int stage, int) { copies.load_b(p, smem_b, stage); };
-  auto start = [&](int tile_number) {
+  auto locate = [&](int tile_number) {
     const VarlenKTile t = varlen_k_tile<kBM, kBN>(m_tiles, n_tiles, tile_number);
     copies.locate(p, t.e, t.m0, t.n0);
-    Config::prologue(copies.k_tiles(), load_a, load_b);
     return t;
   };
 
   typename Config::template TiledMma<false, false> mma;
   Tensor acc = partition_fragment_C(mma, make_shape(Int<kBM>{}, Int<kBN>{}));
   Tensor coord = mma.get_slice(threadIdx.x).partition_C(make_identity_tensor(make_shape(Int<kBM>{}, Int<kBN>{})));
-  static_assert(StagedEpilogue<Config>::template clear_of_prologue<false>(),
-                "the next tile's prologue must not overwrite the staged epilogue");
   if constexpr (kTmaStore) {
-    T* staged = StagedEpilogue<Config>::template tile<false, false>(smem_raw);
-    Tensor s_c = make_tensor(make_smem_ptr(staged), varlen_k_store_layout<Config>());  // (BM,BN)
+    constexpr int kBoxes = kBN / 64;
+    constexpr int kBoxElements = kBM * 64;
+    constexpr int kStageElements = cosize(layout_b) / kStages;
+    static_assert(kBoxes % 2 == 0 && kBoxes / 2 * kBoxElements <= kStageElements,
+                  "half the tile's boxes fit in one B stage");
+    static_assert(kStages >= 4, "two stages free of copies when a tile finishes");
+
+    // The loading cursor: tile load_tile (`copies` located there), its next k tile load_k of
+    // load_k_tiles; past the block's last tile it issues empty commit groups.
+    int load_tile = static_cast<int>(blockIdx.x);
+    locate(load_tile);
+    int load_k = 0;
+    int load_k_tiles = copies.k_tiles();
+    auto issue = [&](int stage, int) {
+      while (load_k == load_k_tiles && load_tile < tiles) {
+        load_tile += static_cast<int>(gridDim.x);
+        if (load_tile < tiles) {
+          locate(load_tile);
+          load_k = 0;
+          load_k_tiles = copies.k_tiles();
+        }
+      }
+      if (load_tile < tiles) {
+        load_a(stage, load_k);
+        load_b(stage, load_k);
+        ++load_k;
+      }
+    };
+    CUTE_UNROLL
+    for (int s = 0; s < kStages - 2; ++s) {
+      issue(s, s);
+      cp_async_fence();
+    }
+
+    auto box_layout = varlen_k_store_box_layout<Config>();
     Tensor m_c = store_tma.get_tma_tensor(make_shape(static_cast<int>(p.m), static_cast<int>(p.n), p.num_experts));
     auto cta_tma = store_tma.get_slice(Int<0>{});
-    persistent_walk(
-        tiles, start,
-        [&] {
-          if (threadIdx.x == 0) tma_store_wait<0>();  // the last tile's store has read the staging tile
-          clear(acc);
-          Config::template steady<false, false>(smem_a, smem_b, copies.k_tiles(), load_a, load_b, acc);
-        },
-        [&](const VarlenKTile& done) {
-          __syncthreads();  // every warpgroup's wgmma has read its last stage
-          StagedEpilogue<Config>::write_accumulators(staged, acc, coord, nullptr,
-                                                     [](int r, int c) { return varlen_k_store_offset<Config>(r, c); });
-          tma_store_fence();  // the staging writes, visible to the TMA unit (async proxy)
-          __syncthreads();
-          if (threadIdx.x == 0) {
-            Tensor g_c = local_tile(m_c(_, _, done.e), make_shape(Int<kBM>{}, Int<kBN>{}),
-                                    make_coord(static_cast<int>(done.m0 / kBM), static_cast<int>(done.n0 / kBN)));
-            copy(store_tma, cta_tma.partition_S(s_c), cta_tma.partition_D(g_c));
-            tma_store_arrive();
+    int read_stage = 0;
+    int write_stage = kStages - 2;
+    int since_store = 2;  // k loop iterations since the last stores were issued (2: none to wait for)
+    for (int tile_number = static_cast<int>(blockIdx.x); tile_number < tiles;
+         tile_number += static_cast<int>(gridDim.x)) {
+      const VarlenKTile t = varlen_k_tile<kBM, kBN>(m_tiles, n_tiles, tile_number);
+      const std::int64_t r0 = t.e ? p.expert_offsets[t.e - 1] : 0;
+      const int k_tiles = static_cast<int>((p.expert_offsets[t.e] - r0 + kBK - 1) / kBK);
+      clear(acc);
+      Config::template iterations<false, false>(
+          smem_a, smem_b, k_tiles, read_stage, write_stage, acc,
+          [&](int) {
+            // This iteration's copies refill the stage of the last stores' first group, the
+            // next iteration's that of the second.
+            if (threadIdx.x == 0) {
+              if (since_store == 0) tma_store_wait<1>();
+              if (since_store == 1) tma_store_wait<0>();
+            }
+            since_store += since_store < 2;
+          },
+          issue);
+
+      // The B stages of this tile's last two k tiles (of the stages kStages - 2 and kStages - 1
+      // before the first): every warpgroup's wgmma has read them, and no copy is writing them.
+      const int low = (read_stage + kStages - 2) % kStages * kStageElements;
+      const int high = (read_stage + kStages - 1) % kStages * kStageElements;
+      if (threadIdx.x == 0) tma_store_wait<0>();  // a tile of no k tiles reuses the last stages
+      __syncthreads();
+      StagedEpilogue<Config>::write_accumulators(smem_b, acc, coord, nullptr, [&](int r, int c) {
+        const int box = c / 64;
+        return (box < kBoxes / 2 ? low : high) + box % (kBoxes / 2) * kBoxElements +
+               varlen_k_store_box_offset(r, c % 64);
+      });
+      tma_store_fence();  // the staging writes, visible to the TMA unit (async proxy)
+      __syncthreads();
+      if (threadIdx.x == 0) {
+        Tensor c_tile = m_c(_, _, t.e);
+        CUTE_UNROLL
+        for (int box = 0; box < kBoxes; ++box) {
+          const std::int64_t n0 = t.n0 + box * 64;
+          if (n0 < p.n) {
+            T* staged = smem_b + (box < kBoxes / 2 ? low : high) + box % (kBoxes / 2) * kBoxElements;
+            Tensor s_box = make_tensor(make_smem_ptr(staged), box_layout);
+            Tensor g_box = local_tile(c_tile, make_shape(Int<kBM>{}, Int<64>{}),
+                                      make_coord(static_cast<int>(t.m0 / kBM), static_cast<int>(n0 / 64)));
+            copy(store_tma, cta_tma.partition_S(s_box), cta_tma.partition_D(g_box));
           }
-        });
+          if (box == kBoxes / 2 - 1 || box == kBoxes - 1) tma_store_arrive();
+        }
+      }
+      since_store = 0;
+    }
     if (threadIdx.x == 0) tma_store_wait<0>();
+    cp_async_wait<0>();
   } else {
+    static_assert(StagedEpilogue<Config>::template clear_of_prologue<false>(),
+                  "the next tile's prologue must not overwrite the staged epilogue");
+    auto start = [&](int tile_number) {
+      const VarlenKTile t = locate(tile_number);
+      Config::prologue(copies.k_tiles(), load_a, load_b);
+      return t;
+    };
     persistent_walk(
         tiles, start,
         [&] {

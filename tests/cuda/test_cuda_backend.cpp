@@ -355,28 +355,32 @@ TEST(CudaGroupXty, MatchesCpuInBothWeightLayouts) {
   }
 }
 
-// More dW tiles than a GPU has SMs (64 experts x 2 x 2 tiles of 128 x 256 = 256), so every block
-// of the persistent weight-gradient kernel computes several tiles in turn and reuses the staging
-// tile that its previous tile's TMA store read; experts of 2-4 k tiles and an empty one.
+// More dW tiles than a GPU has SMs, so every block of the persistent weight-gradient kernel
+// computes several tiles as one pipeline: the next tile's copies are in flight while a tile is
+// stored, and the staging stages are refilled right after their TMA store has read them.
+// 64 experts x 2 x 2 tiles of 128 x 256 = 256 tiles of 2-4 k tiles and an empty expert's; then
+// 64 x 4 x 2 = 512 tiles of 1 k tile (about 19 rows per expert), four or more per block, so a
+// tile finishes at every iteration and tiles of no k tile (the empty expert's) sit between.
 TEST(CudaGroupXty, MoreTilesThanSmsMatchCpu) {
   SCATTERMOE_REQUIRE_GPU();
   std::mt19937_64 rng(29);
-  const Case c{2080, 4, 64, 256, 512, 9, false};
-  Plans plans(route(c, rng), c.tokens, c.k, c.experts);
-  const std::int64_t L = c.tokens * c.k;
-  for (bool ints : {true, false}) {
-    for (bool transposed : {false, true}) {
-      Pair dy(DType::kBFloat16, {L, c.d_out});
-      Pair x(DType::kBFloat16, {L, c.d_in});
-      Pair dw(DType::kBFloat16, {c.experts, c.d_in, c.d_out}, transposed);
-      dy.fill_and_upload(ints, rng);
-      x.fill_and_upload(ints, rng);
-      dw.poison();
-      group_xty(dy.host.view(), x.host.view(), plans.host.plan(), dw.host.view(), TensorView());
-      group_xty(dy.dev.view(), x.dev.view(), plans.dev, dw.dev.view(), TensorView());
-      SCATTERMOE_CUDA_OK(cudaDeviceSynchronize());
-      expect_match(dw, ints, DType::kBFloat16,
-                   "group_xty " + c.name() + (ints ? " ints" : " random") + (transposed ? " transposed" : ""));
+  for (const Case& c : {Case{2080, 4, 64, 256, 512, 9, false}, Case{600, 2, 64, 512, 512, 5, false}}) {
+    Plans plans(route(c, rng), c.tokens, c.k, c.experts);
+    const std::int64_t L = c.tokens * c.k;
+    for (bool ints : {true, false}) {
+      for (bool transposed : {false, true}) {
+        Pair dy(DType::kBFloat16, {L, c.d_out});
+        Pair x(DType::kBFloat16, {L, c.d_in});
+        Pair dw(DType::kBFloat16, {c.experts, c.d_in, c.d_out}, transposed);
+        dy.fill_and_upload(ints, rng);
+        x.fill_and_upload(ints, rng);
+        dw.poison();
+        group_xty(dy.host.view(), x.host.view(), plans.host.plan(), dw.host.view(), TensorView());
+        group_xty(dy.dev.view(), x.dev.view(), plans.dev, dw.dev.view(), TensorView());
+        SCATTERMOE_CUDA_OK(cudaDeviceSynchronize());
+        expect_match(dw, ints, DType::kBFloat16,
+                     "group_xty " + c.name() + (ints ? " ints" : " random") + (transposed ? " transposed" : ""));
+      }
     }
   }
 }
