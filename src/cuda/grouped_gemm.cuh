@@ -50,9 +50,12 @@ constexpr int gemm_smem_bytes() {
 // The 16-byte chunks of one operand tile (kMN x kBK) that this thread copies global -> shared.
 // K-major: a line is one mn index, contiguous along k. MN-major: a line is one k index,
 // contiguous along mn. Every thread copies chunks at one fixed offset `off` within kCount lines
-// (line(j)); their shared-memory offsets are resolved once, so a k tile costs a pointer add, a
-// bound and a cp.async per chunk.
-template <class Config, bool kKMajor, int kMN>
+// (line(j)), kLinesPerPass lines apart. The tile may be the part of a wider one (kLayoutMN
+// columns) from column mn_offset. Lines kLinesPerPass apart (a multiple of 8) lie in different
+// swizzle atoms at the same place within them, and so do columns a multiple of 64 apart, so
+// chunk j sits a compile-time distance from chunk 0 (the layout at line kLinesPerPass * j of
+// column 0): a k tile costs one shared-memory base per stage and an immediate offset per chunk.
+template <class Config, bool kKMajor, int kMN, int kLayoutMN = kMN>
 struct TileChunks {
   using T = typename Config::Element;
   static constexpr int kVec = Config::kVec;
@@ -61,24 +64,26 @@ struct TileChunks {
   static constexpr int kCount = (kKMajor ? kMN : Config::kBK) / kLinesPerPass;
   static_assert(Config::kThreads % kPerLine == 0 && kCount * kLinesPerPass == (kKMajor ? kMN : Config::kBK),
                 "tile chunks must divide evenly over threads");
+  static_assert(kLinesPerPass % 8 == 0, "a thread's lines lie whole swizzle atoms apart");
 
-  std::uint32_t smem_offset[kCount];  // element offsets within stage 0
-  std::uint32_t stage_stride;
+  static constexpr auto layout() { return Config::template copy_layout<kKMajor, kLayoutMN>(); }
+
+  std::uint32_t base = 0;  // element offset of chunk 0 within stage 0
 
   TileChunks() = default;
-  // mn_offset places these chunks at columns [mn_offset, mn_offset + kMN) of a wider tile.
-  template <class Layout>
-  __device__ explicit TileChunks(const Layout& layout, int mn_offset = 0) {
-    CUTE_UNROLL
-    for (int j = 0; j < kCount; ++j) {
-      smem_offset[j] = static_cast<std::uint32_t>(kKMajor ? layout(mn_offset + line(j), off(), 0)
-                                                          : layout(mn_offset + off(), line(j), 0));
-    }
-    stage_stride = static_cast<std::uint32_t>(layout(0, 0, 1));
+  // mn_offset (a multiple of 64) places these chunks at columns [mn_offset, mn_offset + kMN).
+  __device__ explicit TileChunks(int mn_offset) {
+    base = static_cast<std::uint32_t>(kKMajor ? layout()(mn_offset + line(0), off(), 0)
+                                              : layout()(mn_offset + off(), line(0), 0));
   }
 
   __device__ static int off() { return static_cast<int>(threadIdx.x) % kPerLine * kVec; }
   __device__ static int line(int j) { return static_cast<int>(threadIdx.x) / kPerLine + j * kLinesPerPass; }
+  // Chunk j's distance from chunk 0, and a stage's size (constants once j is unrolled).
+  __device__ static int delta(int j) {
+    return static_cast<int>(kKMajor ? layout()(j * kLinesPerPass, 0, 0) : layout()(0, j * kLinesPerPass, 0));
+  }
+  __device__ static int stage_stride() { return static_cast<int>(layout()(0, 0, 1)); }
 
   // Copies `valid` (0..kVec) elements from src into chunk j of `stage`, zero-filling the rest.
   // Aligned kernels (16-byte addresses, valid either 0 or kVec) issue one cp.async; the others,
@@ -86,7 +91,7 @@ struct TileChunks {
   template <bool kAligned>
   __device__ __forceinline__ void copy(T* smem, int stage, int j, const T* src, int valid,
                                        const T* any_valid) const {
-    T* dst = smem + stage * stage_stride + smem_offset[j];
+    T* dst = smem + (stage * stage_stride() + static_cast<int>(base)) + delta(j);
     if constexpr (kAligned) {
       cute::SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t>::copy(
           *reinterpret_cast<const cute::uint128_t*>(valid > 0 ? src : any_valid),
@@ -344,9 +349,7 @@ struct VarlenMCopies {
   const T* b_lines[ChunksB::kCount];
   int b_valid = 0;  // N-major: elements of the chunk inside N (fixed for the tile)
 
-  template <class LayoutA, class LayoutB>
-  __device__ VarlenMCopies(const LayoutA& layout_a, const LayoutB& layout_b)
-      : chunks_a(layout_a), chunks_b(layout_b) {}
+  __device__ VarlenMCopies() : chunks_a(0), chunks_b(0) {}
 
   __device__ __forceinline__ void locate(const VarlenMGemm& p, int e, std::int64_t row0,
                                          std::int64_t row_end, std::int64_t n0) {
@@ -427,11 +430,12 @@ struct VarlenKCopies {
   static_assert(kBN % kBM == 0, "varlen-K shares row lines between its operands");
   static constexpr int kParts = kBN / kBM;
   using Chunks = TileChunks<Config, false, kBM>;
+  using ChunksB = TileChunks<Config, false, kBM, kBN>;  // part h: columns [h * kBM, (h + 1) * kBM)
   static constexpr bool kAIndexed = kContiguous != VarlenKContiguous::kA;
   static constexpr bool kBIndexed = kContiguous != VarlenKContiguous::kB;
 
   Chunks chunks_a;
-  Chunks chunks_b[kParts];
+  ChunksB chunks_b[kParts];
   const char* a_col = nullptr;  // this thread's column of A (m0 + off), of B (n0 + off); column 0
   const char* b_col = nullptr;  // when that lies past m (n): a valid address the predicate masks
   std::int64_t a_ld_bytes = 0;
@@ -450,15 +454,14 @@ struct VarlenKCopies {
   FastDivisor a_divide;            // p.a.divisor, p.b.divisor (fixed for the launch)
   FastDivisor b_divide;
 
-  template <class LayoutA, class LayoutB>
-  __device__ VarlenKCopies(const VarlenKGemm& p, const LayoutA& layout_a, const LayoutB& layout_b)
-      : chunks_a(layout_a),
+  __device__ explicit VarlenKCopies(const VarlenKGemm& p)
+      : chunks_a(0),
         a_ld_bytes(p.a.ld * static_cast<std::int64_t>(sizeof(T))),
         b_ld_bytes(p.b.ld * static_cast<std::int64_t>(sizeof(T))),
         a_divide(p.a.divisor),
         b_divide(p.b.divisor) {
     CUTE_UNROLL
-    for (int h = 0; h < kParts; ++h) chunks_b[h] = Chunks(layout_b, h * kBM);
+    for (int h = 0; h < kParts; ++h) chunks_b[h] = ChunksB(h * kBM);
   }
 
   __device__ __forceinline__ void locate(const VarlenKGemm& p, int e, std::int64_t m0, std::int64_t n0) {
@@ -553,7 +556,7 @@ __global__ void __launch_bounds__(Config::kThreads, Config::kMinBlocks)
   T* smem_a = reinterpret_cast<T*>(smem_raw);
   T* smem_b = smem_a + cosize(layout_a);
 
-  VarlenMCopies<Config, kBKMajor, kAligned> copies(layout_a, layout_b);
+  VarlenMCopies<Config, kBKMajor, kAligned> copies;
   copies.locate(p, t.e, t.row0, t.row_end, t.n0);
   auto load_a = [&](int stage, int k_tile) { copies.load_a(p, smem_a, stage, k_tile); };
   auto load_b = [&](int stage, int k_tile) { copies.load_b(p, smem_b, stage, k_tile); };
@@ -609,7 +612,7 @@ __global__ void __launch_bounds__(Config::kThreads, Config::kMinBlocks)
   T* smem_a = reinterpret_cast<T*>(smem_raw);
   T* smem_b = smem_a + cosize(layout_a);
 
-  VarlenKCopies<Config, kAligned> copies(p, layout_a, layout_b);
+  VarlenKCopies<Config, kAligned> copies(p);
   copies.locate(p, e, m0, n0);
   auto load_a = [&](int stage, int k_tile) { copies.load_a(p, smem_a, stage, k_tile); };
   auto load_b = [&](int stage, int) { copies.load_b(p, smem_b, stage); };

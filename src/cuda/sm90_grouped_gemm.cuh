@@ -20,6 +20,7 @@
 #include <cutlass/arch/barrier.h>
 
 #include "cuda/grouped_gemm.cuh"
+#include "cuda/varlen_k_tiling.hpp"
 
 namespace scattermoe::cuda {
 
@@ -185,20 +186,12 @@ struct Sm90GemmConfig {
 // Persistent forms of the same kernels: one block per SM walks the tile schedule
 // (persistent_walk below).
 
-// varlen-K tile number `linear`: expert-major, grouped raster over (M tiles, N tiles) within it.
+// A varlen-K tile: expert e's output rows from m0, columns from n0.
 struct VarlenKTile {
   int e;
   std::int64_t m0;
   std::int64_t n0;
 };
-
-template <int kBM, int kBN>
-__device__ __forceinline__ VarlenKTile varlen_k_tile(int m_tiles, int n_tiles, int linear) {
-  const int per_expert = m_tiles * n_tiles;
-  const RasterTile r = raster_tile(linear % per_expert, m_tiles, n_tiles, 8);
-  return VarlenKTile{linear / per_expert, static_cast<std::int64_t>(r.row) * kBM,
-                     static_cast<std::int64_t>(r.column) * kBN};
-}
 
 // The persistent walk shared by the persistent kernels: tiles blockIdx.x, + gridDim.x, ... below
 // `tiles` (the caller returned already when blockIdx.x >= tiles). start(n) locates tile n and
@@ -249,7 +242,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   T* smem_b = smem_a + cosize(layout_a);
 
   // `copies` always points at the tile being loaded: the next one while a tile is written.
-  VarlenMCopies<Config, kBKMajor, true> copies(layout_a, layout_b);
+  VarlenMCopies<Config, kBKMajor, true> copies;
   auto load_a = [&](int stage, int k_tile) { copies.load_a(p, smem_a, stage, k_tile); };
   auto load_b = [&](int stage, int k_tile) { copies.load_b(p, smem_b, stage, k_tile); };
   auto start = [&](int tile_number) {
@@ -317,7 +310,7 @@ auto make_varlen_k_store_tma(const VarlenKGemm& g) {
 // prologue, then the finished tile's stores.
 template <class Config, VarlenKContiguous kContiguous, bool kTmaStore, class StoreTma>
 __global__ void __launch_bounds__(Config::kThreads, 1)
-    sm90_persistent_varlen_k_gemm_kernel(VarlenKGemm p, CUTE_GRID_CONSTANT StoreTma const store_tma) {
+    sm90_persistent_varlen_k_gemm_kernel(VarlenKGemm p, VarlenKTiling tiling, CUTE_GRID_CONSTANT StoreTma const store_tma) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using namespace cute;
   using T = typename Config::Element;
@@ -326,10 +319,12 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   constexpr int kBK = Config::kBK;
   constexpr int kStages = Config::kStages;
 
-  const int m_tiles = static_cast<int>((p.m + kBM - 1) / kBM);
-  const int n_tiles = static_cast<int>((p.n + kBN - 1) / kBN);
-  const int tiles = p.num_experts * m_tiles * n_tiles;
+  const int tiles = p.num_experts * tiling.m_tiles * tiling.n_tiles;
   if (static_cast<int>(blockIdx.x) >= tiles) return;
+  auto tile_at = [&](int tile_number) {
+    const VarlenKTiling::Tile t = tiling(tile_number);
+    return VarlenKTile{t.e, static_cast<std::int64_t>(t.m_tile) * kBM, static_cast<std::int64_t>(t.n_tile) * kBN};
+  };
 
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   constexpr auto layout_a = Config::template copy_layout<false, kBM>();
@@ -337,11 +332,11 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   T* smem_a = reinterpret_cast<T*>(smem_raw);
   T* smem_b = smem_a + cosize(layout_a);
 
-  VarlenKCopies<Config, true, kContiguous> copies(p, layout_a, layout_b);
+  VarlenKCopies<Config, true, kContiguous> copies(p);
   auto load_a = [&](int stage, int k_tile) { copies.load_a(p, smem_a, stage, k_tile); };
   auto load_b = [&](int stage, int) { copies.load_b(p, smem_b, stage); };
   auto locate = [&](int tile_number) {
-    const VarlenKTile t = varlen_k_tile<kBM, kBN>(m_tiles, n_tiles, tile_number);
+    const VarlenKTile t = tile_at(tile_number);
     copies.locate(p, t.e, t.m0, t.n0);
     return t;
   };
@@ -392,7 +387,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
     int since_store = 2;  // k loop iterations since the last stores were issued (2: none to wait for)
     for (int tile_number = static_cast<int>(blockIdx.x); tile_number < tiles;
          tile_number += static_cast<int>(gridDim.x)) {
-      const VarlenKTile t = varlen_k_tile<kBM, kBN>(m_tiles, n_tiles, tile_number);
+      const VarlenKTile t = tile_at(tile_number);
       const std::int64_t r0 = t.e ? p.expert_offsets[t.e - 1] : 0;
       const int k_tiles = static_cast<int>((p.expert_offsets[t.e] - r0 + kBK - 1) / kBK);
       clear(acc);
@@ -497,13 +492,15 @@ template <class T, VarlenKContiguous kContiguous, bool kTmaStore>
 void launch_sm90_persistent_varlen_k_gemm(const VarlenKGemm& g, int sm_count, cudaStream_t stream) {
   using Config = Sm90Config<T>;
   constexpr int smem = gemm_smem_bytes<Config, false, false>();
-  const std::int64_t tiles = static_cast<std::int64_t>(g.num_experts) * ceil_div(g.m, Config::kBM) *
-                             ceil_div(g.n, Config::kBN);
+  const int m_tiles = static_cast<int>(ceil_div(g.m, Config::kBM));
+  const int n_tiles = static_cast<int>(ceil_div(g.n, Config::kBN));
+  const VarlenKTiling tiling(m_tiles, n_tiles);
+  const std::int64_t tiles = static_cast<std::int64_t>(g.num_experts) * m_tiles * n_tiles;
   const unsigned blocks = static_cast<unsigned>(std::min<std::int64_t>(sm_count, tiles));
   auto launch = [&](auto kernel, const auto& store_tma) {
     check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
                "varlen-K GEMM: shared memory size");
-    kernel<<<blocks, Config::kThreads, smem, stream>>>(g, store_tma);
+    kernel<<<blocks, Config::kThreads, smem, stream>>>(g, tiling, store_tma);
     check_launch("varlen-K GEMM");
   };
   if constexpr (kTmaStore) {

@@ -106,7 +106,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   T* smem_b = smem_a + cosize(layout_a);
   StageBarriers<kStages> barriers(smem_b + cosize(layout_b));
 
-  VarlenMCopies<Config, kBKMajor, true> copies(layout_a, layout_b);
+  VarlenMCopies<Config, kBKMajor, true> copies;
   copies.locate_rows(p, t.row0, t.row_end);
   auto load_a = [&](int stage, int k_tile) { copies.load_a(p, smem_a, stage, k_tile); };
 
@@ -168,7 +168,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   T* smem_b = smem_a + cosize(layout_a);
   StageBarriers<kStages> barriers(smem_b + cosize(layout_b));
 
-  VarlenMCopies<Config, kBKMajor, true> copies(layout_a, layout_b);
+  VarlenMCopies<Config, kBKMajor, true> copies;
   Tensor m_b = weight_tma.get_tma_tensor(make_shape(static_cast<int>(p.n), static_cast<int>(p.k), p.num_experts));
   Tensor s_b = make_tensor(make_smem_ptr(smem_b), Config::template gmma_layout<kBKMajor, kBN>());  // (BN,BK,STAGES)
   auto cta_tma = weight_tma.get_slice(Int<0>{});

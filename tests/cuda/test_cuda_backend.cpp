@@ -5,15 +5,18 @@
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "check/host_tensor.hpp"
 #include "check/reference_f64.hpp"
 #include "cuda/fast_divisor.hpp"
+#include "cuda/varlen_k_tiling.hpp"
 #include "cuda/kernel_choice.hpp"
 #include "device_tensor.hpp"
 #include "scattermoe/scattermoe.hpp"
@@ -176,6 +179,36 @@ TEST(CudaFastDivisor, MatchesIntegerDivision) {
       expect_exact(static_cast<std::uint32_t>(q * d - 1));
     }
     for (int i = 0; i < 2000; ++i) expect_exact(static_cast<std::uint32_t>(rng() % (1u << 31)));
+  }
+}
+
+// The persistent varlen-K kernel's tile walk (cuda/varlen_k_tiling.hpp) against the plain
+// divisions it replaces: every tile of 3 experts for m and n tile counts 1-20 (groups of 8 m
+// tiles, full and short) and deepseek's 56 x 16, then tiles near 2^31. No GPU needed.
+TEST(CudaVarlenKTiling, MatchesPlainRaster) {
+  auto expect_walk = [](int m_tiles, int n_tiles, int linear) {
+    const cuda::VarlenKTiling tiling(m_tiles, n_tiles);
+    const int per_expert = m_tiles * n_tiles;
+    const int group = 8 * n_tiles;
+    const int in_expert = linear % per_expert;
+    const int first = in_expert / group * 8;
+    const int rows_here = std::min(m_tiles - first, 8);
+    const int in_group = in_expert % group;
+    const cuda::VarlenKTiling::Tile t = tiling(linear);
+    ASSERT_EQ(t.e, linear / per_expert) << m_tiles << " x " << n_tiles << " tile " << linear;
+    ASSERT_EQ(t.m_tile, first + in_group % rows_here) << m_tiles << " x " << n_tiles << " tile " << linear;
+    ASSERT_EQ(t.n_tile, in_group / rows_here) << m_tiles << " x " << n_tiles << " tile " << linear;
+  };
+  std::vector<std::pair<int, int>> shapes{{56, 16}, {16, 56}, {112, 8}};
+  for (int m = 1; m <= 20; ++m) {
+    for (int n = 1; n <= 20; ++n) shapes.emplace_back(m, n);
+  }
+  for (const auto& [m, n] : shapes) {
+    for (int linear = 0; linear < 3 * m * n; ++linear) expect_walk(m, n, linear);
+  }
+  for (const auto& [m, n] : {std::pair{56, 16}, std::pair{13, 7}, std::pair{1, 1}}) {
+    const int top = std::numeric_limits<int>::max();
+    for (int linear = top - 3000; linear < top; ++linear) expect_walk(m, n, linear);
   }
 }
 
