@@ -254,9 +254,7 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // One warp per row, lanes striding the columns as row_dot_kernel does, so d_gates is summed in
-// the same order; every other value is computed as in the separate kernels. Each lane loads two
-// of its chunks before it computes either (a row's loads in flight twice over: the kernel is
-// bound by memory latency, not by its arithmetic).
+// the same order; every other value is computed as in the separate kernels.
 template <class T, int kVec>
 __global__ void __launch_bounds__(kThreads) mlp_backward_rows_kernel(MlpBackwardRows r) {
   const std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * (kThreads / 32) + threadIdx.x / 32;
@@ -267,54 +265,40 @@ __global__ void __launch_bounds__(kThreads) mlp_backward_rows_kernel(MlpBackward
   const T* row = static_cast<const T*>(r.hidden) + i * r.ld_hidden;
   T* d_a = static_cast<T*>(r.d_a) + i * r.ld_d_a;
   T* d_row = r.d_hidden ? static_cast<T*>(r.d_hidden) + i * r.ld_d_hidden : nullptr;
-  constexpr std::int64_t kStride = 32 * kVec;
   float acc = 0.0f;
-  for (std::int64_t c0 = lane * kVec; c0 < r.h; c0 += 2 * kStride) {
-    const int chunks = c0 + kStride < r.h ? 2 : 1;
-    float g[2][kVec], first[2][kVec], gate[2][kVec];
-    CUTE_UNROLL
-    for (int u = 0; u < 2; ++u) {
-      if (u < chunks) {
-        const std::int64_t c = c0 + u * kStride;
-        load_chunk<T, kVec>(d_a + c, g[u]);
-        load_chunk<T, kVec>(row + c, first[u]);
-        if (r.glu) load_chunk<T, kVec>(row + r.h + c, gate[u]);
+  for (std::int64_t c = lane * kVec; c < r.h; c += 32 * kVec) {
+    float g[kVec], first[kVec], a[kVec];
+    load_chunk<T, kVec>(d_a + c, g);
+    load_chunk<T, kVec>(row + c, first);
+    if (r.glu) {
+      float gate[kVec], d_first[kVec], d_gate[kVec];
+      load_chunk<T, kVec>(row + r.h + c, gate);
+      CUTE_UNROLL
+      for (int q = 0; q < kVec; ++q) {
+        a[q] = to_float(T(activate(r.act, gate[q]) * first[q]));
+        const float dq = g[q] * s;
+        d_first[q] = dq * activate(r.act, gate[q]);
+        d_gate[q] = dq * first[q] * activate_grad(r.act, gate[q]);
       }
+      if (d_row) {
+        store_chunk<T, kVec>(d_row + c, d_first);
+        store_chunk<T, kVec>(d_row + r.h + c, d_gate);
+      }
+    } else {
+      float d_first[kVec];
+      CUTE_UNROLL
+      for (int q = 0; q < kVec; ++q) {
+        a[q] = to_float(T(activate(r.act, first[q])));
+        d_first[q] = g[q] * s * activate_grad(r.act, first[q]);
+      }
+      if (d_row) store_chunk<T, kVec>(d_row + c, d_first);
     }
     CUTE_UNROLL
-    for (int u = 0; u < 2; ++u) {
-      if (u >= chunks) break;
-      const std::int64_t c = c0 + u * kStride;
-      float a[kVec];
-      if (r.glu) {
-        float d_first[kVec], d_gate[kVec];
-        CUTE_UNROLL
-        for (int q = 0; q < kVec; ++q) {
-          a[q] = to_float(T(activate(r.act, gate[u][q]) * first[u][q]));
-          const float dq = g[u][q] * s;
-          d_first[q] = dq * activate(r.act, gate[u][q]);
-          d_gate[q] = dq * first[u][q] * activate_grad(r.act, gate[u][q]);
-        }
-        if (d_row) {
-          store_chunk<T, kVec>(d_row + c, d_first);
-          store_chunk<T, kVec>(d_row + r.h + c, d_gate);
-        }
-      } else {
-        float d_first[kVec];
-        CUTE_UNROLL
-        for (int q = 0; q < kVec; ++q) {
-          a[q] = to_float(T(activate(r.act, first[u][q])));
-          d_first[q] = g[u][q] * s * activate_grad(r.act, first[u][q]);
-        }
-        if (d_row) store_chunk<T, kVec>(d_row + c, d_first);
-      }
+    for (int q = 0; q < kVec; ++q) acc += g[q] * a[q];
+    if (r.scale_a_in_place) {
       CUTE_UNROLL
-      for (int q = 0; q < kVec; ++q) acc += g[u][q] * a[q];
-      if (r.scale_a_in_place) {
-        CUTE_UNROLL
-        for (int q = 0; q < kVec; ++q) a[q] *= s;
-        store_chunk<T, kVec>(d_a + c, a);
-      }
+      for (int q = 0; q < kVec; ++q) a[q] *= s;
+      store_chunk<T, kVec>(d_a + c, a);
     }
   }
   if (r.has_d_gates) {

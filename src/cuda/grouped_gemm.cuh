@@ -465,20 +465,8 @@ struct VarlenKCopies {
   }
 
   __device__ __forceinline__ void locate(const VarlenKGemm& p, int e, std::int64_t m0, std::int64_t n0) {
-    set_rows(static_cast<std::uint32_t>(e ? p.expert_offsets[e - 1] : 0),
-             static_cast<std::uint32_t>(p.expert_offsets[e]));
-    set_columns(p, m0, n0);
-    if (r1 > r0) fetch_entries(p, 0);
-  }
-
-  // locate in parts, for a kernel that fetches the next tile's first entries (set_rows, then
-  // fetch_entries(p, 0)) before its columns (set_columns) once the last loads of a tile are out.
-  __device__ __forceinline__ void set_rows(std::uint32_t first_row, std::uint32_t end_row) {
-    r0 = first_row;
-    r1 = end_row;
-  }
-
-  __device__ __forceinline__ void set_columns(const VarlenKGemm& p, std::int64_t m0, std::int64_t n0) {
+    r0 = static_cast<std::uint32_t>(e ? p.expert_offsets[e - 1] : 0);
+    r1 = static_cast<std::uint32_t>(p.expert_offsets[e]);
     a_valid = valid_elements<Config::kVec>(p.m, m0 + Chunks::off());
     a_col = static_cast<const char*>(p.a.ptr) + (a_valid > 0 ? m0 + Chunks::off() : 0) * sizeof(T);
     CUTE_UNROLL
@@ -489,6 +477,7 @@ struct VarlenKCopies {
     // The parts share one line pointer at part 0's column (column 0 when even that lies past
     // n; then so do the later parts), and a part past n reads part 0's bytes, masked.
     b_col = static_cast<const char*>(p.b.ptr) + (b_valid[0] > 0 ? n0 + Chunks::off() : 0) * sizeof(T);
+    if (r1 > r0) fetch_entries(p, 0);
   }
 
   __device__ __forceinline__ int k_tiles() const { return static_cast<int>((r1 - r0 + kBK - 1) / kBK); }
@@ -510,10 +499,7 @@ struct VarlenKCopies {
     }
   }
 
-  // fetch_next: fetch the entries of k tile k_tile + 1 (false at a tile's last k tile when the
-  // caller fetches the next tile's instead).
-  __device__ __forceinline__ void load_a(const VarlenKGemm& p, T* smem_a, int stage, int k_tile,
-                                         bool fetch_next = true) {
+  __device__ __forceinline__ void load_a(const VarlenKGemm& p, T* smem_a, int stage, int k_tile) {
     const std::uint32_t k0 = r0 + static_cast<std::uint32_t>(k_tile) * kBK;
     std::uint32_t a_rows[Chunks::kCount];
     inside = 0;
@@ -526,7 +512,7 @@ struct VarlenKCopies {
       const std::uint32_t b_row = kBIndexed ? b_divide(b_next[j]) : clamped;
       b_src[j] = b_col + static_cast<std::uint64_t>(b_row) * b_ld_bytes;
     }
-    if (fetch_next && r1 > r0) fetch_entries(p, k_tile + 1);
+    if (r1 > r0) fetch_entries(p, k_tile + 1);
     CUTE_UNROLL
     for (int j = 0; j < Chunks::kCount; ++j) {
       const T* src = reinterpret_cast<const T*>(a_col + static_cast<std::uint64_t>(a_rows[j]) * a_ld_bytes);

@@ -298,10 +298,6 @@ auto make_varlen_k_store_tma(const VarlenKGemm& g) {
   return make_tma_copy(SM90_TMA_STORE{}, c, varlen_k_store_box_layout<Config>());
 }
 
-// Experts whose first rows the TMA-store varlen-K kernel keeps in shared memory (16 KiB at most
-// beside its 192 KiB of stages); with more it reads them from global memory.
-constexpr int kVarlenKSmemExperts = 4095;
-
 // kTmaStore: the block's tiles run as one pipeline of k tiles. Copies run kStages - 2 k tiles
 // ahead across tile boundaries, so the next tile's first operands arrive while a finished tile is
 // staged (deepseek's experts give 4-k-tile tiles, whose prologue was exposed at every tile). A
@@ -356,58 +352,26 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
                   "half the tile's boxes fit in one B stage");
     static_assert(kStages >= 4, "two stages free of copies when a tile finishes");
 
-    // Each expert's first routed row, and the end (row_start[E]), in shared memory past the
-    // stages when they fit (the launch sized it so), so locating a tile costs no global load.
-    const bool rows_in_smem = p.num_experts <= kVarlenKSmemExperts;
-    auto* row_start = reinterpret_cast<std::uint32_t*>(smem_raw + gemm_smem_bytes<Config, false, false>());
-    if (rows_in_smem) {
-      for (int e = static_cast<int>(threadIdx.x); e <= p.num_experts; e += Config::kThreads) {
-        row_start[e] = e ? static_cast<std::uint32_t>(p.expert_offsets[e - 1]) : 0u;
-      }
-      __syncthreads();
-    }
-    auto rows_of = [&](int e, std::uint32_t& first, std::uint32_t& end) {
-      if (rows_in_smem) {
-        first = row_start[e];
-        end = row_start[e + 1];
-      } else {
-        first = e ? static_cast<std::uint32_t>(p.expert_offsets[e - 1]) : 0u;
-        end = static_cast<std::uint32_t>(p.expert_offsets[e]);
-      }
-    };
-    auto k_tiles_of = [](std::uint32_t first, std::uint32_t end) { return static_cast<int>((end - first + kBK - 1) / kBK); };
-
-    // The loading cursor: tile load_tile (`copies` located there) and its next k tile load_k of
-    // load_k_tiles. It visits only tiles with k tiles (the others are stored as zeros), and as
-    // soon as a tile's last copies are issued it moves to the next one: its first entries are
-    // fetched an iteration before they are used. Past the block's last tile (load_tile >= tiles)
-    // it issues nothing (the caller commits empty groups).
+    // The loading cursor: tile load_tile (`copies` located there), its next k tile load_k of
+    // load_k_tiles; past the block's last tile it issues empty commit groups.
     int load_tile = static_cast<int>(blockIdx.x);
+    locate(load_tile);
     int load_k = 0;
-    int load_k_tiles = 0;
-    auto advance_to = [&](int tile_number) {
-      for (load_tile = tile_number; load_tile < tiles; load_tile += static_cast<int>(gridDim.x)) {
-        const VarlenKTile t = tile_at(load_tile);
-        std::uint32_t first, end;
-        rows_of(t.e, first, end);
-        if (end > first) {
-          copies.set_rows(first, end);
-          copies.fetch_entries(p, 0);
-          copies.set_columns(p, t.m0, t.n0);
+    int load_k_tiles = copies.k_tiles();
+    auto issue = [&](int stage, int) {
+      while (load_k == load_k_tiles && load_tile < tiles) {
+        load_tile += static_cast<int>(gridDim.x);
+        if (load_tile < tiles) {
+          locate(load_tile);
           load_k = 0;
-          load_k_tiles = k_tiles_of(first, end);
-          return;
+          load_k_tiles = copies.k_tiles();
         }
       }
-    };
-    advance_to(load_tile);
-    auto issue = [&](int stage, int) {
-      if (load_tile >= tiles) return;
-      const bool last = load_k + 1 == load_k_tiles;
-      copies.load_a(p, smem_a, stage, load_k, !last);
-      copies.load_b(p, smem_b, stage);
-      ++load_k;
-      if (last) advance_to(load_tile + static_cast<int>(gridDim.x));
+      if (load_tile < tiles) {
+        load_a(stage, load_k);
+        load_b(stage, load_k);
+        ++load_k;
+      }
     };
     CUTE_UNROLL
     for (int s = 0; s < kStages - 2; ++s) {
@@ -424,9 +388,8 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
     for (int tile_number = static_cast<int>(blockIdx.x); tile_number < tiles;
          tile_number += static_cast<int>(gridDim.x)) {
       const VarlenKTile t = tile_at(tile_number);
-      std::uint32_t first, end;
-      rows_of(t.e, first, end);
-      const int k_tiles = k_tiles_of(first, end);
+      const std::int64_t r0 = t.e ? p.expert_offsets[t.e - 1] : 0;
+      const int k_tiles = static_cast<int>((p.expert_offsets[t.e] - r0 + kBK - 1) / kBK);
       clear(acc);
       Config::template iterations<false, false>(
           smem_a, smem_b, k_tiles, read_stage, write_stage, acc,
@@ -528,9 +491,7 @@ void launch_sm90_persistent_varlen_m_gemm(const VarlenMGemm& g, const int* tile_
 template <class T, VarlenKContiguous kContiguous, bool kTmaStore>
 void launch_sm90_persistent_varlen_k_gemm(const VarlenKGemm& g, int sm_count, cudaStream_t stream) {
   using Config = Sm90Config<T>;
-  // The TMA-store form keeps each expert's first row in shared memory past the stages.
-  const int smem = gemm_smem_bytes<Config, false, false>() +
-                   (kTmaStore && g.num_experts <= kVarlenKSmemExperts ? 4 * (g.num_experts + 1) : 0);
+  constexpr int smem = gemm_smem_bytes<Config, false, false>();
   const int m_tiles = static_cast<int>(ceil_div(g.m, Config::kBM));
   const int n_tiles = static_cast<int>(ceil_div(g.n, Config::kBN));
   const VarlenKTiling tiling(m_tiles, n_tiles);
