@@ -1,50 +1,10 @@
 #include "cpu/activation.hpp"
 
-#include <cmath>
-
+#include "core/activation_math.hpp"
 #include "cpu/access.hpp"
 #include "cpu/parallel.hpp"
 
 namespace scattermoe::cpu {
-
-namespace {
-constexpr float kInvSqrt2 = 0.70710678118654752f;
-constexpr float kInvSqrt2Pi = 0.39894228040143268f;
-constexpr float kSqrt2OverPi = 0.79788456080286536f;
-constexpr float kGeluTanhCubic = 0.044715f;
-
-float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
-}  // namespace
-
-float activate(Activation act, float x) {
-  switch (act) {
-    case Activation::kGelu: return 0.5f * x * (1.0f + std::erf(x * kInvSqrt2));
-    case Activation::kGeluTanh:
-      return 0.5f * x * (1.0f + std::tanh(kSqrt2OverPi * (x + kGeluTanhCubic * x * x * x)));
-    case Activation::kSilu: return x * sigmoid(x);
-    case Activation::kRelu: return x > 0.0f ? x : 0.0f;
-  }
-  return 0.0f;
-}
-
-float activate_grad(Activation act, float x) {
-  switch (act) {
-    case Activation::kGelu:
-      return 0.5f * (1.0f + std::erf(x * kInvSqrt2)) + x * kInvSqrt2Pi * std::exp(-0.5f * x * x);
-    case Activation::kGeluTanh: {
-      const float u = kSqrt2OverPi * (x + kGeluTanhCubic * x * x * x);
-      const float t = std::tanh(u);
-      const float du = kSqrt2OverPi * (1.0f + 3.0f * kGeluTanhCubic * x * x);
-      return 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * du;
-    }
-    case Activation::kSilu: {
-      const float s = sigmoid(x);
-      return s * (1.0f + x * (1.0f - s));
-    }
-    case Activation::kRelu: return x > 0.0f ? 1.0f : 0.0f;
-  }
-  return 0.0f;
-}
 
 void activation_forward(Activation act, bool glu, const TensorView& hidden, const TensorView& a) {
   const std::int64_t L = a.size(0);
@@ -53,8 +13,8 @@ void activation_forward(Activation act, bool glu, const TensorView& hidden, cons
   const Matrix out(a);
   parallel_for(L, h * 8, [&](std::int64_t i) {
     for (std::int64_t c = 0; c < h; ++c) {
-      const float value = glu ? activate(act, hid.get(i, h + c)) * hid.get(i, c)
-                              : activate(act, hid.get(i, c));
+      const float value = glu ? activation_at(act, hid.get(i, h + c)).value * hid.get(i, c)
+                              : activation_at(act, hid.get(i, c)).value;
       out.set(i, c, value);
     }
   });
@@ -72,11 +32,11 @@ void activation_backward(Activation act, bool glu, const TensorView& hidden, con
       const float g = da.get(i, c);
       if (glu) {
         const float up = hid.get(i, c);
-        const float gate = hid.get(i, h + c);
-        dh.set(i, c, g * activate(act, gate));
-        dh.set(i, h + c, g * up * activate_grad(act, gate));
+        const ActivationAt f = activation_at(act, hid.get(i, h + c));
+        dh.set(i, c, g * f.value);
+        dh.set(i, h + c, g * up * f.grad);
       } else {
-        dh.set(i, c, g * activate_grad(act, hid.get(i, c)));
+        dh.set(i, c, g * activation_at(act, hid.get(i, c)).grad);
       }
     }
   });

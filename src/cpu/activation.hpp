@@ -1,12 +1,10 @@
-// Activations and their derivatives in fp32, and the (GLU) activation of a grouped hidden.
+// The (GLU) activation of a grouped hidden and its backward (the activations themselves:
+// core/activation_math.hpp).
 #pragma once
 
 #include "scattermoe/modules.hpp"
 
 namespace scattermoe::cpu {
-
-float activate(Activation act, float x);
-float activate_grad(Activation act, float x);  // d act(x) / dx
 
 // A (L, h) = act(H) for H (L, h), or act(H[:, h:]) * H[:, :h] for H (L, 2h) when glu.
 void activation_forward(Activation act, bool glu, const TensorView& hidden, const TensorView& a);

@@ -5,6 +5,7 @@
 #include <initializer_list>
 #include <type_traits>
 
+#include "core/activation_math.hpp"
 #include "cuda/kernels.hpp"
 
 namespace scattermoe::cuda {
@@ -31,37 +32,6 @@ __device__ __forceinline__ void store_float(void* ptr, DType dtype, std::int64_t
 
 __device__ __forceinline__ std::int64_t flat_offset(const FlatFloats& f, std::int64_t p) {
   return (p / f.cols) * f.stride0 + (p % f.cols) * f.stride1;
-}
-
-__device__ __forceinline__ float activate(Activation act, float x) {
-  switch (act) {
-    case Activation::kGelu: return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
-    case Activation::kGeluTanh:
-      return 0.5f * x * (1.0f + tanhf(0.79788456080286536f * (x + 0.044715f * x * x * x)));
-    case Activation::kSilu: return x / (1.0f + expf(-x));
-    case Activation::kRelu: return x > 0.0f ? x : 0.0f;
-  }
-  return 0.0f;
-}
-
-__device__ __forceinline__ float activate_grad(Activation act, float x) {
-  switch (act) {
-    case Activation::kGelu:
-      return 0.5f * (1.0f + erff(x * 0.70710678118654752f)) +
-             x * 0.39894228040143268f * expf(-0.5f * x * x);
-    case Activation::kGeluTanh: {
-      const float u = 0.79788456080286536f * (x + 0.044715f * x * x * x);
-      const float t = tanhf(u);
-      const float du = 0.79788456080286536f * (1.0f + 3.0f * 0.044715f * x * x);
-      return 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * du;
-    }
-    case Activation::kSilu: {
-      const float s = 1.0f / (1.0f + expf(-x));
-      return s * (1.0f + x * (1.0f - s));
-    }
-    case Activation::kRelu: return x > 0.0f ? 1.0f : 0.0f;
-  }
-  return 0.0f;
 }
 
 // kVec consecutive elements moved as one access (16 bytes when the host found every row
@@ -207,10 +177,10 @@ __global__ void __launch_bounds__(kThreads)
       float gate[kVec];
       load_chunk<T, kVec>(row + h + c, gate);
       CUTE_UNROLL
-      for (int q = 0; q < kVec; ++q) out[q] = activate(act, gate[q]) * first[q];
+      for (int q = 0; q < kVec; ++q) out[q] = activation_at(act, gate[q]).value * first[q];
     } else {
       CUTE_UNROLL
-      for (int q = 0; q < kVec; ++q) out[q] = activate(act, first[q]);
+      for (int q = 0; q < kVec; ++q) out[q] = activation_at(act, first[q]).value;
     }
     store_chunk<T, kVec>(a + i * ld_a + c, out);
   }
@@ -241,13 +211,14 @@ __global__ void __launch_bounds__(kThreads)
       CUTE_UNROLL
       for (int q = 0; q < kVec; ++q) {
         const float dq = g[q] * s;
-        d_first[q] = dq * activate(act, gate[q]);
-        d_gate[q] = dq * first[q] * activate_grad(act, gate[q]);
+        const ActivationAt f = activation_at(act, gate[q]);
+        d_first[q] = dq * f.value;
+        d_gate[q] = dq * first[q] * f.grad;
       }
       store_chunk<T, kVec>(out + h + c, d_gate);
     } else {
       CUTE_UNROLL
-      for (int q = 0; q < kVec; ++q) d_first[q] = g[q] * s * activate_grad(act, first[q]);
+      for (int q = 0; q < kVec; ++q) d_first[q] = g[q] * s * activation_at(act, first[q]).grad;
     }
     store_chunk<T, kVec>(out + c, d_first);
   }
@@ -275,10 +246,11 @@ __global__ void __launch_bounds__(kThreads) mlp_backward_rows_kernel(MlpBackward
       load_chunk<T, kVec>(row + r.h + c, gate);
       CUTE_UNROLL
       for (int q = 0; q < kVec; ++q) {
-        a[q] = to_float(T(activate(r.act, gate[q]) * first[q]));
+        const ActivationAt f = activation_at(r.act, gate[q]);
+        a[q] = to_float(T(f.value * first[q]));
         const float dq = g[q] * s;
-        d_first[q] = dq * activate(r.act, gate[q]);
-        d_gate[q] = dq * first[q] * activate_grad(r.act, gate[q]);
+        d_first[q] = dq * f.value;
+        d_gate[q] = dq * first[q] * f.grad;
       }
       if (d_row) {
         store_chunk<T, kVec>(d_row + c, d_first);
@@ -288,8 +260,9 @@ __global__ void __launch_bounds__(kThreads) mlp_backward_rows_kernel(MlpBackward
       float d_first[kVec];
       CUTE_UNROLL
       for (int q = 0; q < kVec; ++q) {
-        a[q] = to_float(T(activate(r.act, first[q])));
-        d_first[q] = g[q] * s * activate_grad(r.act, first[q]);
+        const ActivationAt f = activation_at(r.act, first[q]);
+        a[q] = to_float(T(f.value));
+        d_first[q] = g[q] * s * f.grad;
       }
       if (d_row) store_chunk<T, kVec>(d_row + c, d_first);
     }
