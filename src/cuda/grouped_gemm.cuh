@@ -552,7 +552,6 @@ __global__ void __launch_bounds__(Config::kThreads, Config::kMinBlocks)
 
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   constexpr auto layout_a = Config::template copy_layout<true, kBM>();
-  constexpr auto layout_b = Config::template copy_layout<kBKMajor, kBN>();
   T* smem_a = reinterpret_cast<T*>(smem_raw);
   T* smem_b = smem_a + cosize(layout_a);
 
@@ -608,7 +607,6 @@ __global__ void __launch_bounds__(Config::kThreads, Config::kMinBlocks)
 
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   constexpr auto layout_a = Config::template copy_layout<false, kBM>();
-  constexpr auto layout_b = Config::template copy_layout<false, kBN>();
   T* smem_a = reinterpret_cast<T*>(smem_raw);
   T* smem_b = smem_a + cosize(layout_a);
 

@@ -13,6 +13,8 @@
 #pragma once
 
 #include <algorithm>
+#include <limits>
+#include <string>
 
 #include <cute/tensor.hpp>
 #include <cute/arch/copy_sm90_tma.hpp>
@@ -237,7 +239,6 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
 
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   constexpr auto layout_a = Config::template copy_layout<true, kBM>();
-  constexpr auto layout_b = Config::template copy_layout<kBKMajor, kBN>();
   T* smem_a = reinterpret_cast<T*>(smem_raw);
   T* smem_b = smem_a + cosize(layout_a);
 
@@ -404,11 +405,12 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
           },
           issue);
 
-      // The B stages of this tile's last two k tiles (of the stages kStages - 2 and kStages - 1
-      // before the first): every warpgroup's wgmma has read them, and no copy is writing them.
+      // The B stages of the block's last two k tiles (this tile's, or its predecessors' when it
+      // has fewer than two; before the first, the stages kStages - 2 and kStages - 1, which the
+      // prologue leaves alone): every warpgroup's wgmma has read them, no copy is writing them.
       const int low = (read_stage + kStages - 2) % kStages * kStageElements;
       const int high = (read_stage + kStages - 1) % kStages * kStageElements;
-      if (threadIdx.x == 0) tma_store_wait<0>();  // a tile of no k tiles reuses the last stages
+      if (threadIdx.x == 0) tma_store_wait<0>();  // a tile of 0 or 1 k tiles restages a stage being stored
       __syncthreads();
       StagedEpilogue<Config>::write_accumulators(smem_b, acc, coord, nullptr, [&](int r, int c) {
         const int box = c / 64;
@@ -492,10 +494,17 @@ template <class T, VarlenKContiguous kContiguous, bool kTmaStore>
 void launch_sm90_persistent_varlen_k_gemm(const VarlenKGemm& g, int sm_count, cudaStream_t stream) {
   using Config = Sm90Config<T>;
   constexpr int smem = gemm_smem_bytes<Config, false, false>();
-  const int m_tiles = static_cast<int>(ceil_div(g.m, Config::kBM));
-  const int n_tiles = static_cast<int>(ceil_div(g.n, Config::kBN));
-  const VarlenKTiling tiling(m_tiles, n_tiles);
-  const std::int64_t tiles = static_cast<std::int64_t>(g.num_experts) * m_tiles * n_tiles;
+  const std::int64_t tiles = static_cast<std::int64_t>(g.num_experts) * ceil_div(g.m, Config::kBM) *
+                             ceil_div(g.n, Config::kBN);
+  // The kernel numbers tiles, and steps a block's tile number by the grid, in 32 bits.
+  if (tiles > std::numeric_limits<int>::max() - std::int64_t{sm_count}) {
+    throw Unsupported("varlen-K GEMM: " + std::to_string(tiles) + " output tiles (experts x " +
+                      std::to_string(Config::kBM) + "-row x " + std::to_string(Config::kBN) +
+                      "-column tiles of m = " + std::to_string(g.m) + ", n = " + std::to_string(g.n) +
+                      "); at most 2^31 - 1 - the SM count are supported");
+  }
+  const VarlenKTiling tiling(static_cast<int>(ceil_div(g.m, Config::kBM)),
+                             static_cast<int>(ceil_div(g.n, Config::kBN)));
   const unsigned blocks = static_cast<unsigned>(std::min<std::int64_t>(sm_count, tiles));
   auto launch = [&](auto kernel, const auto& store_tma) {
     check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),

@@ -391,13 +391,14 @@ TEST(CudaGroupXty, MatchesCpuInBothWeightLayouts) {
 // More dW tiles than a GPU has SMs, so every block of the persistent weight-gradient kernel
 // computes several tiles as one pipeline: the next tile's copies are in flight while a tile is
 // stored, and the staging stages are refilled right after their TMA store has read them.
-// 64 experts x 2 x 2 tiles of 128 x 256 = 256 tiles of 2-4 k tiles and an empty expert's; then
-// 64 x 4 x 2 = 512 tiles of 1 k tile (about 19 rows per expert), four or more per block, so a
-// tile finishes at every iteration and tiles of no k tile (the empty expert's) sit between.
+// 64 experts x 2 x 2 tiles of 128 x 256 = 256 tiles of 2-4 k tiles; then 64 x 4 x 2 = 512 tiles
+// of 1 k tile (about 19 rows per expert), 3-4 per block on 132 SMs, so a tile finishes at every
+// iteration. The last expert is empty in both, so its tiles of no k tile come after a block's
+// stored tiles (tile numbers above the SM count) and restage the stages still being stored.
 TEST(CudaGroupXty, MoreTilesThanSmsMatchCpu) {
   SCATTERMOE_REQUIRE_GPU();
   std::mt19937_64 rng(29);
-  for (const Case& c : {Case{2080, 4, 64, 256, 512, 9, false}, Case{600, 2, 64, 512, 512, 5, false}}) {
+  for (const Case& c : {Case{2080, 4, 64, 256, 512, 63, false}, Case{600, 2, 64, 512, 512, 63, false}}) {
     Plans plans(route(c, rng), c.tokens, c.k, c.experts);
     const std::int64_t L = c.tokens * c.k;
     for (bool ints : {true, false}) {
