@@ -103,8 +103,8 @@ void launch_sm90_persistent_varlen_m_gemm(const VarlenMGemm& g, const int* tile_
                                           cudaStream_t stream);
 // kContiguous names an operand whose rows are contiguous in the grouped order (no index,
 // divisor 1: dW1's dH, dW2's g * A), so its copies skip the index and the division.
-// kTmaStore: each finished tile leaves by TMA store (the caller checked
-// varlen_k_store_tma_possible) while the block goes on to the next tile.
+// kTmaStore: the block's tiles run as one pipeline of k tiles, and each finished tile leaves by
+// TMA store (the caller checked varlen_k_store_tma_possible) while the block goes on.
 template <class T, VarlenKContiguous kContiguous, bool kTmaStore>
 void launch_sm90_persistent_varlen_k_gemm(const VarlenKGemm& g, int sm_count, cudaStream_t stream);
 // Whether the driver can describe g's output as one (M, N, E) TMA tensor: 16-byte aligned base

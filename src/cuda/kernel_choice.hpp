@@ -14,7 +14,7 @@ struct KernelSettings {
   bool weight_tma = true;          // SCATTERMOE_SM90_TMA: varlen-M weight tiles by TMA
   int persistent = -1;             // SCATTERMOE_SM90_PERSISTENT: 1 every cp.async GEMM, 0 none
   bool persistent_tma = false;     // SCATTERMOE_SM90_PERSISTENT_TMA: the TMA varlen-M kernel persistent
-  bool varlen_k_tma_store = true;  // SCATTERMOE_SM90_VARLEN_K_TMA_STORE: varlen-K tiles stored by TMA
+  bool varlen_k_tma_store = true;  // SCATTERMOE_SM90_VARLEN_K_TMA_STORE: varlen-K tiles pipelined, TMA-stored
 };
 
 // What the dispatcher knows about a GEMM and the device. The wgmma kernels take 16-bit operands
@@ -61,7 +61,8 @@ enum class VarlenKKernel {
 struct VarlenKChoice {
   VarlenKKernel kernel = VarlenKKernel::kSm80;
   // For kSm90Persistent: the operand whose copies skip the index (B when both are contiguous,
-  // the wider tile; step 25) and whether tiles leave by TMA store (step 26).
+  // the wider tile; step 25) and whether tiles leave by TMA store (steps 26-27: the one k-tile
+  // pipeline across tiles).
   VarlenKContiguous contiguous = VarlenKContiguous::kNeither;
   bool tma_store = false;
 };
