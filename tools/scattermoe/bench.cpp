@@ -418,6 +418,42 @@ struct Measured {
   }
 };
 
+// The memory-bound kernels that end the forward and dX (each token's k output rows read and
+// summed into one: the gate combine, the sum over k) move `bytes`, T*k*d elements read and T*d
+// written. A plain device-to-device copy of as many bytes (half read, half written), timed as
+// the layer is (cache flushed before each iteration), gives the rate they are measured against;
+// the kernels' own times come from scripts/kernel-times.
+struct AggregationCopy {
+  std::size_t bytes = 0;  // the aggregation's bytes, read + written
+  std::size_t copied = 0; // the copy's bytes, read + written (bytes rounded to even)
+  PhaseTimes times;       // empty when not measured (see note)
+  std::string note;
+};
+
+AggregationCopy time_aggregation_copy(BenchDevice& device, const Resolved& r) {
+  const LayerShape& s = r.shape;
+  AggregationCopy c;
+  c.bytes = static_cast<std::size_t>((s.tokens * s.topk + s.tokens) * s.d_model) * dtype_size(r.dtype);
+  const std::size_t half = c.bytes / 2;
+  c.copied = 2 * half;
+  if (half == 0) {
+    c.note = "nothing to copy";
+    return c;
+  }
+  try {
+    DeviceBuffer src(device, half);
+    DeviceBuffer dst(device, half);
+    const std::vector<std::vector<double>> ends =
+        time_steps(device, {[&] { device.copy_on_device(dst.data(), src.data(), half); }}, r.warmup, r.iters);
+    for (const std::vector<double>& e : ends) c.times.ms.push_back(e[0]);
+  } catch (const std::bad_alloc&) {
+    c.note = "not measured: two buffers of " + format_bytes(half) + " do not fit next to the layer's";
+  } catch (const Unsupported& e) {
+    c.note = std::string("not measured: ") + e.what();
+  }
+  return c;
+}
+
 // The baseline's outputs against ours: norm-wise relative differences.
 struct Agreement {
   double out = 0.0, dx = 0.0, d_gates = 0.0;
@@ -493,7 +529,7 @@ std::string summary_line(const Measured& ours, const std::vector<Measured>& comp
 
 void print_report(const Resolved& r, const BenchDevice& device, const Measured& ours,
                   const std::vector<Measured>& comparisons, const std::string& comparisons_note,
-                  const Agreement* agreement, const Memory& memory,
+                  const Agreement* agreement, const Memory& memory, const AggregationCopy& copy,
                   const check::SliceCheck* check) {
   const LayerShape& s = r.shape;
   std::printf("scattermoe bench: %s (T=%lld d=%lld h=%lld E=%lld k=%lld), %s, %s-GLU, on %s\n",
@@ -559,6 +595,15 @@ void print_report(const Resolved& r, const BenchDevice& device, const Measured& 
                 format_bytes(b->extra_bytes).c_str(),
                 static_cast<double>(memory.extra()) / static_cast<double>(b->extra_bytes));
   }
+  if (copy.times.ms.empty()) {
+    std::printf("\naggregation: %s (each token's k rows read, one written); plain copy %s\n",
+                format_bytes(copy.bytes).c_str(), copy.note.c_str());
+  } else {
+    std::printf("\naggregation: %s (each token's k rows read, one written: the gate combine, the sum "
+                "over k); a plain device copy of as many bytes: %.3f ms, %.0f GB/s\n",
+                format_bytes(copy.bytes).c_str(), copy.times.median(),
+                static_cast<double>(copy.copied) / (copy.times.median() * 1e-3) / 1e9);
+  }
   if (!check) {
     std::printf("check: skipped (--check-rows 0)\n");
   } else {
@@ -587,8 +632,8 @@ nlohmann::ordered_json phases_json(const std::vector<Phase>& phases) {
 nlohmann::ordered_json to_json(const Resolved& r, const BenchDevice& device, const Measured& ours,
                                const std::vector<Measured>& comparisons,
                                const std::string& comparisons_note, const Agreement* agreement,
-                               const Memory& memory, const check::SliceCheck* check,
-                               std::uint64_t seed) {
+                               const Memory& memory, const AggregationCopy& copy,
+                               const check::SliceCheck* check, std::uint64_t seed) {
   const BuildInfo build = build_info();
   nlohmann::ordered_json j;
   j["program"] = "scattermoe bench";
@@ -654,6 +699,20 @@ nlohmann::ordered_json to_json(const Resolved& r, const BenchDevice& device, con
   mem["kept_for_backward"] = kept.ours;
   mem["original_scattermoe_kept_for_backward"] = kept.original;
   j["memory_bytes"] = mem;
+  nlohmann::ordered_json agg = {
+      {"bytes", copy.bytes},
+      {"description", "each token's k output rows read and one row written (the gate combine, "
+                      "the sum over k); plain_copy: a device-to-device copy of as many bytes"}};
+  if (copy.times.ms.empty()) {
+    agg["plain_copy"] = nullptr;
+    agg["note"] = copy.note;
+  } else {
+    agg["plain_copy"] = {{"bytes", copy.copied},
+                         {"median_ms", copy.times.median()},
+                         {"min_ms", copy.times.min()},
+                         {"bytes_per_second", static_cast<double>(copy.copied) / (copy.times.median() * 1e-3)}};
+  }
+  j["aggregation"] = agg;
   if (check) {
     j["check"] = {{"passed", check->passed}, {"rows", r.check_rows},
                   {"relative_error", check->error}, {"tolerance", check->tolerance}};
@@ -809,6 +868,8 @@ int run_bench(const BenchOptions& options) {
     measured.push_back(std::move(m));
   }
 
+  const AggregationCopy copy = time_aggregation_copy(*device, r);
+
   // ---- check a slice of the forward output against the float64 oracle ----
   // Only the first check_rows tokens and the experts they chose are read (and copied to the host).
   check::SliceCheck check_result;
@@ -851,10 +912,10 @@ int run_bench(const BenchOptions& options) {
   }
 
   print_report(r, *device, ours, measured, comparisons_note, compared ? &agreement : nullptr,
-               memory, checked ? &check_result : nullptr);
+               memory, copy, checked ? &check_result : nullptr);
   if (json_file.is_open()) {
     json_file << to_json(r, *device, ours, measured, comparisons_note,
-                         compared ? &agreement : nullptr, memory,
+                         compared ? &agreement : nullptr, memory, copy,
                          checked ? &check_result : nullptr, seed)
                      .dump(2)
               << "\n";

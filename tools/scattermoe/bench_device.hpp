@@ -37,6 +37,9 @@ class BenchDevice {
   virtual void deallocate(void* data) noexcept = 0;
   virtual void copy_to_device(void* dst, const void* src, std::size_t bytes) = 0;
   virtual void copy_to_host(void* dst, const void* src, std::size_t bytes) = 0;
+  // Enqueues a copy between two of this device's buffers, in stream order with the library's
+  // calls (not waited for): the plain copy the memory-bound kernels are compared with.
+  virtual void copy_on_device(void* dst, const void* src, std::size_t bytes) = 0;
 
   // Fills n elements with scale * normal_at(seed, stream, i) (bench_random.hpp) stored as
   // `dtype`, on the device itself, and returns true; false when this device has no such fill,

@@ -54,6 +54,9 @@ class CpuBenchDevice final : public BenchDevice {
   void copy_to_host(void* dst, const void* src, std::size_t bytes) override {
     std::memcpy(dst, src, bytes);
   }
+  void copy_on_device(void* dst, const void* src, std::size_t bytes) override {
+    std::memcpy(dst, src, bytes);
+  }
 
   // The host generator in bench.cpp fills CPU memory directly.
   bool fill_normal(void*, DType, std::int64_t, float, std::uint64_t, std::uint64_t) override {

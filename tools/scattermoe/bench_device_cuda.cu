@@ -107,6 +107,10 @@ class CudaBenchDevice final : public BenchDevice {
                "copying to the host");
     check_cuda(cudaStreamSynchronize(stream_), "copying to the host");
   }
+  void copy_on_device(void* dst, const void* src, std::size_t bytes) override {
+    check_cuda(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream_),
+               "copying on the device");
+  }
 
   bool fill_normal(void* data, DType dtype, std::int64_t n, float scale, std::uint64_t seed,
                    std::uint64_t stream) override {
