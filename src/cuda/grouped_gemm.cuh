@@ -103,6 +103,14 @@ struct TileChunks {
   }
 };
 
+// Element offset of (r, c) in rows of kWidth elements whose 16-byte chunks (kVec elements) are
+// permuted by r % 8 (the chunk index XOR-ed with it): the staged epilogues' layout, and for
+// 64-element rows of 16-bit elements GMMA's 128-byte-swizzled K-major atom, which TMA stores.
+template <int kWidth, int kVec>
+__device__ __forceinline__ int swizzled_offset(int r, int c) {
+  return r * kWidth + (((c / kVec) ^ (r % 8)) * kVec) + c % kVec;
+}
+
 // How many of the kVec elements starting at `position` lie below `extent`.
 template <int kVec>
 __device__ __forceinline__ int valid_elements(std::int64_t extent, std::int64_t position) {
@@ -190,9 +198,7 @@ struct StagedEpilogue {
   static_assert(kVec * static_cast<int>(sizeof(T)) == 16, "a chunk is 16 bytes");
   static_assert(kChunks % 8 == 0, "the swizzle permutes chunks within a row");
 
-  __device__ static int offset(int r, int c) {
-    return r * kBN + (((c / kVec) ^ (r % 8)) * kVec) + c % kVec;
-  }
+  __device__ static int offset(int r, int c) { return swizzled_offset<kBN, kVec>(r, c); }
 
   // The staging tile: the tail of the stages, clear of what the prologue fills (see above).
   template <bool kAKMajor, bool kBKMajor>

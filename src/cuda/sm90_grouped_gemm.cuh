@@ -281,13 +281,6 @@ constexpr auto varlen_k_store_box_layout() {
                        make_shape(Int<Config::kBM>{}, Int<64>{}));
 }
 
-// varlen_k_store_box_layout's offset of (r, c), c < 64, written out: rows of 64, the 16-byte
-// chunk index XOR-ed with r % 8 (Swizzle<3, 3, 3> of 16-bit elements). With r and c a thread's
-// accumulator coordinates the XOR folds to one instruction per chunk.
-__device__ __forceinline__ int varlen_k_store_box_offset(int r, int c) {
-  return r * 64 + ((c / 8) ^ (r % 8)) * 8 + c % 8;
-}
-
 // C as one (M, N, E) tensor and its TMA store of one box (varlen_k_store_box_layout).
 template <class Config>
 auto make_varlen_k_store_tma(const VarlenKGemm& g) {
@@ -412,10 +405,11 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
       const int high = (read_stage + kStages - 1) % kStages * kStageElements;
       if (threadIdx.x == 0) tma_store_wait<0>();  // a tile of 0 or 1 k tiles restages a stage being stored
       __syncthreads();
+      // Box b's staging: the first half of the boxes in `low`, the second in `high`.
+      auto box_base = [&](int box) { return (box < kBoxes / 2 ? low : high) + box % (kBoxes / 2) * kBoxElements; };
+      // Within a box, varlen_k_store_box_layout written out (Swizzle<3, 3, 3> of 16-bit elements).
       StagedEpilogue<Config>::write_accumulators(smem_b, acc, coord, nullptr, [&](int r, int c) {
-        const int box = c / 64;
-        return (box < kBoxes / 2 ? low : high) + box % (kBoxes / 2) * kBoxElements +
-               varlen_k_store_box_offset(r, c % 64);
+        return box_base(c / 64) + swizzled_offset<64, Config::kVec>(r, c % 64);
       });
       tma_store_fence();  // the staging writes, visible to the TMA unit (async proxy)
       __syncthreads();
@@ -425,8 +419,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
         for (int box = 0; box < kBoxes; ++box) {
           const std::int64_t n0 = t.n0 + box * 64;
           if (n0 < p.n) {
-            T* staged = smem_b + (box < kBoxes / 2 ? low : high) + box % (kBoxes / 2) * kBoxElements;
-            Tensor s_box = make_tensor(make_smem_ptr(staged), box_layout);
+            Tensor s_box = make_tensor(make_smem_ptr(smem_b + box_base(box)), box_layout);
             Tensor g_box = local_tile(c_tile, make_shape(Int<kBM>{}, Int<64>{}),
                                       make_coord(static_cast<int>(t.m0 / kBM), static_cast<int>(n0 / 64)));
             copy(store_tma, cta_tma.partition_S(s_box), cta_tma.partition_D(g_box));

@@ -11,16 +11,6 @@
 namespace scattermoe {
 namespace {
 
-const char* name(Activation act) {
-  switch (act) {
-    case Activation::kGelu: return "gelu";
-    case Activation::kGeluTanh: return "gelu_tanh";
-    case Activation::kSilu: return "silu";
-    case Activation::kRelu: return "relu";
-  }
-  return "?";
-}
-
 // Every x = i / 256 in [-30, 30]. Each value is a few fp32 roundings of a transcendental that is
 // itself correct to an ulp or two; the derivatives subtract (1 - sigmoid, 1 - tanh^2) and then
 // multiply by x, so their rounding error grows with |x|. Hence 8 ulps of fp32 times (1 + |x|),
@@ -34,8 +24,8 @@ TEST(Activation, ValueAndGradientMatchFloat64) {
       const double value = check::reference_activation(act, x);
       const double grad = check::reference_activation_grad(act, x);
       const double tolerance = 8.0 * FLT_EPSILON * (1.0 + std::fabs(x));
-      ASSERT_LE(std::fabs(f.value - value) / (1.0 + std::fabs(value)), tolerance) << name(act) << " at " << x;
-      ASSERT_LE(std::fabs(f.grad - grad) / (1.0 + std::fabs(grad)), tolerance) << name(act) << " grad at " << x;
+      ASSERT_LE(std::fabs(f.value - value) / (1.0 + std::fabs(value)), tolerance) << activation_name(act) << " at " << x;
+      ASSERT_LE(std::fabs(f.grad - grad) / (1.0 + std::fabs(grad)), tolerance) << activation_name(act) << " grad at " << x;
     }
   }
 }
@@ -47,8 +37,8 @@ TEST(Activation, TailsStayFinite) {
   for (Activation act : {Activation::kGelu, Activation::kGeluTanh, Activation::kSilu, Activation::kRelu}) {
     for (float x : {-1e6f, -1e4f, -100.0f, -89.0f, -20.0f, 20.0f, 89.0f, 100.0f, 1e4f, 1e6f}) {
       const ActivationAt f = activation_at(act, x);
-      EXPECT_TRUE(std::isfinite(f.value)) << name(act) << " at " << x;
-      EXPECT_TRUE(std::isfinite(f.grad)) << name(act) << " grad at " << x;
+      EXPECT_TRUE(std::isfinite(f.value)) << activation_name(act) << " at " << x;
+      EXPECT_TRUE(std::isfinite(f.grad)) << activation_name(act) << " grad at " << x;
     }
   }
 }
