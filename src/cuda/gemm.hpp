@@ -77,6 +77,16 @@ inline bool weight_tma_possible(const VarlenMGemm& g, std::int64_t element_bytes
   return line > 0 && line < limit && expert > 0 && expert < limit;
 }
 
+// Whether A's rows can come by TMA too: read in the grouped order (row i is row i, as the down
+// projection's activations and dX's dH are), row stride 16-byte aligned (chunks_aligned(g, 8)
+// gives the base) and below 2^40 bytes, row count and K within the TMA's 32-bit coordinates.
+inline bool rows_tma_possible(const VarlenMGemm& g, std::int64_t element_bytes) {
+  const std::int64_t limit = std::int64_t{1} << 40;
+  const std::int64_t line = g.a.ld * element_bytes;
+  return g.a.contiguous() && line > 0 && line % 16 == 0 && line < limit && g.rows < (std::int64_t{1} << 31) &&
+         g.k < (std::int64_t{1} << 31);
+}
+
 // Scratch of run_varlen_m_gemm: the device-built tile list.
 std::size_t varlen_m_gemm_workspace_size(int num_experts);
 void run_varlen_m_gemm(DType dtype, const VarlenMGemm& g, void* workspace, cudaStream_t stream);
@@ -121,6 +131,10 @@ inline bool varlen_k_store_tma_possible(const VarlenKGemm& g, std::int64_t eleme
 // weight_tma_possible(g, element size).
 template <class T, bool kBKMajor>
 void launch_sm90_tma_varlen_m_gemm(const VarlenMGemm& g, const int* tile_prefix, cudaStream_t stream);
+// The same kernel with A's rows by TMA as well (sm90_tma_rows_*.cu): also needs
+// rows_tma_possible(g, element size).
+template <class T, bool kBKMajor>
+void launch_sm90_tma_rows_varlen_m_gemm(const VarlenMGemm& g, const int* tile_prefix, cudaStream_t stream);
 // Its persistent form (sm90_persistent_tma_*.cu): sm_count blocks at most.
 template <class T, bool kBKMajor>
 void launch_sm90_persistent_tma_varlen_m_gemm(const VarlenMGemm& g, const int* tile_prefix, int sm_count,

@@ -12,6 +12,7 @@ enum class VarlenKContiguous { kNeither, kA, kB };
 // Settings for measurements (the dispatcher reads them from the environment once per process).
 struct KernelSettings {
   bool weight_tma = true;          // SCATTERMOE_SM90_TMA: varlen-M weight tiles by TMA
+  bool rows_tma = true;            // SCATTERMOE_SM90_ROWS_TMA: varlen-M grouped A rows by TMA too
   int persistent = -1;             // SCATTERMOE_SM90_PERSISTENT: 1 every cp.async GEMM, 0 none
   bool persistent_tma = false;     // SCATTERMOE_SM90_PERSISTENT_TMA: the TMA varlen-M kernel persistent
   bool varlen_k_tma_store = true;  // SCATTERMOE_SM90_VARLEN_K_TMA_STORE: varlen-K tiles pipelined, TMA-stored
@@ -24,20 +25,23 @@ struct VarlenMFacts {
   bool wgmma = false;
   bool b_k_major = false;            // the weight has unit stride along k
   bool weight_tma_possible = false;  // the weights describable as one TMA tensor
+  bool rows_tma_possible = false;    // A read in the grouped order, describable as one TMA tensor
 };
 
 enum class VarlenMKernel {
   kSm80,               // mma.sync, any type and alignment
   kSm90,               // wgmma, both operands by cp.async
   kSm90Persistent,     // the same, one block per SM walking the tiles
-  kSm90Tma,            // wgmma, weight tiles by TMA (the default, steps 16-17)
+  kSm90Tma,            // wgmma, weight tiles by TMA (the default for gathered A, steps 16-17)
+  kSm90TmaRows,        // the same with A's grouped rows by TMA too (step 30)
   kSm90PersistentTma,  // the same, persistent (within 2% per kernel, step 23: opt-in)
 };
 
 inline VarlenMKernel choose_varlen_m_kernel(const VarlenMFacts& f, const KernelSettings& s) {
   if (!f.wgmma) return VarlenMKernel::kSm80;
   if (s.weight_tma && f.weight_tma_possible) {
-    return s.persistent_tma ? VarlenMKernel::kSm90PersistentTma : VarlenMKernel::kSm90Tma;
+    if (s.persistent_tma) return VarlenMKernel::kSm90PersistentTma;
+    return s.rows_tma && f.rows_tma_possible ? VarlenMKernel::kSm90TmaRows : VarlenMKernel::kSm90Tma;
   }
   // Without TMA, the persistent walk helps the N-major weights (dA', dX: 7-8% on mixtral) and
   // costs the K-major up|gate GEMM 6% (step 15).

@@ -5,7 +5,11 @@
 // 16-byte cp.async spread over the block, so the threads copy only the gathered rows. The TMA
 // completes a transaction barrier per stage; the k loop waits on it beside the cp.async group.
 // Token rows gathered through an index cannot come by TMA; weights can (varlen-M: one (N, K, E)
-// tensor, described once per launch on the host). A varlen-K form that loaded the operand whose
+// tensor, described once per launch on the host), and so can a varlen-M A whose rows are read in
+// the grouped order (the down projection's activations, dX's dH): one (rows, K) tensor, each
+// tile's box starting at its first row. A box that runs past the expert's last row reads the
+// next expert's rows (or zeros past the end); their products land in accumulator rows the
+// epilogue does not store, so no thread copies anything and no row needs zeroing. A varlen-K form that loaded the operand whose
 // rows are contiguous by TMA measured slower than the lean cp.async copies (docs/perf.md step 22)
 // and was removed.
 //
@@ -14,6 +18,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 #include <utility>
 
 #include <cute/tensor.hpp>
@@ -64,6 +69,21 @@ struct StageBarriers {
   }
 };
 
+// Marks a varlen-M TMA kernel whose A rows the threads copy (cp.async): gathered rows.
+struct RowsByThreads {};
+
+// A's rows as one (rows, K) tensor, K-contiguous (A.contiguous(): row i is row i), and its TMA
+// copy into one (BM, BK) stage of Config's GMMA layout.
+template <class Config>
+auto make_rows_tma(const VarlenMGemm& g) {
+  using namespace cute;
+  using T = typename Config::Element;
+  Tensor rows = make_tensor(make_gmem_ptr(static_cast<const T*>(g.a.ptr)),
+                            make_layout(make_shape(static_cast<int>(g.rows), static_cast<int>(g.k)),
+                                        make_stride(g.a.ld, Int<1>{})));
+  return make_tma_copy(SM90_TMA_LOAD{}, rows, Config::template gmma_stage_layout<true, Config::kBM>());
+}
+
 // The weights as one (N, K, E) tensor (unit stride along K when kBKMajor, else along N) and its
 // TMA copy into one (BN, BK) stage of Config's GMMA layout.
 template <class Config, bool kBKMajor>
@@ -82,10 +102,13 @@ auto make_weight_tma(const VarlenMGemm& g) {
   return make_tma_copy(SM90_TMA_LOAD{}, weights, Config::template gmma_stage_layout<kBKMajor, Config::kBN>());
 }
 
-template <class Config, bool kBKMajor, class WeightTma>
+// RowTma: RowsByThreads (A's rows by cp.async, gathered or not) or make_rows_tma's copy (both
+// operands by TMA, issued by thread 0; the threads only multiply and store).
+template <class Config, bool kBKMajor, class WeightTma, class RowTma>
 __global__ void __launch_bounds__(Config::kThreads, 1)
     sm90_tma_varlen_m_gemm_kernel(VarlenMGemm p, const int* __restrict__ tile_prefix,
-                                  CUTE_GRID_CONSTANT WeightTma const weight_tma) {
+                                  CUTE_GRID_CONSTANT WeightTma const weight_tma,
+                                  CUTE_GRID_CONSTANT RowTma const row_tma) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using namespace cute;
   using T = typename Config::Element;
@@ -93,7 +116,8 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   constexpr int kBN = Config::kBN;
   constexpr int kBK = Config::kBK;
   constexpr int kStages = Config::kStages;
-  constexpr std::uint32_t kWeightTileBytes = kBN * kBK * sizeof(T);
+  constexpr bool kRowsTma = !std::is_same_v<RowTma, RowsByThreads>;
+  constexpr std::uint32_t kStageBytes = (kBN + (kRowsTma ? kBM : 0)) * kBK * sizeof(T);
 
   const RasterTile raster = grouped_raster(p.raster_group_rows);
   if (p.num_experts == 0 || raster.row >= tile_prefix[p.num_experts - 1]) return;
@@ -107,8 +131,25 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   StageBarriers<kStages> barriers(smem_b + cosize(layout_b));
 
   VarlenMCopies<Config, kBKMajor, true> copies;
-  copies.locate_rows(p, t.row0, t.row_end);
-  auto load_a = [&](int stage, int k_tile) { copies.load_a(p, smem_a, stage, k_tile); };
+  if constexpr (!kRowsTma) copies.locate_rows(p, t.row0, t.row_end);
+  auto load_a = [&](int stage, int k_tile) {
+    if constexpr (!kRowsTma) copies.load_a(p, smem_a, stage, k_tile);
+  };
+
+  // The tile's (BM, BK) row boxes along k from its first row, and the stages they land in (TMA
+  // rows only; load_b issues them with the weight tile, on the same barrier).
+  auto rows_parts = [&] {
+    if constexpr (kRowsTma) {
+      Tensor m_a = row_tma.get_tma_tensor(make_shape(static_cast<int>(p.rows), static_cast<int>(p.k)));
+      Tensor g_a = local_tile(domain_offset(make_coord(static_cast<int>(t.row0), 0), m_a),
+                              make_shape(Int<kBM>{}, Int<kBK>{}), make_coord(0, _));              // (BM,BK,k)
+      Tensor s_a = make_tensor(make_smem_ptr(smem_a), Config::template gmma_layout<true, kBM>());  // (BM,BK,STAGES)
+      auto cta_rows = row_tma.get_slice(Int<0>{});
+      return cute::make_tuple(cta_rows.partition_S(g_a), cta_rows.partition_D(s_a));
+    } else {
+      return 0;
+    }
+  }();
 
   // Expert e's (BN, BK) weight tiles along k, and the stages they land in.
   Tensor m_b = weight_tma.get_tma_tensor(make_shape(static_cast<int>(p.n), static_cast<int>(p.k), p.num_experts));
@@ -120,7 +161,11 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   Tensor tBsB = cta_tma.partition_D(s_b);  // (TMA,TMA_N,TMA_K,STAGES)
   auto load_b = [&](int stage, int k_tile) {
     if (threadIdx.x == 0) {
-      copy(weight_tma.with(barriers.expect(stage, kWeightTileBytes)), tBgB(_, _, _, k_tile), tBsB(_, _, _, stage));
+      std::uint64_t& landed = barriers.expect(stage, kStageBytes);
+      copy(weight_tma.with(landed), tBgB(_, _, _, k_tile), tBsB(_, _, _, stage));
+      if constexpr (kRowsTma) {
+        copy(row_tma.with(landed), get<0>(rows_parts)(_, _, _, k_tile), get<1>(rows_parts)(_, _, _, stage));
+      }
     }
   };
   auto wait_b = [&](int stage) { barriers.wait(stage); };
@@ -231,17 +276,36 @@ void launch_sm90_persistent_tma_varlen_m_gemm(const VarlenMGemm& g, const int* t
   check_launch("varlen-M GEMM");
 }
 
-template <class T, bool kBKMajor>
-void launch_sm90_tma_varlen_m_gemm(const VarlenMGemm& g, const int* tile_prefix, cudaStream_t stream) {
+// kRowsTma: A's rows by TMA too (the caller checked rows_tma_possible).
+template <class T, bool kBKMajor, bool kRowsTma>
+void launch_sm90_tma_varlen_m_gemm_with(const VarlenMGemm& g, const int* tile_prefix, cudaStream_t stream) {
   using Config = Sm90TmaConfig<T>;
   const auto weight_tma = make_weight_tma<Config, kBKMajor>(g);
-  auto kernel = sm90_tma_varlen_m_gemm_kernel<Config, kBKMajor, std::remove_const_t<decltype(weight_tma)>>;
+  const auto row_tma = [&] {
+    if constexpr (kRowsTma) {
+      return make_rows_tma<Config>(g);
+    } else {
+      return RowsByThreads{};
+    }
+  }();
+  auto kernel = sm90_tma_varlen_m_gemm_kernel<Config, kBKMajor, std::remove_const_t<decltype(weight_tma)>,
+                                              std::remove_const_t<decltype(row_tma)>>;
   constexpr int smem = gemm_smem_bytes<Config, true, kBKMajor>() + StageBarriers<Config::kStages>::kBytes;
   check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
              "varlen-M GEMM: shared memory size");
   const dim3 grid(ceil_div(g.rows, Config::kBM) + static_cast<unsigned>(g.num_experts), ceil_div(g.n, Config::kBN));
-  kernel<<<grid, Config::kThreads, smem, stream>>>(g, tile_prefix, weight_tma);
+  kernel<<<grid, Config::kThreads, smem, stream>>>(g, tile_prefix, weight_tma, row_tma);
   check_launch("varlen-M GEMM");
+}
+
+template <class T, bool kBKMajor>
+void launch_sm90_tma_varlen_m_gemm(const VarlenMGemm& g, const int* tile_prefix, cudaStream_t stream) {
+  launch_sm90_tma_varlen_m_gemm_with<T, kBKMajor, false>(g, tile_prefix, stream);
+}
+
+template <class T, bool kBKMajor>
+void launch_sm90_tma_rows_varlen_m_gemm(const VarlenMGemm& g, const int* tile_prefix, cudaStream_t stream) {
+  launch_sm90_tma_varlen_m_gemm_with<T, kBKMajor, true>(g, tile_prefix, stream);
 }
 
 }  // namespace scattermoe::cuda

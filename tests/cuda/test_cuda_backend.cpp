@@ -228,10 +228,16 @@ TEST(CudaKernelChoice, DefaultsFallbacksAndSettings) {
   m.weight_tma_possible = true;
   for (bool k_major : {false, true}) {
     m.b_k_major = k_major;
-    EXPECT_EQ(cuda::choose_varlen_m_kernel(m, defaults), VarlenMKernel::kSm90Tma);
+    EXPECT_EQ(cuda::choose_varlen_m_kernel(m, defaults), VarlenMKernel::kSm90Tma);  // gathered A
+    m.rows_tma_possible = true;  // A read in the grouped order: its rows by TMA too
+    EXPECT_EQ(cuda::choose_varlen_m_kernel(m, defaults), VarlenMKernel::kSm90TmaRows);
+    KernelSettings no_rows_tma;
+    no_rows_tma.rows_tma = false;
+    EXPECT_EQ(cuda::choose_varlen_m_kernel(m, no_rows_tma), VarlenMKernel::kSm90Tma);
     KernelSettings persistent_tma;
     persistent_tma.persistent_tma = true;
     EXPECT_EQ(cuda::choose_varlen_m_kernel(m, persistent_tma), VarlenMKernel::kSm90PersistentTma);
+    m.rows_tma_possible = false;
   }
   KernelSettings no_tma;
   no_tma.weight_tma = false;
