@@ -135,6 +135,9 @@ void launch_sm90_tma_varlen_m_gemm(const VarlenMGemm& g, const int* tile_prefix,
 // rows_tma_possible(g, element size).
 template <class T, bool kBKMajor>
 void launch_sm90_tma_rows_varlen_m_gemm(const VarlenMGemm& g, const int* tile_prefix, cudaStream_t stream);
+// Its warp-specialised form (sm90_ws_tma_rows_*.cu): a producer warpgroup issues every copy.
+template <class T, bool kBKMajor>
+void launch_sm90_ws_tma_rows_varlen_m_gemm(const VarlenMGemm& g, const int* tile_prefix, cudaStream_t stream);
 // Its persistent form (sm90_persistent_tma_*.cu): sm_count blocks at most.
 template <class T, bool kBKMajor>
 void launch_sm90_persistent_tma_varlen_m_gemm(const VarlenMGemm& g, const int* tile_prefix, int sm_count,

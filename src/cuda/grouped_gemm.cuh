@@ -187,6 +187,16 @@ __device__ __forceinline__ VarlenMTile varlen_m_tile(const VarlenMGemm& p, const
 // The staging tile is the last kBM*kBN elements of the operand stages, which the pipeline's
 // prologue does not touch (it fills stages 0 .. kStages-3 of A first, then of B), so a persistent
 // kernel may start its next tile's copies before staging the finished one.
+// The barrier the epilogues synchronise their threads with: the whole block, or (warp-specialised
+// kernels, whose producer warps do not take part) the first kThreads threads on named barrier 1.
+struct BlockBarrier {
+  __device__ static void sync() { __syncthreads(); }
+};
+template <int kThreads>
+struct ConsumerBarrier {
+  __device__ static void sync() { asm volatile("bar.sync 1, %0;" ::"n"(kThreads) : "memory"); }
+};
+
 template <class Config>
 struct StagedEpilogue {
   using T = typename Config::Element;
@@ -255,10 +265,10 @@ struct StagedEpilogue {
   }
 
   // write_accumulators in this epilogue's layout (offset), then a barrier.
-  template <class Acc, class Coord, class Bias>
+  template <class Barrier = BlockBarrier, class Acc, class Coord, class Bias>
   __device__ static void stage(T* staged, const Acc& acc, const Coord& coord, Bias&& bias) {
     write_accumulators(staged, acc, coord, bias, [](int r, int c) { return offset(r, c); });
-    __syncthreads();
+    Barrier::sync();
   }
 
   // Rows [0, rows) and columns [0, cols) of the staged tile to row_ptr(r) (tile row r's first
@@ -283,8 +293,9 @@ struct StagedEpilogue {
 
 // varlen-M epilogue: bias, convert, and rows [row0, row_end) of expert e to their destination
 // row c_index[i] (or i), columns from n0. `smem` is the block's dynamic shared memory, every
-// stage free of wgmma / ldmatrix reads once the block synchronises (done here first).
-template <class Config, bool kBKMajor, class Acc, class Coord>
+// stage free of wgmma / ldmatrix reads once the block synchronises (done here first, with
+// Barrier: the threads that hold the accumulators, Config::kThreads of them).
+template <class Config, bool kBKMajor, class Barrier = BlockBarrier, class Acc, class Coord>
 __device__ __forceinline__ void store_varlen_m_tile(const VarlenMGemm& p, const Acc& acc, const Coord& coord,
                                                     unsigned char* smem, int e, std::int64_t row0,
                                                     std::int64_t row_end, std::int64_t n0) {
@@ -300,11 +311,11 @@ __device__ __forceinline__ void store_varlen_m_tile(const VarlenMGemm& p, const 
     for (int c = static_cast<int>(threadIdx.x); c < Config::kBN; c += Config::kThreads) {
       bias_tile[c] = c < cols ? to_float(bias[(n0 + c) * p.bias_stride_n]) : 0.0f;
     }
-    __syncthreads();
-    Epilogue::stage(staged, acc, coord, [&](int c) { return bias_tile[c]; });
+    Barrier::sync();
+    Epilogue::template stage<Barrier>(staged, acc, coord, [&](int c) { return bias_tile[c]; });
   } else {
-    __syncthreads();
-    Epilogue::stage(staged, acc, coord, [](int) { return 0.0f; });
+    Barrier::sync();
+    Epilogue::template stage<Barrier>(staged, acc, coord, [](int) { return 0.0f; });
   }
   T* out = static_cast<T*>(p.c) + n0;
   const bool wide = reinterpret_cast<std::uintptr_t>(out) % 16 == 0 && p.ldc % Config::kVec == 0;

@@ -25,6 +25,8 @@
 #include <cute/arch/copy_sm90_tma.hpp>
 #include <cute/atom/copy_traits_sm90_tma.hpp>
 #include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
+#include <cutlass/pipeline/sm90_pipeline.hpp>
 
 #include "cuda/sm90_grouped_gemm.cuh"
 
@@ -183,6 +185,121 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
 }
 
 // ---------------------------------------------------------------------------------------------
+// The warp-specialised form for A rows by TMA: a producer warpgroup (after the two consumer
+// warpgroups; one of its threads issues every copy, the rest give their registers away) keeps
+// every stage in flight on CUTLASS's TMA pipeline (a full barrier per stage completed by the
+// copies' bytes, an empty barrier per stage released by the consumers' arrivals once their wgmma
+// has read it), and the consumers only wait, multiply and store: no block-wide barrier per k
+// tile, and kStages k tiles in flight instead of kStages - 2.
+template <class Config>
+struct Sm90WsShape {
+  static constexpr int kConsumers = Config::kThreads;  // the accumulator warpgroups
+  static constexpr int kThreads = kConsumers + 128;     // + the producer warpgroup
+  // setmaxnreg: 128 x 40 + 256 x 232 = 384 x 168, the block's registers at one block per SM.
+  static constexpr int kProducerRegisters = 40;
+  static constexpr int kConsumerRegisters = 232;
+  static_assert(kConsumers == 256, "the register split assumes two consumer warpgroups");
+  using Pipeline = cutlass::PipelineTmaAsync<Config::kStages>;
+};
+
+template <class Config, bool kBKMajor, class WeightTma, class RowTma>
+__global__ void __launch_bounds__(Sm90WsShape<Config>::kThreads, 1)
+    sm90_ws_tma_varlen_m_gemm_kernel(VarlenMGemm p, const int* __restrict__ tile_prefix,
+                                     CUTE_GRID_CONSTANT WeightTma const weight_tma,
+                                     CUTE_GRID_CONSTANT RowTma const row_tma) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using namespace cute;
+  using T = typename Config::Element;
+  using Shape = Sm90WsShape<Config>;
+  using Pipeline = typename Shape::Pipeline;
+  using PipelineState = typename Pipeline::PipelineState;
+  constexpr int kBM = Config::kBM;
+  constexpr int kBN = Config::kBN;
+  constexpr int kBK = Config::kBK;
+  constexpr std::uint32_t kStageBytes = (kBN + kBM) * kBK * sizeof(T);
+
+  const RasterTile raster = grouped_raster(p.raster_group_rows);
+  if (p.num_experts == 0 || raster.row >= tile_prefix[p.num_experts - 1]) return;
+  const VarlenMTile t = varlen_m_tile<kBM, kBN>(p, tile_prefix, raster.row, raster.column);
+  const int k_tiles = static_cast<int>((p.k + kBK - 1) / kBK);
+
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  T* smem_a = reinterpret_cast<T*>(smem_raw);
+  T* smem_b = smem_a + cosize(Config::template copy_layout<true, kBM>());
+  auto* storage = reinterpret_cast<typename Pipeline::SharedStorage*>(smem_b + cosize(Config::template copy_layout<kBKMajor, kBN>()));
+  Tensor s_a = make_tensor(make_smem_ptr(smem_a), Config::template gmma_layout<true, kBM>());      // (BM,BK,STAGES)
+  Tensor s_b = make_tensor(make_smem_ptr(smem_b), Config::template gmma_layout<kBKMajor, kBN>());  // (BN,BK,STAGES)
+
+  const bool producer = static_cast<int>(threadIdx.x) >= Shape::kConsumers;
+  typename Pipeline::Params params;
+  params.transaction_bytes = kStageBytes;
+  params.role = producer ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
+  params.is_leader = threadIdx.x == Shape::kConsumers;
+  params.num_consumers = Shape::kConsumers;
+  Pipeline pipeline(*storage, params, cute::Shape<_1, _1, _1>{});
+  __syncthreads();  // the barriers initialised, for every thread
+
+  if (producer) {
+    cutlass::arch::warpgroup_reg_dealloc<Shape::kProducerRegisters>();
+    if (threadIdx.x == Shape::kConsumers) {
+      // The tile's row boxes from its first row and expert e's weight tiles, along k.
+      Tensor m_a = row_tma.get_tma_tensor(make_shape(static_cast<int>(p.rows), static_cast<int>(p.k)));
+      Tensor g_a = local_tile(domain_offset(make_coord(static_cast<int>(t.row0), 0), m_a),
+                              make_shape(Int<kBM>{}, Int<kBK>{}), make_coord(0, _));  // (BM,BK,k)
+      Tensor m_b = weight_tma.get_tma_tensor(make_shape(static_cast<int>(p.n), static_cast<int>(p.k), p.num_experts));
+      Tensor g_b = local_tile(m_b(_, _, t.e), make_shape(Int<kBN>{}, Int<kBK>{}),
+                              make_coord(static_cast<int>(t.n0 / kBN), _));  // (BN,BK,k)
+      auto rows = row_tma.get_slice(Int<0>{});
+      auto weights = weight_tma.get_slice(Int<0>{});
+      Tensor tAgA = rows.partition_S(g_a);
+      Tensor tAsA = rows.partition_D(s_a);
+      Tensor tBgB = weights.partition_S(g_b);
+      Tensor tBsB = weights.partition_D(s_b);
+      PipelineState write = cutlass::make_producer_start_state<Pipeline>();
+      for (int k = 0; k < k_tiles; ++k) {
+        pipeline.producer_acquire(write);
+        auto* landed = pipeline.producer_get_barrier(write);
+        copy(row_tma.with(*landed), tAgA(_, _, _, k), tAsA(_, _, _, write.index()));
+        copy(weight_tma.with(*landed), tBgB(_, _, _, k), tBsB(_, _, _, write.index()));
+        ++write;
+      }
+    }
+    return;  // the copies in flight complete the consumers' barriers; the epilogue is theirs
+  }
+
+  cutlass::arch::warpgroup_reg_alloc<Shape::kConsumerRegisters>();
+  typename Config::template TiledMma<true, kBKMajor> mma;
+  ThrMMA thr_mma = mma.get_slice(threadIdx.x);
+  Tensor tCrA = thr_mma.make_fragment_A(thr_mma.partition_A(s_a));  // descriptors (MMA,M,K,STAGES)
+  Tensor tCrB = thr_mma.make_fragment_B(thr_mma.partition_B(s_b));  // descriptors (MMA,N,K,STAGES)
+  Tensor acc = partition_fragment_C(mma, make_shape(Int<kBM>{}, Int<kBN>{}));
+  clear(acc);
+  PipelineState read;
+  PipelineState release;
+  for (int k = 0; k < k_tiles; ++k) {
+    pipeline.consumer_wait(read);
+    warpgroup_fence_operand(acc);
+    warpgroup_arrive();
+    gemm(mma, tCrA(_, _, _, read.index()), tCrB(_, _, _, read.index()), acc);
+    warpgroup_commit_batch();
+    warpgroup_wait<1>();  // k tile k-1's wgmma has read its stage: hand it back
+    warpgroup_fence_operand(acc);
+    if (k > 0) {
+      pipeline.consumer_release(release);
+      ++release;
+    }
+    ++read;
+  }
+  warpgroup_wait<0>();
+  warpgroup_fence_operand(acc);
+
+  Tensor coord = thr_mma.partition_C(make_identity_tensor(make_shape(Int<kBM>{}, Int<kBN>{})));
+  store_varlen_m_tile<Config, kBKMajor, ConsumerBarrier<Shape::kConsumers>>(p, acc, coord, smem_raw, t.e, t.row0,
+                                                                           t.row_end, t.n0);
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
 // The persistent form of the TMA varlen-M kernel: one block per SM walks the tile schedule as
 // sm90_persistent_varlen_m_gemm_kernel does, starting each next tile's copies (A's rows by
 // cp.async, the weight tile by TMA) before it writes the finished one. Meant for short-K GEMMs
@@ -301,6 +418,23 @@ void launch_sm90_tma_varlen_m_gemm_with(const VarlenMGemm& g, const int* tile_pr
 template <class T, bool kBKMajor>
 void launch_sm90_tma_varlen_m_gemm(const VarlenMGemm& g, const int* tile_prefix, cudaStream_t stream) {
   launch_sm90_tma_varlen_m_gemm_with<T, kBKMajor, false>(g, tile_prefix, stream);
+}
+
+template <class T, bool kBKMajor>
+void launch_sm90_ws_tma_rows_varlen_m_gemm(const VarlenMGemm& g, const int* tile_prefix, cudaStream_t stream) {
+  using Config = Sm90TmaConfig<T>;
+  using Shape = Sm90WsShape<Config>;
+  const auto weight_tma = make_weight_tma<Config, kBKMajor>(g);
+  const auto row_tma = make_rows_tma<Config>(g);
+  auto kernel = sm90_ws_tma_varlen_m_gemm_kernel<Config, kBKMajor, std::remove_const_t<decltype(weight_tma)>,
+                                                 std::remove_const_t<decltype(row_tma)>>;
+  constexpr int smem = gemm_smem_bytes<Config, true, kBKMajor>() +
+                       static_cast<int>(sizeof(typename Shape::Pipeline::SharedStorage));
+  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
+             "varlen-M GEMM: shared memory size");
+  const dim3 grid(ceil_div(g.rows, Config::kBM) + static_cast<unsigned>(g.num_experts), ceil_div(g.n, Config::kBN));
+  kernel<<<grid, Shape::kThreads, smem, stream>>>(g, tile_prefix, weight_tma, row_tma);
+  check_launch("varlen-M GEMM");
 }
 
 template <class T, bool kBKMajor>

@@ -229,8 +229,11 @@ TEST(CudaKernelChoice, DefaultsFallbacksAndSettings) {
   for (bool k_major : {false, true}) {
     m.b_k_major = k_major;
     EXPECT_EQ(cuda::choose_varlen_m_kernel(m, defaults), VarlenMKernel::kSm90Tma);  // gathered A
-    m.rows_tma_possible = true;  // A read in the grouped order: its rows by TMA too
-    EXPECT_EQ(cuda::choose_varlen_m_kernel(m, defaults), VarlenMKernel::kSm90TmaRows);
+    m.rows_tma_possible = true;  // A read in the grouped order: its rows by TMA too, warp-specialised
+    EXPECT_EQ(cuda::choose_varlen_m_kernel(m, defaults), VarlenMKernel::kSm90WsTmaRows);
+    KernelSettings no_ws;
+    no_ws.rows_tma_ws = false;
+    EXPECT_EQ(cuda::choose_varlen_m_kernel(m, no_ws), VarlenMKernel::kSm90TmaRows);
     KernelSettings no_rows_tma;
     no_rows_tma.rows_tma = false;
     EXPECT_EQ(cuda::choose_varlen_m_kernel(m, no_rows_tma), VarlenMKernel::kSm90Tma);
