@@ -297,9 +297,10 @@ auto make_varlen_k_store_tma(const VarlenKGemm& g) {
 // staged (deepseek's experts give 4-k-tile tiles, whose prologue was exposed at every tile). A
 // finished tile is staged in the B stages of its last two k tiles, the stages no copy is writing
 // (their next k tiles are issued one and two iterations later), as two pairs of boxes, and thread
-// 0 stores each pair by TMA as one bulk group. Before the iteration that refills the first
-// stage thread 0 waits for the first group to have been read, before the next iteration for the
-// second, and every k loop iteration's barrier holds the other threads until then.
+// 0 stores each pair by TMA as one bulk group. In the iteration that refills the first stage,
+// thread 0 waits for the first group to have been read after the iteration's wgmma is issued,
+// and an extra barrier holds the other threads' copies until then; before the next iteration's
+// barrier it waits for the second group.
 // Otherwise (thread stores) the tiles are walked as persistent_walk does: the next tile's
 // prologue, then the finished tile's stores.
 template <class Config, VarlenKContiguous kContiguous, bool kTmaStore, class StoreTma>
@@ -352,7 +353,15 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
     locate(load_tile);
     int load_k = 0;
     int load_k_tiles = copies.k_tiles();
+    int since_store = 2;  // k loop iterations since the last stores were issued (2: none to wait for)
     auto issue = [&](int stage, int) {
+      // The first iteration after a store refills the stage of the store's first group: thread 0
+      // waits for that group to have been read once the iteration's wgmma is issued (the wgmma
+      // reads other stages), and a barrier holds the other threads' copies until then.
+      if (since_store == 1) {
+        if (threadIdx.x == 0) tma_store_wait<1>();
+        __syncthreads();
+      }
       while (load_k == load_k_tiles && load_tile < tiles) {
         load_tile += static_cast<int>(gridDim.x);
         if (load_tile < tiles) {
@@ -378,7 +387,6 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
     auto cta_tma = store_tma.get_slice(Int<0>{});
     int read_stage = 0;
     int write_stage = kStages - 2;
-    int since_store = 2;  // k loop iterations since the last stores were issued (2: none to wait for)
     for (int tile_number = static_cast<int>(blockIdx.x); tile_number < tiles;
          tile_number += static_cast<int>(gridDim.x)) {
       const VarlenKTile t = tile_at(tile_number);
@@ -388,12 +396,9 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
       Config::template iterations<false, false>(
           smem_a, smem_b, k_tiles, read_stage, write_stage, acc,
           [&](int) {
-            // This iteration's copies refill the stage of the last stores' first group, the
-            // next iteration's that of the second.
-            if (threadIdx.x == 0) {
-              if (since_store == 0) tma_store_wait<1>();
-              if (since_store == 1) tma_store_wait<0>();
-            }
+            // The second iteration after a store refills the stage of its second group (the
+            // first iteration waits for the first group in issue, after its wgmma).
+            if (threadIdx.x == 0 && since_store == 1) tma_store_wait<0>();
             since_store += since_store < 2;
           },
           issue);
