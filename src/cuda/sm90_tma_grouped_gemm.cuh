@@ -13,8 +13,8 @@
 // rows are contiguous by TMA measured slower than the lean cp.async copies (docs/perf.md step 22)
 // and was removed.
 //
-// Compiled for sm_90a only (sm90_tma_*.cu, sm90_persistent_tma_*.cu); elsewhere the kernels are
-// empty and never launched.
+// Compiled for sm_90a only (sm90_tma_*.cu, sm90_tma_rows_*.cu, sm90_ws_tma_rows_*.cu,
+// sm90_persistent_tma_*.cu); elsewhere the kernels are empty and never launched.
 #pragma once
 
 #include <cstdint>
