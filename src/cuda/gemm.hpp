@@ -74,17 +74,18 @@ inline bool weight_tma_possible(const VarlenMGemm& g, std::int64_t element_bytes
   const std::int64_t limit = std::int64_t{1} << 40;
   const std::int64_t line = (g.b_stride_k == 1 ? g.b_stride_n : g.b_stride_k) * element_bytes;
   const std::int64_t expert = g.b_expert_stride * element_bytes;
-  return line > 0 && line < limit && expert > 0 && expert < limit;
+  return g.k > 0 && line > 0 && line < limit && expert > 0 && expert < limit;
 }
 
 // Whether A's rows can come by TMA too: read in the grouped order (row i is row i, as the down
-// projection's activations and dX's dH are), row stride 16-byte aligned (chunks_aligned(g, 8)
-// gives the base) and below 2^40 bytes, row count and K within the TMA's 32-bit coordinates.
+// projection's activations and dX's dH are), a 16-byte aligned base, rows that do not overlap
+// (stride >= K) with a 16-byte aligned stride below 2^40 bytes, and 0 < K, rows < 2^31 (the
+// TMA's 32-bit coordinates).
 inline bool rows_tma_possible(const VarlenMGemm& g, std::int64_t element_bytes) {
   const std::int64_t limit = std::int64_t{1} << 40;
   const std::int64_t line = g.a.ld * element_bytes;
-  return g.a.contiguous() && line > 0 && line % 16 == 0 && line < limit && g.rows < (std::int64_t{1} << 31) &&
-         g.k < (std::int64_t{1} << 31);
+  return g.a.contiguous() && reinterpret_cast<std::uintptr_t>(g.a.ptr) % 16 == 0 && g.k > 0 && g.a.ld >= g.k &&
+         line % 16 == 0 && line < limit && g.rows < (std::int64_t{1} << 31) && g.k < (std::int64_t{1} << 31);
 }
 
 // Scratch of run_varlen_m_gemm: the device-built tile list.

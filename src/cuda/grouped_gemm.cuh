@@ -188,13 +188,15 @@ __device__ __forceinline__ VarlenMTile varlen_m_tile(const VarlenMGemm& p, const
 // prologue does not touch (it fills stages 0 .. kStages-3 of A first, then of B), so a persistent
 // kernel may start its next tile's copies before staging the finished one.
 // The barrier the epilogues synchronise their threads with: the whole block, or (warp-specialised
-// kernels, whose producer warps do not take part) the first kThreads threads on named barrier 1.
+// kernels, whose producer warps do not take part) the first kThreads threads on named barrier 8,
+// the first id CUTLASS leaves to its users (0 is __syncthreads', 1-7 its own epilogues' and
+// schedulers').
 struct BlockBarrier {
   __device__ static void sync() { __syncthreads(); }
 };
 template <int kThreads>
 struct ConsumerBarrier {
-  __device__ static void sync() { asm volatile("bar.sync 1, %0;" ::"n"(kThreads) : "memory"); }
+  __device__ static void sync() { asm volatile("bar.sync 8, %0;" ::"n"(kThreads) : "memory"); }
 };
 
 template <class Config>

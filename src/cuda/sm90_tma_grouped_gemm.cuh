@@ -210,8 +210,8 @@ __global__ void __launch_bounds__(Sm90WsShape<Config>::kThreads, 1)
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using namespace cute;
   using T = typename Config::Element;
-  using Shape = Sm90WsShape<Config>;
-  using Pipeline = typename Shape::Pipeline;
+  using Ws = Sm90WsShape<Config>;
+  using Pipeline = typename Ws::Pipeline;
   using PipelineState = typename Pipeline::PipelineState;
   constexpr int kBM = Config::kBM;
   constexpr int kBN = Config::kBN;
@@ -230,18 +230,18 @@ __global__ void __launch_bounds__(Sm90WsShape<Config>::kThreads, 1)
   Tensor s_a = make_tensor(make_smem_ptr(smem_a), Config::template gmma_layout<true, kBM>());      // (BM,BK,STAGES)
   Tensor s_b = make_tensor(make_smem_ptr(smem_b), Config::template gmma_layout<kBKMajor, kBN>());  // (BN,BK,STAGES)
 
-  const bool producer = static_cast<int>(threadIdx.x) >= Shape::kConsumers;
+  const bool producer = static_cast<int>(threadIdx.x) >= Ws::kConsumers;
   typename Pipeline::Params params;
   params.transaction_bytes = kStageBytes;
   params.role = producer ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
-  params.is_leader = threadIdx.x == Shape::kConsumers;
-  params.num_consumers = Shape::kConsumers;
-  Pipeline pipeline(*storage, params, cute::Shape<_1, _1, _1>{});
+  params.is_leader = threadIdx.x == Ws::kConsumers;
+  params.num_consumers = Ws::kConsumers;
+  Pipeline pipeline(*storage, params, Shape<_1, _1, _1>{});
   __syncthreads();  // the barriers initialised, for every thread
 
   if (producer) {
-    cutlass::arch::warpgroup_reg_dealloc<Shape::kProducerRegisters>();
-    if (threadIdx.x == Shape::kConsumers) {
+    cutlass::arch::warpgroup_reg_dealloc<Ws::kProducerRegisters>();
+    if (threadIdx.x == Ws::kConsumers) {
       // The tile's row boxes from its first row and expert e's weight tiles, along k.
       Tensor m_a = row_tma.get_tma_tensor(make_shape(static_cast<int>(p.rows), static_cast<int>(p.k)));
       Tensor g_a = local_tile(domain_offset(make_coord(static_cast<int>(t.row0), 0), m_a),
@@ -264,10 +264,13 @@ __global__ void __launch_bounds__(Sm90WsShape<Config>::kThreads, 1)
         ++write;
       }
     }
-    return;  // the copies in flight complete the consumers' barriers; the epilogue is theirs
+    // The copies in flight complete the consumers' barriers; the epilogue is theirs. (Leaving
+    // early is safe for a cluster of one block only: a multicast producer must wait for its
+    // peers' last reads first, as CUTLASS's producer_tail does.)
+    return;
   }
 
-  cutlass::arch::warpgroup_reg_alloc<Shape::kConsumerRegisters>();
+  cutlass::arch::warpgroup_reg_alloc<Ws::kConsumerRegisters>();
   typename Config::template TiledMma<true, kBKMajor> mma;
   ThrMMA thr_mma = mma.get_slice(threadIdx.x);
   Tensor tCrA = thr_mma.make_fragment_A(thr_mma.partition_A(s_a));  // descriptors (MMA,M,K,STAGES)
@@ -294,7 +297,7 @@ __global__ void __launch_bounds__(Sm90WsShape<Config>::kThreads, 1)
   warpgroup_fence_operand(acc);
 
   Tensor coord = thr_mma.partition_C(make_identity_tensor(make_shape(Int<kBM>{}, Int<kBN>{})));
-  store_varlen_m_tile<Config, kBKMajor, ConsumerBarrier<Shape::kConsumers>>(p, acc, coord, smem_raw, t.e, t.row0,
+  store_varlen_m_tile<Config, kBKMajor, ConsumerBarrier<Ws::kConsumers>>(p, acc, coord, smem_raw, t.e, t.row0,
                                                                            t.row_end, t.n0);
 #endif
 }
@@ -423,17 +426,17 @@ void launch_sm90_tma_varlen_m_gemm(const VarlenMGemm& g, const int* tile_prefix,
 template <class T, bool kBKMajor>
 void launch_sm90_ws_tma_rows_varlen_m_gemm(const VarlenMGemm& g, const int* tile_prefix, cudaStream_t stream) {
   using Config = Sm90TmaConfig<T>;
-  using Shape = Sm90WsShape<Config>;
+  using Ws = Sm90WsShape<Config>;
   const auto weight_tma = make_weight_tma<Config, kBKMajor>(g);
   const auto row_tma = make_rows_tma<Config>(g);
   auto kernel = sm90_ws_tma_varlen_m_gemm_kernel<Config, kBKMajor, std::remove_const_t<decltype(weight_tma)>,
                                                  std::remove_const_t<decltype(row_tma)>>;
   constexpr int smem = gemm_smem_bytes<Config, true, kBKMajor>() +
-                       static_cast<int>(sizeof(typename Shape::Pipeline::SharedStorage));
+                       static_cast<int>(sizeof(typename Ws::Pipeline::SharedStorage));
   check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
              "varlen-M GEMM: shared memory size");
   const dim3 grid(ceil_div(g.rows, Config::kBM) + static_cast<unsigned>(g.num_experts), ceil_div(g.n, Config::kBN));
-  kernel<<<grid, Shape::kThreads, smem, stream>>>(g, tile_prefix, weight_tma, row_tma);
+  kernel<<<grid, Ws::kThreads, smem, stream>>>(g, tile_prefix, weight_tma, row_tma);
   check_launch("varlen-M GEMM");
 }
 
