@@ -590,6 +590,13 @@ __global__ void __launch_bounds__(Config::kThreads, Config::kMinBlocks)
   store_varlen_m_tile<Config, kBKMajor>(p, acc, coord, smem_raw, t.e, t.row0, t.row_end, t.n0);
 }
 
+// The grid of a one-tile-per-block varlen-M launch: (row tiles, column tiles). At most
+// ceil(L / BM) + E row tiles exist; the blocks past the device-built count return.
+template <class Config>
+dim3 varlen_m_grid(const VarlenMGemm& g) {
+  return dim3(ceil_div(g.rows, Config::kBM) + static_cast<unsigned>(g.num_experts), ceil_div(g.n, Config::kBN));
+}
+
 // Launches the varlen-M kernel of Config; kAlignedOnly configurations have no element-wise
 // copy path (the caller checked chunks_aligned).
 template <class Config, bool kBKMajor, bool kAlignedOnly = false>
@@ -601,9 +608,7 @@ void launch_varlen_m_gemm_with(const VarlenMGemm& g, const int* tile_prefix, cud
   }
   check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
              "varlen-M GEMM: shared memory size");
-  // At most ceil(L / BM) + E row tiles exist; the blocks past the device-built count return.
-  const dim3 grid(ceil_div(g.rows, Config::kBM) + static_cast<unsigned>(g.num_experts),
-                  ceil_div(g.n, Config::kBN));
+  const dim3 grid = varlen_m_grid<Config>(g);
   kernel<<<grid, Config::kThreads, smem, stream>>>(g, tile_prefix);
   check_launch("varlen-M GEMM");
 }

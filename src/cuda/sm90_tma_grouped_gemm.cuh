@@ -9,9 +9,9 @@
 // the grouped order (the down projection's activations, dX's dH): one (rows, K) tensor, each
 // tile's box starting at its first row. A box that runs past the expert's last row reads the
 // next expert's rows (or zeros past the end); their products land in accumulator rows the
-// epilogue does not store, so no thread copies anything and no row needs zeroing. A varlen-K form that loaded the operand whose
-// rows are contiguous by TMA measured slower than the lean cp.async copies (docs/perf.md step 22)
-// and was removed.
+// epilogue does not store, so no thread copies anything and no row needs zeroing. A varlen-K
+// form that loaded the operand whose rows are contiguous by TMA measured slower than the lean
+// cp.async copies (docs/perf.md step 22) and was removed.
 //
 // Compiled for sm_90a only (sm90_tma_*.cu, sm90_tma_rows_*.cu, sm90_ws_tma_rows_*.cu,
 // sm90_persistent_tma_*.cu); elsewhere the kernels are empty and never launched.
@@ -86,6 +86,24 @@ auto make_rows_tma(const VarlenMGemm& g) {
   return make_tma_copy(SM90_TMA_LOAD{}, rows, Config::template gmma_stage_layout<true, Config::kBM>());
 }
 
+// Grouped row row0's (BM, BK) boxes along k, as make_rows_tma's coordinates: (BM, BK, k).
+template <class Config, class RowTma>
+__device__ __forceinline__ auto row_boxes(const RowTma& row_tma, const VarlenMGemm& p, std::int64_t row0) {
+  using namespace cute;
+  Tensor m_a = row_tma.get_tma_tensor(make_shape(static_cast<int>(p.rows), static_cast<int>(p.k)));
+  return local_tile(domain_offset(make_coord(static_cast<int>(row0), 0), m_a),
+                    make_shape(Int<Config::kBM>{}, Int<Config::kBK>{}), make_coord(0, _));
+}
+
+// Expert e's (BN, BK) weight tiles of column tile `column` along k, as make_weight_tma's
+// coordinates: (BN, BK, k).
+template <class Config, class WeightTma>
+__device__ __forceinline__ auto weight_tiles(const WeightTma& weight_tma, const VarlenMGemm& p, int e, int column) {
+  using namespace cute;
+  Tensor m_b = weight_tma.get_tma_tensor(make_shape(static_cast<int>(p.n), static_cast<int>(p.k), p.num_experts));
+  return local_tile(m_b(_, _, e), make_shape(Int<Config::kBN>{}, Int<Config::kBK>{}), make_coord(column, _));
+}
+
 // The weights as one (N, K, E) tensor (unit stride along K when kBKMajor, else along N) and its
 // TMA copy into one (BN, BK) stage of Config's GMMA layout.
 template <class Config, bool kBKMajor>
@@ -142,9 +160,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   // rows only; load_b issues them with the weight tile, on the same barrier).
   auto rows_parts = [&] {
     if constexpr (kRowsTma) {
-      Tensor m_a = row_tma.get_tma_tensor(make_shape(static_cast<int>(p.rows), static_cast<int>(p.k)));
-      Tensor g_a = local_tile(domain_offset(make_coord(static_cast<int>(t.row0), 0), m_a),
-                              make_shape(Int<kBM>{}, Int<kBK>{}), make_coord(0, _));              // (BM,BK,k)
+      Tensor g_a = row_boxes<Config>(row_tma, p, t.row0);                                         // (BM,BK,k)
       Tensor s_a = make_tensor(make_smem_ptr(smem_a), Config::template gmma_layout<true, kBM>());  // (BM,BK,STAGES)
       auto cta_rows = row_tma.get_slice(Int<0>{});
       return cute::make_tuple(cta_rows.partition_S(g_a), cta_rows.partition_D(s_a));
@@ -154,9 +170,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   }();
 
   // Expert e's (BN, BK) weight tiles along k, and the stages they land in.
-  Tensor m_b = weight_tma.get_tma_tensor(make_shape(static_cast<int>(p.n), static_cast<int>(p.k), p.num_experts));
-  Tensor g_b = local_tile(m_b(_, _, t.e), make_shape(Int<kBN>{}, Int<kBK>{}),
-                          make_coord(static_cast<int>(t.n0 / kBN), _));                        // (BN,BK,k)
+  Tensor g_b = weight_tiles<Config>(weight_tma, p, t.e, static_cast<int>(t.n0 / kBN));             // (BN,BK,k)
   Tensor s_b = make_tensor(make_smem_ptr(smem_b), Config::template gmma_layout<kBKMajor, kBN>());  // (BN,BK,STAGES)
   auto cta_tma = weight_tma.get_slice(Int<0>{});
   Tensor tBgB = cta_tma.partition_S(g_b);  // (TMA,TMA_N,TMA_K,k)
@@ -243,12 +257,8 @@ __global__ void __launch_bounds__(Sm90WsShape<Config>::kThreads, 1)
     cutlass::arch::warpgroup_reg_dealloc<Ws::kProducerRegisters>();
     if (threadIdx.x == Ws::kConsumers) {
       // The tile's row boxes from its first row and expert e's weight tiles, along k.
-      Tensor m_a = row_tma.get_tma_tensor(make_shape(static_cast<int>(p.rows), static_cast<int>(p.k)));
-      Tensor g_a = local_tile(domain_offset(make_coord(static_cast<int>(t.row0), 0), m_a),
-                              make_shape(Int<kBM>{}, Int<kBK>{}), make_coord(0, _));  // (BM,BK,k)
-      Tensor m_b = weight_tma.get_tma_tensor(make_shape(static_cast<int>(p.n), static_cast<int>(p.k), p.num_experts));
-      Tensor g_b = local_tile(m_b(_, _, t.e), make_shape(Int<kBN>{}, Int<kBK>{}),
-                              make_coord(static_cast<int>(t.n0 / kBN), _));  // (BN,BK,k)
+      Tensor g_a = row_boxes<Config>(row_tma, p, t.row0);                                // (BM,BK,k)
+      Tensor g_b = weight_tiles<Config>(weight_tma, p, t.e, static_cast<int>(t.n0 / kBN));  // (BN,BK,k)
       auto rows = row_tma.get_slice(Int<0>{});
       auto weights = weight_tma.get_slice(Int<0>{});
       Tensor tAgA = rows.partition_S(g_a);
@@ -334,7 +344,6 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   StageBarriers<kStages> barriers(smem_b + cosize(layout_b));
 
   VarlenMCopies<Config, kBKMajor, true> copies;
-  Tensor m_b = weight_tma.get_tma_tensor(make_shape(static_cast<int>(p.n), static_cast<int>(p.k), p.num_experts));
   Tensor s_b = make_tensor(make_smem_ptr(smem_b), Config::template gmma_layout<kBKMajor, kBN>());  // (BN,BK,STAGES)
   auto cta_tma = weight_tma.get_slice(Int<0>{});
   Tensor tBsB = cta_tma.partition_D(s_b);  // (TMA,TMA_N,TMA_K,STAGES)
@@ -344,8 +353,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   auto load_a = [&](int stage, int k_tile) { copies.load_a(p, smem_a, stage, k_tile); };
   auto load_b = [&](int stage, int k_tile) {
     if (threadIdx.x == 0) {
-      Tensor g_b = local_tile(m_b(_, _, expert), make_shape(Int<kBN>{}, Int<kBK>{}),
-                              make_coord(column_tile, _));  // (BN,BK,k)
+      Tensor g_b = weight_tiles<Config>(weight_tma, p, expert, column_tile);  // (BN,BK,k)
       Tensor tBgB = cta_tma.partition_S(g_b);              // (TMA,TMA_N,TMA_K,k)
       copy(weight_tma.with(barriers.expect(stage, kWeightTileBytes)), tBgB(_, _, _, k_tile), tBsB(_, _, _, stage));
     }
@@ -413,7 +421,7 @@ void launch_sm90_tma_varlen_m_gemm_with(const VarlenMGemm& g, const int* tile_pr
   constexpr int smem = gemm_smem_bytes<Config, true, kBKMajor>() + StageBarriers<Config::kStages>::kBytes;
   check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
              "varlen-M GEMM: shared memory size");
-  const dim3 grid(ceil_div(g.rows, Config::kBM) + static_cast<unsigned>(g.num_experts), ceil_div(g.n, Config::kBN));
+  const dim3 grid = varlen_m_grid<Config>(g);
   kernel<<<grid, Config::kThreads, smem, stream>>>(g, tile_prefix, weight_tma, row_tma);
   check_launch("varlen-M GEMM");
 }
@@ -435,7 +443,7 @@ void launch_sm90_ws_tma_rows_varlen_m_gemm(const VarlenMGemm& g, const int* tile
                        static_cast<int>(sizeof(typename Ws::Pipeline::SharedStorage));
   check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
              "varlen-M GEMM: shared memory size");
-  const dim3 grid(ceil_div(g.rows, Config::kBM) + static_cast<unsigned>(g.num_experts), ceil_div(g.n, Config::kBN));
+  const dim3 grid = varlen_m_grid<Config>(g);
   kernel<<<grid, Ws::kThreads, smem, stream>>>(g, tile_prefix, weight_tma, row_tma);
   check_launch("varlen-M GEMM");
 }
