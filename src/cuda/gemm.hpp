@@ -139,6 +139,10 @@ void launch_sm90_tma_rows_varlen_m_gemm(const VarlenMGemm& g, const int* tile_pr
 // Its warp-specialised form (sm90_ws_tma_rows_*.cu): a producer warpgroup issues every copy.
 template <class T, bool kBKMajor>
 void launch_sm90_ws_tma_rows_varlen_m_gemm(const VarlenMGemm& g, const int* tile_prefix, cudaStream_t stream);
+// The warp-specialised kernel for gathered A rows (sm90_ws_gather_*.cu): the producer warpgroup
+// gathers them by cp.async beside the weights' TMA.
+template <class T, bool kBKMajor>
+void launch_sm90_ws_gather_varlen_m_gemm(const VarlenMGemm& g, const int* tile_prefix, cudaStream_t stream);
 // Its persistent form (sm90_persistent_tma_*.cu): sm_count blocks at most.
 template <class T, bool kBKMajor>
 void launch_sm90_persistent_tma_varlen_m_gemm(const VarlenMGemm& g, const int* tile_prefix, int sm_count,

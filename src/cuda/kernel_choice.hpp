@@ -14,6 +14,7 @@ struct KernelSettings {
   bool weight_tma = true;          // SCATTERMOE_SM90_TMA: varlen-M weight tiles by TMA
   bool rows_tma = true;            // SCATTERMOE_SM90_ROWS_TMA: varlen-M grouped A rows by TMA too
   bool rows_tma_ws = true;         // SCATTERMOE_SM90_WS: those GEMMs warp-specialised
+  bool gather_ws = true;           // SCATTERMOE_SM90_WS_GATHER: gathered-A GEMMs warp-specialised
   int persistent = -1;             // SCATTERMOE_SM90_PERSISTENT: 1 every cp.async GEMM, 0 none
   bool persistent_tma = false;     // SCATTERMOE_SM90_PERSISTENT_TMA: the TMA varlen-M kernel persistent
   bool varlen_k_tma_store = true;  // SCATTERMOE_SM90_VARLEN_K_TMA_STORE: varlen-K tiles pipelined, TMA-stored
@@ -36,6 +37,7 @@ enum class VarlenMKernel {
   kSm90Tma,            // wgmma, weight tiles by TMA (the default for gathered A, steps 16-17)
   kSm90TmaRows,        // the same with A's grouped rows by TMA too (step 30)
   kSm90WsTmaRows,      // that, warp-specialised: a producer warpgroup issues the copies (step 31)
+  kSm90WsGather,       // gathered A, warp-specialised: the producer gathers A, TMA for B
   kSm90PersistentTma,  // the same, persistent (within 2% per kernel, step 23: opt-in)
 };
 
@@ -43,7 +45,9 @@ inline VarlenMKernel choose_varlen_m_kernel(const VarlenMFacts& f, const KernelS
   if (!f.wgmma) return VarlenMKernel::kSm80;
   if (s.weight_tma && f.weight_tma_possible) {
     if (s.persistent_tma) return VarlenMKernel::kSm90PersistentTma;
-    if (!s.rows_tma || !f.rows_tma_possible) return VarlenMKernel::kSm90Tma;
+    if (!s.rows_tma || !f.rows_tma_possible) {
+      return s.gather_ws ? VarlenMKernel::kSm90WsGather : VarlenMKernel::kSm90Tma;
+    }
     return s.rows_tma_ws ? VarlenMKernel::kSm90WsTmaRows : VarlenMKernel::kSm90TmaRows;
   }
   // Without TMA, the persistent walk helps the N-major weights (dA', dX: 7-8% on mixtral) and

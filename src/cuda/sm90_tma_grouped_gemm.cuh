@@ -205,13 +205,17 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
 // copies' bytes, an empty barrier per stage released by the consumers' arrivals once their wgmma
 // has read it), and the consumers only wait, multiply and store: no block-wide barrier per k
 // tile, and kStages k tiles in flight instead of kStages - 2.
-template <class Config>
+template <class Config, bool kGather = false>
 struct Sm90WsShape {
   static constexpr int kConsumers = Config::kThreads;  // the accumulator warpgroups
-  static constexpr int kThreads = kConsumers + 128;     // + the producer warpgroup
-  // setmaxnreg: 128 x 40 + 256 x 232 = 384 x 168, the block's registers at one block per SM.
-  static constexpr int kProducerRegisters = 40;
-  static constexpr int kConsumerRegisters = 232;
+  static constexpr int kProducerThreads = 128;
+  static constexpr int kThreads = kConsumers + kProducerThreads;  // + the producer warpgroup
+  // setmaxnreg: 128 x 40 + 256 x 232 = 384 x 168, the block's registers at one block per SM; a
+  // gathering producer holds its rows' addresses: 128 x 56 + 256 x 224.
+  static constexpr int kProducerRegisters = kGather ? 56 : 40;
+  static constexpr int kConsumerRegisters = kGather ? 224 : 232;
+  static_assert(128 * kProducerRegisters + kConsumers * kConsumerRegisters <= 384 * 168,
+                "setmaxnreg moves registers between the block's warps only");
   static_assert(kConsumers == 256, "the register split assumes two consumer warpgroups");
   using Pipeline = cutlass::PipelineTmaAsync<Config::kStages>;
 };
@@ -224,13 +228,17 @@ __global__ void __launch_bounds__(Sm90WsShape<Config>::kThreads, 1)
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using namespace cute;
   using T = typename Config::Element;
-  using Ws = Sm90WsShape<Config>;
+  // Gathered rows (RowsByThreads): the producer warpgroup's 128 threads copy A's rows by
+  // cp.async, each arriving on the stage's full barrier when its copies land (noinc), beside the
+  // one TMA of the weight tile; the full barrier expects 1 + 128 arrivals and the weight bytes.
+  constexpr bool kRowsTma = !std::is_same_v<RowTma, RowsByThreads>;
+  using Ws = Sm90WsShape<Config, !kRowsTma>;
   using Pipeline = typename Ws::Pipeline;
   using PipelineState = typename Pipeline::PipelineState;
   constexpr int kBM = Config::kBM;
   constexpr int kBN = Config::kBN;
   constexpr int kBK = Config::kBK;
-  constexpr std::uint32_t kStageBytes = (kBN + kBM) * kBK * sizeof(T);
+  constexpr std::uint32_t kStageBytes = (kBN + (kRowsTma ? kBM : 0)) * kBK * sizeof(T);
 
   const RasterTile raster = grouped_raster(p.raster_group_rows);
   if (p.num_experts == 0 || raster.row >= tile_prefix[p.num_experts - 1]) return;
@@ -250,10 +258,57 @@ __global__ void __launch_bounds__(Sm90WsShape<Config>::kThreads, 1)
   params.role = producer ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
   params.is_leader = threadIdx.x == Ws::kConsumers;
   params.num_consumers = Ws::kConsumers;
-  Pipeline pipeline(*storage, params, Shape<_1, _1, _1>{});
+  params.num_producers = kRowsTma ? 1 : 1 + Ws::kProducerThreads;
+  Pipeline pipeline(*storage, params, cute::Shape<_1, _1, _1>{});
   __syncthreads();  // the barriers initialised, for every thread
 
-  if (producer) {
+  if constexpr (!kRowsTma) {
+    if (producer) {
+      cutlass::arch::warpgroup_reg_dealloc<Ws::kProducerRegisters>();
+      // Chunk c (8 elements) of rows r, r + 16, ... r + 112 of the tile: its rows looked up once.
+      constexpr int kPerRow = kBK / Config::kVec;                       // 8 chunks per row
+      constexpr int kRowsPerPass = Ws::kProducerThreads / kPerRow;   // 16
+      constexpr int kPasses = kBM / kRowsPerPass;                       // 8
+      const int producer_thread = static_cast<int>(threadIdx.x) - Ws::kConsumers;
+      const int chunk = producer_thread % kPerRow * Config::kVec;
+      const int row = producer_thread / kPerRow;
+      const T* a_base = static_cast<const T*>(p.a.ptr);
+      const T* rows[kPasses];
+      CUTE_UNROLL
+      for (int j = 0; j < kPasses; ++j) {
+        const std::int64_t i = t.row0 + row + j * kRowsPerPass;
+        rows[j] = i < t.row_end ? a_base + p.a.row(i) * p.a.ld + chunk : nullptr;
+      }
+      constexpr auto layout_a = Config::template copy_layout<true, kBM>();  // element offsets (BM,BK,STAGES)
+      Tensor m_b = weight_tma.get_tma_tensor(make_shape(static_cast<int>(p.n), static_cast<int>(p.k), p.num_experts));
+      Tensor g_b = local_tile(m_b(_, _, t.e), make_shape(Int<kBN>{}, Int<kBK>{}),
+                              make_coord(static_cast<int>(t.n0 / kBN), _));  // (BN,BK,k)
+      auto weights = weight_tma.get_slice(Int<0>{});
+      Tensor tBgB = weights.partition_S(g_b);
+      Tensor tBsB = weights.partition_D(s_b);
+      PipelineState write = cutlass::make_producer_start_state<Pipeline>();
+      for (int k = 0; k < k_tiles; ++k) {
+        pipeline.producer_acquire(write);  // the leader's arrival expects the weight tile's bytes
+        auto* landed = pipeline.producer_get_barrier(write);
+        if (threadIdx.x == Ws::kConsumers) {
+          copy(weight_tma.with(*landed), tBgB(_, _, _, k), tBsB(_, _, _, write.index()));
+        }
+        const std::int64_t k0 = static_cast<std::int64_t>(k) * kBK;
+        const bool inside = k0 + chunk < p.k;  // K % 8 == 0 on this path: a chunk is all in or out
+        T* stage = smem_a + layout_a(0, 0, write.index());
+        CUTE_UNROLL
+        for (int j = 0; j < kPasses; ++j) {
+          const bool valid = inside && rows[j] != nullptr;
+          cute::SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t>::copy(
+              *reinterpret_cast<const cute::uint128_t*>(valid ? rows[j] + k0 : a_base),
+              *reinterpret_cast<cute::uint128_t*>(stage + layout_a(row + j * kRowsPerPass, chunk, 0)), valid);
+        }
+        cutlass::arch::cpasync_barrier_arrive_noinc(landed);
+        ++write;
+      }
+      return;  // the copies in flight complete the consumers' barriers; the epilogue is theirs
+    }
+  } else if (producer) {
     cutlass::arch::warpgroup_reg_dealloc<Ws::kProducerRegisters>();
     if (threadIdx.x == Ws::kConsumers) {
       // The tile's row boxes from its first row and expert e's weight tiles, along k.
@@ -291,6 +346,8 @@ __global__ void __launch_bounds__(Sm90WsShape<Config>::kThreads, 1)
   PipelineState release;
   for (int k = 0; k < k_tiles; ++k) {
     pipeline.consumer_wait(read);
+    // Rows written by cp.async (the generic proxy) are read by wgmma (the async proxy).
+    if constexpr (!kRowsTma) cutlass::arch::fence_view_async_shared();
     warpgroup_fence_operand(acc);
     warpgroup_arrive();
     gemm(mma, tCrA(_, _, _, read.index()), tCrB(_, _, _, read.index()), acc);
@@ -431,12 +488,18 @@ void launch_sm90_tma_varlen_m_gemm(const VarlenMGemm& g, const int* tile_prefix,
   launch_sm90_tma_varlen_m_gemm_with<T, kBKMajor, false>(g, tile_prefix, stream);
 }
 
-template <class T, bool kBKMajor>
-void launch_sm90_ws_tma_rows_varlen_m_gemm(const VarlenMGemm& g, const int* tile_prefix, cudaStream_t stream) {
+template <class T, bool kBKMajor, bool kRowsTma>
+void launch_sm90_ws_varlen_m_gemm(const VarlenMGemm& g, const int* tile_prefix, cudaStream_t stream) {
   using Config = Sm90TmaConfig<T>;
-  using Ws = Sm90WsShape<Config>;
+  using Ws = Sm90WsShape<Config, !kRowsTma>;
   const auto weight_tma = make_weight_tma<Config, kBKMajor>(g);
-  const auto row_tma = make_rows_tma<Config>(g);
+  const auto row_tma = [&] {
+    if constexpr (kRowsTma) {
+      return make_rows_tma<Config>(g);
+    } else {
+      return RowsByThreads{};
+    }
+  }();
   auto kernel = sm90_ws_tma_varlen_m_gemm_kernel<Config, kBKMajor, std::remove_const_t<decltype(weight_tma)>,
                                                  std::remove_const_t<decltype(row_tma)>>;
   constexpr int smem = gemm_smem_bytes<Config, true, kBKMajor>() +
@@ -446,6 +509,16 @@ void launch_sm90_ws_tma_rows_varlen_m_gemm(const VarlenMGemm& g, const int* tile
   const dim3 grid = varlen_m_grid<Config>(g);
   kernel<<<grid, Ws::kThreads, smem, stream>>>(g, tile_prefix, weight_tma, row_tma);
   check_launch("varlen-M GEMM");
+}
+
+template <class T, bool kBKMajor>
+void launch_sm90_ws_tma_rows_varlen_m_gemm(const VarlenMGemm& g, const int* tile_prefix, cudaStream_t stream) {
+  launch_sm90_ws_varlen_m_gemm<T, kBKMajor, true>(g, tile_prefix, stream);
+}
+
+template <class T, bool kBKMajor>
+void launch_sm90_ws_gather_varlen_m_gemm(const VarlenMGemm& g, const int* tile_prefix, cudaStream_t stream) {
+  launch_sm90_ws_varlen_m_gemm<T, kBKMajor, false>(g, tile_prefix, stream);
 }
 
 template <class T, bool kBKMajor>

@@ -228,7 +228,10 @@ TEST(CudaKernelChoice, DefaultsFallbacksAndSettings) {
   m.weight_tma_possible = true;
   for (bool k_major : {false, true}) {
     m.b_k_major = k_major;
-    EXPECT_EQ(cuda::choose_varlen_m_kernel(m, defaults), VarlenMKernel::kSm90Tma);  // gathered A
+    EXPECT_EQ(cuda::choose_varlen_m_kernel(m, defaults), VarlenMKernel::kSm90WsGather);  // gathered A
+    KernelSettings no_ws_gather;
+    no_ws_gather.gather_ws = false;
+    EXPECT_EQ(cuda::choose_varlen_m_kernel(m, no_ws_gather), VarlenMKernel::kSm90Tma);
     m.rows_tma_possible = true;  // A read in the grouped order: its rows by TMA too, warp-specialised
     EXPECT_EQ(cuda::choose_varlen_m_kernel(m, defaults), VarlenMKernel::kSm90WsTmaRows);
     KernelSettings no_ws;
@@ -236,6 +239,7 @@ TEST(CudaKernelChoice, DefaultsFallbacksAndSettings) {
     EXPECT_EQ(cuda::choose_varlen_m_kernel(m, no_ws), VarlenMKernel::kSm90TmaRows);
     KernelSettings no_rows_tma;
     no_rows_tma.rows_tma = false;
+    no_rows_tma.gather_ws = false;
     EXPECT_EQ(cuda::choose_varlen_m_kernel(m, no_rows_tma), VarlenMKernel::kSm90Tma);
     KernelSettings persistent_tma;
     persistent_tma.persistent_tma = true;
