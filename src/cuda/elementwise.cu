@@ -2,6 +2,7 @@
 // accesses where the layout allows; the MLP backward's row pass takes one warp per row.
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <initializer_list>
 #include <type_traits>
 
@@ -226,31 +227,31 @@ __global__ void __launch_bounds__(kThreads)
 
 // One warp per row, lanes striding the columns as row_dot_kernel does, so d_gates is summed in
 // the same order; every other value is computed as in the separate kernels.
+// One chunk of a row (kVec columns from c): the values loaded, then everything computed and
+// stored; `acc` gathers the row dot d_gates takes.
 template <class T, int kVec>
-__global__ void __launch_bounds__(kThreads) mlp_backward_rows_kernel(MlpBackwardRows r) {
-  const std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * (kThreads / 32) + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  if (i >= r.rows) return;
-  const std::int64_t p = r.gate_index[i];
-  const float s = load_float(r.gates.ptr, r.gates.dtype, flat_offset(r.gates, p));
-  const T* row = static_cast<const T*>(r.hidden) + i * r.ld_hidden;
-  T* d_a = static_cast<T*>(r.d_a) + i * r.ld_d_a;
-  T* d_row = r.d_hidden ? static_cast<T*>(r.d_hidden) + i * r.ld_d_hidden : nullptr;
-  float acc = 0.0f;
-  for (std::int64_t c = lane * kVec; c < r.h; c += 32 * kVec) {
-    float g[kVec], first[kVec], a[kVec];
-    load_chunk<T, kVec>(d_a + c, g);
-    load_chunk<T, kVec>(row + c, first);
+struct RowsChunk {
+  Chunk<T, kVec> g, first, gate;
+
+  __device__ __forceinline__ void load(const MlpBackwardRows& r, const T* row, const T* d_a, std::int64_t c) {
+    g = *reinterpret_cast<const Chunk<T, kVec>*>(d_a + c);
+    first = *reinterpret_cast<const Chunk<T, kVec>*>(row + c);
+    if (r.glu) gate = *reinterpret_cast<const Chunk<T, kVec>*>(row + r.h + c);
+  }
+
+  __device__ __forceinline__ void finish(const MlpBackwardRows& r, float s, T* d_a, T* d_row, std::int64_t c,
+                                         float& acc) const {
+    float a[kVec];
     if (r.glu) {
-      float gate[kVec], d_first[kVec], d_gate[kVec];
-      load_chunk<T, kVec>(row + r.h + c, gate);
+      float d_first[kVec], d_gate[kVec];
       CUTE_UNROLL
       for (int q = 0; q < kVec; ++q) {
-        const ActivationAt f = activation_at(r.act, gate[q]);
-        a[q] = to_float(T(f.value * first[q]));
-        const float dq = g[q] * s;
+        const float x = to_float(first.v[q]);
+        const ActivationAt f = activation_at(r.act, to_float(gate.v[q]));
+        a[q] = to_float(T(f.value * x));
+        const float dq = to_float(g.v[q]) * s;
         d_first[q] = dq * f.value;
-        d_gate[q] = dq * first[q] * f.grad;
+        d_gate[q] = dq * x * f.grad;
       }
       if (d_row) {
         store_chunk<T, kVec>(d_row + c, d_first);
@@ -260,18 +261,56 @@ __global__ void __launch_bounds__(kThreads) mlp_backward_rows_kernel(MlpBackward
       float d_first[kVec];
       CUTE_UNROLL
       for (int q = 0; q < kVec; ++q) {
-        const ActivationAt f = activation_at(r.act, first[q]);
+        const ActivationAt f = activation_at(r.act, to_float(first.v[q]));
         a[q] = to_float(T(f.value));
-        d_first[q] = g[q] * s * f.grad;
+        d_first[q] = to_float(g.v[q]) * s * f.grad;
       }
       if (d_row) store_chunk<T, kVec>(d_row + c, d_first);
     }
     CUTE_UNROLL
-    for (int q = 0; q < kVec; ++q) acc += g[q] * a[q];
+    for (int q = 0; q < kVec; ++q) acc += to_float(g.v[q]) * a[q];
     if (r.scale_a_in_place) {
       CUTE_UNROLL
       for (int q = 0; q < kVec; ++q) a[q] *= s;
       store_chunk<T, kVec>(d_a + c, a);
+    }
+  }
+};
+
+// kPrefetch: each lane loads its next chunk before it computes and stores the current one, so
+// two chunks' loads are in flight per lane (the kernel waits on its loads: step 33). Chunks are
+// distinct, so the stores never touch what a later load reads, even with dH over H.
+template <class T, int kVec, bool kPrefetch>
+__global__ void __launch_bounds__(kThreads, kPrefetch ? 3 : 4) mlp_backward_rows_kernel(MlpBackwardRows r) {
+  const std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * (kThreads / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (i >= r.rows) return;
+  const std::int64_t p = r.gate_index[i];
+  const float s = load_float(r.gates.ptr, r.gates.dtype, flat_offset(r.gates, p));
+  const T* row = static_cast<const T*>(r.hidden) + i * r.ld_hidden;
+  T* d_a = static_cast<T*>(r.d_a) + i * r.ld_d_a;
+  T* d_row = r.d_hidden ? static_cast<T*>(r.d_hidden) + i * r.ld_d_hidden : nullptr;
+  float acc = 0.0f;
+  constexpr std::int64_t kStride = 32 * kVec;
+  if constexpr (kPrefetch) {
+    std::int64_t c = lane * kVec;
+    if (c < r.h) {
+      RowsChunk<T, kVec> now;
+      now.load(r, row, d_a, c);
+      for (;; c += kStride) {
+        RowsChunk<T, kVec> next;
+        const bool more = c + kStride < r.h;
+        if (more) next.load(r, row, d_a, c + kStride);
+        now.finish(r, s, d_a, d_row, c, acc);
+        if (!more) break;
+        now = next;
+      }
+    }
+  } else {
+    for (std::int64_t c = lane * kVec; c < r.h; c += kStride) {
+      RowsChunk<T, kVec> now;
+      now.load(r, row, d_a, c);
+      now.finish(r, s, d_a, d_row, c, acc);
     }
   }
   if (r.has_d_gates) {
@@ -418,7 +457,16 @@ void mlp_backward_rows(DType dtype, const MlpBackwardRows& r, cudaStream_t strea
     using T = decltype(element);
     with_vector_width<T>({r.hidden, r.d_a, r.d_hidden}, {r.ld_hidden, r.ld_d_a, r.ld_d_hidden, r.h},
                          [&](auto vec) {
-      mlp_backward_rows_kernel<T, vec()><<<ceil_div(r.rows, kThreads / 32), kThreads, 0, stream>>>(r);
+      // SCATTERMOE_ROWS_PREFETCH=0: one chunk's loads in flight per lane (step 33 measures both).
+      static const bool prefetch = [] {
+        const char* env = std::getenv("SCATTERMOE_ROWS_PREFETCH");
+        return !(env && env[0] == '0');
+      }();
+      if (prefetch) {
+        mlp_backward_rows_kernel<T, vec(), true><<<ceil_div(r.rows, kThreads / 32), kThreads, 0, stream>>>(r);
+      } else {
+        mlp_backward_rows_kernel<T, vec(), false><<<ceil_div(r.rows, kThreads / 32), kThreads, 0, stream>>>(r);
+      }
     });
   });
   check_launch("mlp backward rows");
