@@ -280,9 +280,7 @@ __global__ void __launch_bounds__(Sm90WsShape<Config>::kThreads, 1)
         rows[j] = i < t.row_end ? a_base + p.a.row(i) * p.a.ld + chunk : nullptr;
       }
       constexpr auto layout_a = Config::template copy_layout<true, kBM>();  // element offsets (BM,BK,STAGES)
-      Tensor m_b = weight_tma.get_tma_tensor(make_shape(static_cast<int>(p.n), static_cast<int>(p.k), p.num_experts));
-      Tensor g_b = local_tile(m_b(_, _, t.e), make_shape(Int<kBN>{}, Int<kBK>{}),
-                              make_coord(static_cast<int>(t.n0 / kBN), _));  // (BN,BK,k)
+      Tensor g_b = weight_tiles<Config>(weight_tma, p, t.e, static_cast<int>(t.n0 / kBN));  // (BN,BK,k)
       auto weights = weight_tma.get_slice(Int<0>{});
       Tensor tBgB = weights.partition_S(g_b);
       Tensor tBsB = weights.partition_D(s_b);
