@@ -118,6 +118,11 @@ void launch_sm90_persistent_varlen_m_gemm(const VarlenMGemm& g, const int* tile_
 // TMA store (the caller checked varlen_k_store_tma_possible) while the block goes on.
 template <class T, VarlenKContiguous kContiguous, bool kTmaStore>
 void launch_sm90_persistent_varlen_k_gemm(const VarlenKGemm& g, int sm_count, cudaStream_t stream);
+// Its warp-specialised form (sm90_ws_varlen_k_*.cu): a producer warpgroup gathers both operands'
+// rows, walking the block's tiles ahead of the two consumer warpgroups, whose finished tiles
+// leave by TMA store (the caller checked varlen_k_store_tma_possible).
+template <class T, VarlenKContiguous kContiguous>
+void launch_sm90_ws_varlen_k_gemm(const VarlenKGemm& g, int sm_count, cudaStream_t stream);
 // Whether the driver can describe g's output as one (M, N, E) TMA tensor: 16-byte aligned base
 // and strides (unit stride along n is the caller's layout), extents and strides in range.
 inline bool varlen_k_store_tma_possible(const VarlenKGemm& g, std::int64_t element_bytes) {

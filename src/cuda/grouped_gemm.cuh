@@ -15,6 +15,7 @@
 
 #include <cstddef>
 #include <type_traits>
+#include <utility>
 
 #include <cute/tensor.hpp>
 
@@ -45,6 +46,14 @@ constexpr int gemm_smem_bytes() {
       (cute::cosize(Config::template copy_layout<kAKMajor, Config::kBM>()) +
        cute::cosize(Config::template copy_layout<kBKMajor, Config::kBN>())) * sizeof(T));
 }
+
+// The first thread of those that copy operand tiles: 0 (the whole block), or a config's
+// kFirstCopyThread (a warp-specialised kernel's producer warps, after its consumers).
+template <class Config, class = void>
+struct FirstCopyThread : std::integral_constant<int, 0> {};
+template <class Config>
+struct FirstCopyThread<Config, std::void_t<decltype(Config::kFirstCopyThread)>>
+    : std::integral_constant<int, Config::kFirstCopyThread> {};
 
 // ---------------------------------------------------------------------------------------------
 // The 16-byte chunks of one operand tile (kMN x kBK) that this thread copies global -> shared.
@@ -77,8 +86,9 @@ struct TileChunks {
                                               : layout()(mn_offset + off(), line(0), 0));
   }
 
-  __device__ static int off() { return static_cast<int>(threadIdx.x) % kPerLine * kVec; }
-  __device__ static int line(int j) { return static_cast<int>(threadIdx.x) / kPerLine + j * kLinesPerPass; }
+  __device__ static int thread() { return static_cast<int>(threadIdx.x) - FirstCopyThread<Config>::value; }
+  __device__ static int off() { return thread() % kPerLine * kVec; }
+  __device__ static int line(int j) { return thread() / kPerLine + j * kLinesPerPass; }
   // Chunk j's distance from chunk 0, and a stage's size (constants once j is unrolled).
   __device__ static int delta(int j) {
     return static_cast<int>(kKMajor ? layout()(j * kLinesPerPass, 0, 0) : layout()(0, j * kLinesPerPass, 0));
@@ -235,6 +245,15 @@ struct StagedEpilogue {
   template <class Acc, class Coord, class Bias, class Place>
   __device__ static void write_accumulators(T* staged, const Acc& acc, const Coord& coord, Bias&& bias,
                                             Place&& place) {
+    constexpr int kValues = decltype(cute::size(std::declval<const Acc&>()))::value;
+    write_accumulator_range<0, kValues>(staged, acc, coord, bias, place);
+  }
+
+  // The same for this thread's accumulator values [kBegin, kEnd) only (kBegin even).
+  template <int kBegin, int kEnd, class Acc, class Coord, class Bias, class Place>
+  __device__ static void write_accumulator_range(T* staged, const Acc& acc, const Coord& coord, Bias&& bias,
+                                                 Place&& place) {
+    static_assert(kBegin % 2 == 0, "value pairs stay whole");
     using namespace cute;
     struct alignas(2 * sizeof(T)) Pair {
       T x, y;
@@ -248,7 +267,7 @@ struct StagedEpilogue {
     };
     constexpr bool kPairs = sizeof(T) == 2;
     CUTE_UNROLL
-    for (int v = 0; v < size(acc); v += kPairs ? 2 : 1) {
+    for (int v = kBegin; v < kEnd; v += kPairs ? 2 : 1) {
       const int r = get<0>(coord(v));
       const int c = get<1>(coord(v));
       if constexpr (kPairs) {

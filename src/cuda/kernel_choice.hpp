@@ -18,6 +18,7 @@ struct KernelSettings {
   int persistent = -1;             // SCATTERMOE_SM90_PERSISTENT: 1 every cp.async GEMM, 0 none
   bool persistent_tma = false;     // SCATTERMOE_SM90_PERSISTENT_TMA: the TMA varlen-M kernel persistent
   bool varlen_k_tma_store = true;  // SCATTERMOE_SM90_VARLEN_K_TMA_STORE: varlen-K tiles pipelined, TMA-stored
+  bool varlen_k_ws = true;         // SCATTERMOE_SM90_WS_VARLEN_K: varlen-K warp-specialised
 };
 
 // What the dispatcher knows about a GEMM and the device. The wgmma kernels take 16-bit operands
@@ -73,9 +74,11 @@ struct VarlenKChoice {
   VarlenKKernel kernel = VarlenKKernel::kSm80;
   // For kSm90Persistent: the operand whose copies skip the index (B when both are contiguous,
   // the wider tile; step 25) and whether tiles leave by TMA store (steps 26-27: the one k-tile
-  // pipeline across tiles).
+  // pipeline across tiles), and whether a producer warpgroup gathers the operands (step 34; it
+  // stores by TMA).
   VarlenKContiguous contiguous = VarlenKContiguous::kNeither;
   bool tma_store = false;
+  bool warp_specialised = false;
 };
 
 inline VarlenKChoice choose_varlen_k_kernel(const VarlenKFacts& f, const KernelSettings& s) {
@@ -90,6 +93,7 @@ inline VarlenKChoice choose_varlen_k_kernel(const VarlenKFacts& f, const KernelS
                  : f.a_contiguous ? VarlenKContiguous::kA
                                   : VarlenKContiguous::kNeither;
   c.tma_store = s.varlen_k_tma_store && f.store_tma_possible;
+  c.warp_specialised = c.tma_store && s.varlen_k_ws;
   return c;
 }
 

@@ -488,10 +488,14 @@ void launch_sm90_persistent_varlen_m_gemm(const VarlenMGemm& g, const int* tile_
   check_launch("varlen-M GEMM");
 }
 
-template <class T, VarlenKContiguous kContiguous, bool kTmaStore>
-void launch_sm90_persistent_varlen_k_gemm(const VarlenKGemm& g, int sm_count, cudaStream_t stream) {
-  using Config = Sm90Config<T>;
-  constexpr int smem = gemm_smem_bytes<Config, false, false>();
+// A persistent varlen-K launch's tile walk and grid (sm_count blocks at most).
+struct PersistentVarlenKGrid {
+  VarlenKTiling tiling;
+  unsigned blocks;
+};
+
+template <class Config>
+PersistentVarlenKGrid persistent_varlen_k_grid(const VarlenKGemm& g, int sm_count) {
   const std::int64_t tiles = static_cast<std::int64_t>(g.num_experts) * ceil_div(g.m, Config::kBM) *
                              ceil_div(g.n, Config::kBN);
   // The kernel numbers tiles, and steps a block's tile number by the grid, in 32 bits.
@@ -501,13 +505,19 @@ void launch_sm90_persistent_varlen_k_gemm(const VarlenKGemm& g, int sm_count, cu
                       "-column tiles of m = " + std::to_string(g.m) + ", n = " + std::to_string(g.n) +
                       "); at most 2^31 - 1 - the SM count are supported");
   }
-  const VarlenKTiling tiling(static_cast<int>(ceil_div(g.m, Config::kBM)),
-                             static_cast<int>(ceil_div(g.n, Config::kBN)));
-  const unsigned blocks = static_cast<unsigned>(std::min<std::int64_t>(sm_count, tiles));
+  return {VarlenKTiling(static_cast<int>(ceil_div(g.m, Config::kBM)), static_cast<int>(ceil_div(g.n, Config::kBN))),
+          static_cast<unsigned>(std::min<std::int64_t>(sm_count, tiles))};
+}
+
+template <class T, VarlenKContiguous kContiguous, bool kTmaStore>
+void launch_sm90_persistent_varlen_k_gemm(const VarlenKGemm& g, int sm_count, cudaStream_t stream) {
+  using Config = Sm90Config<T>;
+  constexpr int smem = gemm_smem_bytes<Config, false, false>();
+  const PersistentVarlenKGrid grid = persistent_varlen_k_grid<Config>(g, sm_count);
   auto launch = [&](auto kernel, const auto& store_tma) {
     check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
                "varlen-K GEMM: shared memory size");
-    kernel<<<blocks, Config::kThreads, smem, stream>>>(g, tiling, store_tma);
+    kernel<<<grid.blocks, Config::kThreads, smem, stream>>>(g, grid.tiling, store_tma);
     check_launch("varlen-K GEMM");
   };
   if constexpr (kTmaStore) {

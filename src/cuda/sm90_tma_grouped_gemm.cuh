@@ -17,6 +17,7 @@
 // sm90_persistent_tma_*.cu); elsewhere the kernels are empty and never launched.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 #include <utility>
@@ -205,15 +206,18 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
 // copies' bytes, an empty barrier per stage released by the consumers' arrivals once their wgmma
 // has read it), and the consumers only wait, multiply and store: no block-wide barrier per k
 // tile, and kStages k tiles in flight instead of kStages - 2.
-template <class Config, bool kGather = false>
+// kProducerRegisters: what the producer warpgroup keeps after setmaxnreg (40 when one thread
+// issues TMA copies; more when its threads gather rows and hold their addresses); the consumers
+// take the rest of the block's 384 x 168: 128 x 40 + 256 x 232, 128 x 56 + 256 x 224, ...
+template <class Config, int kProducerRegisters_ = 40>
 struct Sm90WsShape {
   static constexpr int kConsumers = Config::kThreads;  // the accumulator warpgroups
   static constexpr int kProducerThreads = 128;
   static constexpr int kThreads = kConsumers + kProducerThreads;  // + the producer warpgroup
-  // setmaxnreg: 128 x 40 + 256 x 232 = 384 x 168, the block's registers at one block per SM; a
-  // gathering producer holds its rows' addresses: 128 x 56 + 256 x 224.
-  static constexpr int kProducerRegisters = kGather ? 56 : 40;
-  static constexpr int kConsumerRegisters = kGather ? 224 : 232;
+  static constexpr int kProducerRegisters = kProducerRegisters_;
+  static constexpr int kConsumerRegisters =
+      std::min(232, (384 * 168 - kProducerThreads * kProducerRegisters) / kConsumers / 8 * 8);
+  static_assert(kProducerRegisters % 8 == 0 && kProducerRegisters >= 24, "setmaxnreg takes multiples of 8");
   static_assert(128 * kProducerRegisters + kConsumers * kConsumerRegisters <= 384 * 168,
                 "setmaxnreg moves registers between the block's warps only");
   static_assert(kConsumers == 256, "the register split assumes two consumer warpgroups");
@@ -232,7 +236,7 @@ __global__ void __launch_bounds__(Sm90WsShape<Config>::kThreads, 1)
   // cp.async, each arriving on the stage's full barrier when its copies land (noinc), beside the
   // one TMA of the weight tile; the full barrier expects 1 + 128 arrivals and the weight bytes.
   constexpr bool kRowsTma = !std::is_same_v<RowTma, RowsByThreads>;
-  using Ws = Sm90WsShape<Config, !kRowsTma>;
+  using Ws = Sm90WsShape<Config, kRowsTma ? 40 : 56>;
   using Pipeline = typename Ws::Pipeline;
   using PipelineState = typename Pipeline::PipelineState;
   constexpr int kBM = Config::kBM;
@@ -489,7 +493,7 @@ void launch_sm90_tma_varlen_m_gemm(const VarlenMGemm& g, const int* tile_prefix,
 template <class T, bool kBKMajor, bool kRowsTma>
 void launch_sm90_ws_varlen_m_gemm(const VarlenMGemm& g, const int* tile_prefix, cudaStream_t stream) {
   using Config = Sm90TmaConfig<T>;
-  using Ws = Sm90WsShape<Config, !kRowsTma>;
+  using Ws = Sm90WsShape<Config, kRowsTma ? 40 : 56>;
   const auto weight_tma = make_weight_tma<Config, kBKMajor>(g);
   const auto row_tma = [&] {
     if constexpr (kRowsTma) {

@@ -269,6 +269,12 @@ TEST(CudaKernelChoice, DefaultsFallbacksAndSettings) {
   EXPECT_EQ(c.kernel, VarlenKKernel::kSm90Persistent);
   EXPECT_EQ(c.contiguous, VarlenKContiguous::kA);
   EXPECT_TRUE(c.tma_store);
+  EXPECT_TRUE(c.warp_specialised);
+  KernelSettings no_ws;
+  no_ws.varlen_k_ws = false;
+  c = cuda::choose_varlen_k_kernel(k, no_ws);
+  EXPECT_TRUE(c.tma_store);
+  EXPECT_FALSE(c.warp_specialised);
   k.b_contiguous = true;  // group_xty: both grouped; B is the wider tile
   EXPECT_EQ(cuda::choose_varlen_k_kernel(k, defaults).contiguous, VarlenKContiguous::kB);
   k.a_contiguous = false;  // dW1: X gathered, dH grouped
@@ -278,8 +284,10 @@ TEST(CudaKernelChoice, DefaultsFallbacksAndSettings) {
   KernelSettings thread_stores;
   thread_stores.varlen_k_tma_store = false;
   EXPECT_FALSE(cuda::choose_varlen_k_kernel(k, thread_stores).tma_store);
+  EXPECT_FALSE(cuda::choose_varlen_k_kernel(k, thread_stores).warp_specialised);  // it stores by TMA
   k.store_tma_possible = false;  // e.g. an output row stride that is not a multiple of 16 bytes
   EXPECT_FALSE(cuda::choose_varlen_k_kernel(k, defaults).tma_store);
+  EXPECT_FALSE(cuda::choose_varlen_k_kernel(k, defaults).warp_specialised);
   KernelSettings not_persistent;
   not_persistent.persistent = 0;
   EXPECT_EQ(cuda::choose_varlen_k_kernel(k, not_persistent).kernel, VarlenKKernel::kSm90);

@@ -1,0 +1,226 @@
+// The warp-specialised persistent varlen-K GEMM (sm_90a), written with CuTe: the weight
+// gradients.
+//
+// The persistent varlen-K kernel of sm90_grouped_gemm.cuh gathers both operands' token rows by
+// cp.async from the same warps that issue the wgmma, with a block barrier per k tile, and its
+// epilogue stops the tensor cores; deepseek's experts give tiles of 4 k tiles, so each tile's
+// copies, barriers and epilogue weigh as much as its products (ncu: issue slots 26%, stalls on
+// fixed-latency waits 28%, dispatch 15%, barriers 14%; the copies 35% of the instructions).
+// Here a producer warpgroup gathers the rows of every stage (the same lean copies, VarlenKCopies,
+// spread over its 128 threads) and arrives on the stage's full barrier when its copies land
+// (cp.async.mbarrier.arrive.noinc; the barrier expects 1 + 128 arrivals), walking the block's
+// tiles ahead of the consumers across tile boundaries, so the next tile's operands arrive while
+// a finished tile is stored. The two consumer warpgroups only wait, multiply and store: the
+// finished tile goes through a staging buffer of its own (the stages are being refilled) in
+// rounds of kStagingBoxes 64-column boxes, each round leaving by TMA store.
+//
+// Compiled for sm_90a only (sm90_ws_varlen_k_*.cu); elsewhere the kernel is empty and never
+// launched.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include "cuda/sm90_tma_grouped_gemm.cuh"
+
+namespace scattermoe::cuda {
+
+// The producer warpgroup's view of Config for VarlenKCopies: 128 copying threads, the first of
+// them thread kFirst of the block.
+template <class Config, int kFirst>
+struct ProducerCopyConfig : Config {
+  static constexpr int kThreads = 128;
+  static constexpr int kFirstCopyThread = kFirst;
+};
+
+template <class Config>
+struct Sm90WsVarlenK {
+  // 4 stages of 48 KiB and a 32 KiB staging buffer (two 128 x 64 boxes) fill 224 KiB; a tile
+  // of 4 boxes leaves in two rounds.
+  static constexpr int kStagingBoxes = 2;
+  static constexpr int kBoxElements = Config::kBM * 64;
+  static constexpr int kRounds = Config::kBN / 64 / kStagingBoxes;
+  static_assert(Config::kBN % (64 * kStagingBoxes) == 0, "whole rounds of boxes");
+  // The producer holds 8 lines' index entries and B sources: 88 registers, the consumers 208.
+  using Ws = Sm90WsShape<Config, 88>;
+  using Pipeline = typename Ws::Pipeline;
+  static constexpr int kStageElements = cute::cosize(Config::template copy_layout<false, Config::kBM>()) +
+                                        cute::cosize(Config::template copy_layout<false, Config::kBN>());
+  static constexpr int kStagingElements = kStagingBoxes * kBoxElements;
+
+  static constexpr int smem_bytes() {
+    return (kStageElements + kStagingElements) * static_cast<int>(sizeof(typename Config::Element)) +
+           static_cast<int>(sizeof(typename Pipeline::SharedStorage));
+  }
+};
+
+template <class Config, VarlenKContiguous kContiguous, class StoreTma>
+__global__ void __launch_bounds__(Sm90WsVarlenK<Config>::Ws::kThreads, 1)
+    sm90_ws_varlen_k_gemm_kernel(VarlenKGemm p, VarlenKTiling tiling, CUTE_GRID_CONSTANT StoreTma const store_tma) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using namespace cute;
+  using T = typename Config::Element;
+  using Geometry = Sm90WsVarlenK<Config>;
+  using Ws = typename Geometry::Ws;
+  using Pipeline = typename Geometry::Pipeline;
+  using PipelineState = typename Pipeline::PipelineState;
+  using Barrier = ConsumerBarrier<Ws::kConsumers>;
+  constexpr int kBM = Config::kBM;
+  constexpr int kBN = Config::kBN;
+  constexpr int kBK = Config::kBK;
+  constexpr int kStagingBoxes = Geometry::kStagingBoxes;
+  constexpr int kBoxElements = Geometry::kBoxElements;
+
+  const int tiles = p.num_experts * tiling.m_tiles * tiling.n_tiles;
+  if (static_cast<int>(blockIdx.x) >= tiles) return;
+  auto tile_at = [&](int tile_number) {
+    const VarlenKTiling::Tile t = tiling(tile_number);
+    return VarlenKTile{t.e, static_cast<std::int64_t>(t.m_tile) * kBM, static_cast<std::int64_t>(t.n_tile) * kBN};
+  };
+
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  T* smem_a = reinterpret_cast<T*>(smem_raw);
+  T* smem_b = smem_a + cosize(Config::template copy_layout<false, kBM>());
+  T* staging = smem_a + Geometry::kStageElements;  // 1024-byte aligned: the stages are 48 KiB each
+  auto* storage = reinterpret_cast<typename Pipeline::SharedStorage*>(staging + Geometry::kStagingElements);
+
+  const bool producer = static_cast<int>(threadIdx.x) >= Ws::kConsumers;
+  typename Pipeline::Params params;
+  params.transaction_bytes = 0;  // no TMA loads: the copies' arrivals complete a stage
+  params.role = producer ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
+  params.is_leader = threadIdx.x == Ws::kConsumers;
+  params.num_consumers = Ws::kConsumers;
+  params.num_producers = 1 + Ws::kProducerThreads;
+  Pipeline pipeline(*storage, params, cute::Shape<_1, _1, _1>{});
+  __syncthreads();  // the barriers initialised, for every thread
+
+  if (producer) {
+    cutlass::arch::warpgroup_reg_dealloc<Ws::kProducerRegisters>();
+    VarlenKCopies<ProducerCopyConfig<Config, Ws::kConsumers>, true, kContiguous> copies(p);
+    PipelineState write = cutlass::make_producer_start_state<Pipeline>();
+    for (int tile_number = static_cast<int>(blockIdx.x); tile_number < tiles;
+         tile_number += static_cast<int>(gridDim.x)) {
+      const VarlenKTile t = tile_at(tile_number);
+      copies.locate(p, t.e, t.m0, t.n0);
+      const int k_tiles = copies.k_tiles();
+      for (int k = 0; k < k_tiles; ++k) {
+        pipeline.producer_acquire(write);  // the leader's arrival (no bytes expected)
+        copies.load_a(p, smem_a, write.index(), k);
+        copies.load_b(p, smem_b, write.index());
+        cutlass::arch::cpasync_barrier_arrive_noinc(pipeline.producer_get_barrier(write));
+        ++write;
+      }
+    }
+    return;  // the copies in flight complete the consumers' barriers
+  }
+
+  cutlass::arch::warpgroup_reg_alloc<Ws::kConsumerRegisters>();
+  Tensor s_a = make_tensor(make_smem_ptr(smem_a), Config::template gmma_layout<false, kBM>());  // (BM,BK,STAGES)
+  Tensor s_b = make_tensor(make_smem_ptr(smem_b), Config::template gmma_layout<false, kBN>());  // (BN,BK,STAGES)
+  typename Config::template TiledMma<false, false> mma;
+  ThrMMA thr_mma = mma.get_slice(threadIdx.x);
+  Tensor tCrA = thr_mma.make_fragment_A(thr_mma.partition_A(s_a));  // descriptors (MMA,M,K,STAGES)
+  Tensor tCrB = thr_mma.make_fragment_B(thr_mma.partition_B(s_b));  // descriptors (MMA,N,K,STAGES)
+  Tensor acc = partition_fragment_C(mma, make_shape(Int<kBM>{}, Int<kBN>{}));
+  Tensor coord = thr_mma.partition_C(make_identity_tensor(make_shape(Int<kBM>{}, Int<kBN>{})));
+  // A round's accumulator values: a wgmma accumulator orders a thread's values (2 columns, 2 row
+  // halves, kBN / 8 column groups of 8), so values [r * V / kRounds, (r + 1) * V / kRounds) are
+  // the columns [r * kBN / kRounds, (r + 1) * kBN / kRounds) of round r.
+  constexpr int kValues = decltype(size(acc))::value;
+  constexpr int kRoundValues = kValues / Geometry::kRounds;
+  static_assert(Geometry::kRounds == 2, "the rounds below are the two halves of the values");
+  static_assert(decltype(size<1>(acc))::value == 1 && decltype(size<2>(acc))::value == 1,
+                "one wgmma accumulator per thread: its value order gives the rounds' columns");
+
+  auto box_layout = varlen_k_store_box_layout<Config>();
+  Tensor m_c = store_tma.get_tma_tensor(make_shape(static_cast<int>(p.m), static_cast<int>(p.n), p.num_experts));
+  auto cta_tma = store_tma.get_slice(Int<0>{});
+
+  PipelineState read;
+  PipelineState release;
+  for (int tile_number = static_cast<int>(blockIdx.x); tile_number < tiles;
+       tile_number += static_cast<int>(gridDim.x)) {
+    const VarlenKTile t = tile_at(tile_number);
+    const std::int64_t r0 = t.e ? p.expert_offsets[t.e - 1] : 0;
+    const int k_tiles = static_cast<int>((p.expert_offsets[t.e] - r0 + kBK - 1) / kBK);
+    clear(acc);
+    for (int k = 0; k < k_tiles; ++k) {
+      pipeline.consumer_wait(read);
+      // Rows written by cp.async (the generic proxy) are read by wgmma (the async proxy).
+      cutlass::arch::fence_view_async_shared();
+      warpgroup_fence_operand(acc);
+      warpgroup_arrive();
+      gemm(mma, tCrA(_, _, _, read.index()), tCrB(_, _, _, read.index()), acc);
+      warpgroup_commit_batch();
+      warpgroup_wait<1>();  // k tile k-1's wgmma has read its stage: hand it back
+      warpgroup_fence_operand(acc);
+      if (k > 0) {
+        pipeline.consumer_release(release);
+        ++release;
+      }
+      ++read;
+    }
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(acc);
+    if (k_tiles > 0) {
+      pipeline.consumer_release(release);
+      ++release;
+    }
+
+    // The tile in rounds through the staging buffer: thread 0 waits until the last round's store
+    // has read it, the threads write their round's values, and thread 0 stores its boxes.
+    Tensor c_tile = m_c(_, _, t.e);
+    CUTE_UNROLL
+    for (int round = 0; round < Geometry::kRounds; ++round) {
+      if (threadIdx.x == 0) tma_store_wait<0>();
+      Barrier::sync();
+      auto place = [&](int r, int c) {
+        const int box = c / 64 - round * kStagingBoxes;
+        return box * kBoxElements + swizzled_offset<64, Config::kVec>(r, c % 64);
+      };
+      if (round == 0) {
+        StagedEpilogue<Config>::template write_accumulator_range<0, kRoundValues>(staging, acc, coord, nullptr,
+                                                                                   place);
+      } else {
+        StagedEpilogue<Config>::template write_accumulator_range<kRoundValues, kValues>(staging, acc, coord,
+                                                                                        nullptr, place);
+      }
+      tma_store_fence();  // the staging writes, visible to the TMA unit (async proxy)
+      Barrier::sync();
+      if (threadIdx.x == 0) {
+        CUTE_UNROLL
+        for (int b = 0; b < kStagingBoxes; ++b) {
+          const int column_box = round * kStagingBoxes + b;
+          const std::int64_t n0 = t.n0 + column_box * 64;
+          if (n0 < p.n) {
+            Tensor s_box = make_tensor(make_smem_ptr(staging + b * kBoxElements), box_layout);
+            Tensor g_box = local_tile(c_tile, make_shape(Int<kBM>{}, Int<64>{}),
+                                      make_coord(static_cast<int>(t.m0 / kBM), static_cast<int>(n0 / 64)));
+            copy(store_tma, cta_tma.partition_S(s_box), cta_tma.partition_D(g_box));
+          }
+        }
+        tma_store_arrive();
+      }
+    }
+  }
+  if (threadIdx.x == 0) tma_store_wait<0>();
+#endif
+}
+
+// ---- the entry point of the sm90_ws_varlen_k_*.cu instantiation files (declared in gemm.hpp) ----
+template <class T, VarlenKContiguous kContiguous>
+void launch_sm90_ws_varlen_k_gemm(const VarlenKGemm& g, int sm_count, cudaStream_t stream) {
+  using Config = Sm90Config<T>;
+  using Geometry = Sm90WsVarlenK<Config>;
+  static_assert(Geometry::kRounds == 2, "the kernel writes its rounds' values as two halves");
+  constexpr int smem = Geometry::smem_bytes();
+  const PersistentVarlenKGrid grid = persistent_varlen_k_grid<Config>(g, sm_count);
+  const auto store_tma = make_varlen_k_store_tma<Config>(g);
+  auto kernel = sm90_ws_varlen_k_gemm_kernel<Config, kContiguous, std::remove_const_t<decltype(store_tma)>>;
+  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
+             "varlen-K GEMM: shared memory size");
+  kernel<<<grid.blocks, Geometry::Ws::kThreads, smem, stream>>>(g, grid.tiling, store_tma);
+  check_launch("varlen-K GEMM");
+}
+
+}  // namespace scattermoe::cuda
