@@ -11,8 +11,8 @@
 // (cp.async.mbarrier.arrive.noinc; the barrier expects 1 + 128 arrivals), walking the block's
 // tiles ahead of the consumers across tile boundaries, so the next tile's operands arrive while
 // a finished tile is stored. The two consumer warpgroups only wait, multiply and store: the
-// finished tile goes through a staging buffer of its own (the stages are being refilled) in
-// rounds of kStagingBoxes 64-column boxes, each round leaving by TMA store.
+// finished tile goes through staging buffers of its own (the stages are being refilled) in
+// rounds of 64-column boxes, each round leaving by TMA store (Sm90WsVarlenK).
 //
 // Compiled for sm_90a only (sm90_ws_varlen_k_*.cu); elsewhere the kernel is empty and never
 // launched.
@@ -33,34 +33,54 @@ struct ProducerCopyConfig : Config {
   static constexpr int kFirstCopyThread = kFirst;
 };
 
-template <class Config>
+// The staging of a finished tile: kBuffers buffers of kRoundBoxes 128 x 64 boxes; the tile
+// leaves in kRounds rounds, round r through buffer r % kBuffers, so a round waits only for the
+// store of the round kBuffers before it (issued by then a round or more ago) to have read its
+// buffer. Config::kStages stages of 48 KiB and the staging fill at most 227 KiB:
+//   4 stages + 2 x 16 KiB: 4 rounds of one box, double-buffered (the default);
+//   3 stages + 64 KiB: one round of the whole tile (SCATTERMOE_SM90_WS_VARLEN_K=2).
+template <class Config, int kBuffers_, int kRoundBoxes_>
 struct Sm90WsVarlenK {
-  // 4 stages of 48 KiB and a 32 KiB staging buffer (two 128 x 64 boxes) fill 224 KiB; a tile
-  // of 4 boxes leaves in two rounds.
-  static constexpr int kStagingBoxes = 2;
+  static constexpr int kBuffers = kBuffers_;
+  static constexpr int kRoundBoxes = kRoundBoxes_;
   static constexpr int kBoxElements = Config::kBM * 64;
-  static constexpr int kRounds = Config::kBN / 64 / kStagingBoxes;
-  static_assert(Config::kBN % (64 * kStagingBoxes) == 0, "whole rounds of boxes");
+  static constexpr int kRounds = Config::kBN / 64 / kRoundBoxes;
+  static_assert(Config::kBN % (64 * kRoundBoxes) == 0 && kRounds % kBuffers == 0,
+                "whole rounds of boxes, the same buffer for a round in every tile");
   // The producer holds 8 lines' index entries and B sources: 88 registers, the consumers 208.
   using Ws = Sm90WsShape<Config, 88>;
   using Pipeline = typename Ws::Pipeline;
   static constexpr int kStageElements = cute::cosize(Config::template copy_layout<false, Config::kBM>()) +
                                         cute::cosize(Config::template copy_layout<false, Config::kBN>());
-  static constexpr int kStagingElements = kStagingBoxes * kBoxElements;
+  static constexpr int kStagingElements = kBuffers * kRoundBoxes * kBoxElements;
 
   static constexpr int smem_bytes() {
     return (kStageElements + kStagingElements) * static_cast<int>(sizeof(typename Config::Element)) +
            static_cast<int>(sizeof(typename Pipeline::SharedStorage));
   }
+  static_assert(smem_bytes() <= 227 * 1024, "the stages and the staging fit in shared memory");
 };
 
-template <class Config, VarlenKContiguous kContiguous, class StoreTma>
-__global__ void __launch_bounds__(Sm90WsVarlenK<Config>::Ws::kThreads, 1)
+// The two shapes measured (the launch's kShape): 0 the default, 1 the single-round one.
+template <class T, int kShape>
+struct Sm90WsVarlenKChoice;
+template <class T>
+struct Sm90WsVarlenKChoice<T, 0> {
+  using Config = Sm90GemmConfig<T, 128, 256, 4>;
+  using Geometry = Sm90WsVarlenK<Config, 2, 1>;
+};
+template <class T>
+struct Sm90WsVarlenKChoice<T, 1> {
+  using Config = Sm90GemmConfig<T, 128, 256, 3>;
+  using Geometry = Sm90WsVarlenK<Config, 1, 4>;
+};
+
+template <class Config, class Geometry, VarlenKContiguous kContiguous, class StoreTma>
+__global__ void __launch_bounds__(Geometry::Ws::kThreads, 1)
     sm90_ws_varlen_k_gemm_kernel(VarlenKGemm p, VarlenKTiling tiling, CUTE_GRID_CONSTANT StoreTma const store_tma) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using namespace cute;
   using T = typename Config::Element;
-  using Geometry = Sm90WsVarlenK<Config>;
   using Ws = typename Geometry::Ws;
   using Pipeline = typename Geometry::Pipeline;
   using PipelineState = typename Pipeline::PipelineState;
@@ -68,7 +88,8 @@ __global__ void __launch_bounds__(Sm90WsVarlenK<Config>::Ws::kThreads, 1)
   constexpr int kBM = Config::kBM;
   constexpr int kBN = Config::kBN;
   constexpr int kBK = Config::kBK;
-  constexpr int kStagingBoxes = Geometry::kStagingBoxes;
+  constexpr int kRoundBoxes = Geometry::kRoundBoxes;
+  constexpr int kBuffers = Geometry::kBuffers;
   constexpr int kBoxElements = Geometry::kBoxElements;
 
   const int tiles = p.num_experts * tiling.m_tiles * tiling.n_tiles;
@@ -128,7 +149,6 @@ __global__ void __launch_bounds__(Sm90WsVarlenK<Config>::Ws::kThreads, 1)
   // the columns [r * kBN / kRounds, (r + 1) * kBN / kRounds) of round r.
   constexpr int kValues = decltype(size(acc))::value;
   constexpr int kRoundValues = kValues / Geometry::kRounds;
-  static_assert(Geometry::kRounds == 2, "the rounds below are the two halves of the values");
   static_assert(decltype(size<1>(acc))::value == 1 && decltype(size<2>(acc))::value == 1,
                 "one wgmma accumulator per thread: its value order gives the rounds' columns");
 
@@ -167,33 +187,28 @@ __global__ void __launch_bounds__(Sm90WsVarlenK<Config>::Ws::kThreads, 1)
       ++release;
     }
 
-    // The tile in rounds through the staging buffer: thread 0 waits until the last round's store
-    // has read it, the threads write their round's values, and thread 0 stores its boxes.
+    // The tile in rounds through the staging buffers: thread 0 waits until the store that last
+    // read the round's buffer has (kBuffers - 1 later stores may still be reading theirs), the
+    // threads write the round's values, and thread 0 stores its boxes as one bulk group.
     Tensor c_tile = m_c(_, _, t.e);
-    CUTE_UNROLL
-    for (int round = 0; round < Geometry::kRounds; ++round) {
-      if (threadIdx.x == 0) tma_store_wait<0>();
+    for_each(make_int_sequence<Geometry::kRounds>{}, [&](auto round_constant) {
+      constexpr int kRound = decltype(round_constant)::value;
+      T* buffer = staging + kRound % kBuffers * (kRoundBoxes * kBoxElements);
+      if (threadIdx.x == 0) tma_store_wait<kBuffers - 1>();
       Barrier::sync();
-      auto place = [&](int r, int c) {
-        const int box = c / 64 - round * kStagingBoxes;
-        return box * kBoxElements + swizzled_offset<64, Config::kVec>(r, c % 64);
-      };
-      if (round == 0) {
-        StagedEpilogue<Config>::template write_accumulator_range<0, kRoundValues>(staging, acc, coord, nullptr,
-                                                                                   place);
-      } else {
-        StagedEpilogue<Config>::template write_accumulator_range<kRoundValues, kValues>(staging, acc, coord,
-                                                                                        nullptr, place);
-      }
+      StagedEpilogue<Config>::template write_accumulator_range<kRound * kRoundValues, (kRound + 1) * kRoundValues>(
+          buffer, acc, coord, nullptr, [&](int r, int c) {
+            const int box = c / 64 - kRound * kRoundBoxes;
+            return box * kBoxElements + swizzled_offset<64, Config::kVec>(r, c % 64);
+          });
       tma_store_fence();  // the staging writes, visible to the TMA unit (async proxy)
       Barrier::sync();
       if (threadIdx.x == 0) {
         CUTE_UNROLL
-        for (int b = 0; b < kStagingBoxes; ++b) {
-          const int column_box = round * kStagingBoxes + b;
-          const std::int64_t n0 = t.n0 + column_box * 64;
+        for (int b = 0; b < kRoundBoxes; ++b) {
+          const std::int64_t n0 = t.n0 + (kRound * kRoundBoxes + b) * 64;
           if (n0 < p.n) {
-            Tensor s_box = make_tensor(make_smem_ptr(staging + b * kBoxElements), box_layout);
+            Tensor s_box = make_tensor(make_smem_ptr(buffer + b * kBoxElements), box_layout);
             Tensor g_box = local_tile(c_tile, make_shape(Int<kBM>{}, Int<64>{}),
                                       make_coord(static_cast<int>(t.m0 / kBM), static_cast<int>(n0 / 64)));
             copy(store_tma, cta_tma.partition_S(s_box), cta_tma.partition_D(g_box));
@@ -201,22 +216,22 @@ __global__ void __launch_bounds__(Sm90WsVarlenK<Config>::Ws::kThreads, 1)
         }
         tma_store_arrive();
       }
-    }
+    });
   }
   if (threadIdx.x == 0) tma_store_wait<0>();
 #endif
 }
 
 // ---- the entry point of the sm90_ws_varlen_k_*.cu instantiation files (declared in gemm.hpp) ----
-template <class T, VarlenKContiguous kContiguous>
+template <class T, VarlenKContiguous kContiguous, int kShape>
 void launch_sm90_ws_varlen_k_gemm(const VarlenKGemm& g, int sm_count, cudaStream_t stream) {
-  using Config = Sm90Config<T>;
-  using Geometry = Sm90WsVarlenK<Config>;
-  static_assert(Geometry::kRounds == 2, "the kernel writes its rounds' values as two halves");
+  using Config = typename Sm90WsVarlenKChoice<T, kShape>::Config;
+  using Geometry = typename Sm90WsVarlenKChoice<T, kShape>::Geometry;
   constexpr int smem = Geometry::smem_bytes();
   const PersistentVarlenKGrid grid = persistent_varlen_k_grid<Config>(g, sm_count);
   const auto store_tma = make_varlen_k_store_tma<Config>(g);
-  auto kernel = sm90_ws_varlen_k_gemm_kernel<Config, kContiguous, std::remove_const_t<decltype(store_tma)>>;
+  auto kernel =
+      sm90_ws_varlen_k_gemm_kernel<Config, Geometry, kContiguous, std::remove_const_t<decltype(store_tma)>>;
   check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
              "varlen-K GEMM: shared memory size");
   kernel<<<grid.blocks, Geometry::Ws::kThreads, smem, stream>>>(g, grid.tiling, store_tma);
