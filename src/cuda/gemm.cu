@@ -99,7 +99,7 @@ const KernelSettings& settings() {
     k.persistent = env_int("SCATTERMOE_SM90_PERSISTENT", -1);
     k.persistent_tma = env_int("SCATTERMOE_SM90_PERSISTENT_TMA", 0) != 0;
     k.varlen_k_tma_store = env_int("SCATTERMOE_SM90_VARLEN_K_TMA_STORE", 1) != 0;
-    k.varlen_k_ws = env_int("SCATTERMOE_SM90_WS_VARLEN_K", 1);
+    k.varlen_k_ws = env_int("SCATTERMOE_SM90_WS_VARLEN_K", 1) != 0;
     return k;
   }();
   return s;
@@ -206,10 +206,8 @@ void run_varlen_k_gemm(DType dtype, const VarlenKGemm& g, cudaStream_t stream) {
       if (choice.kernel == VarlenKKernel::kSm90Persistent) {
         auto launch = [&](auto contiguous) {
           constexpr VarlenKContiguous kContiguous = decltype(contiguous)::value;
-          if (choice.warp_specialised && choice.ws_shape == 1) {
-            launch_sm90_ws_varlen_k_gemm<T, kContiguous, 1>(g, sms, stream);
-          } else if (choice.warp_specialised) {
-            launch_sm90_ws_varlen_k_gemm<T, kContiguous, 0>(g, sms, stream);
+          if (choice.warp_specialised) {
+            launch_sm90_ws_varlen_k_gemm<T, kContiguous>(g, sms, stream);
           } else if (choice.tma_store) {
             launch_sm90_persistent_varlen_k_gemm<T, kContiguous, true>(g, sms, stream);
           } else {

@@ -120,9 +120,8 @@ template <class T, VarlenKContiguous kContiguous, bool kTmaStore>
 void launch_sm90_persistent_varlen_k_gemm(const VarlenKGemm& g, int sm_count, cudaStream_t stream);
 // Its warp-specialised form (sm90_ws_varlen_k_*.cu): a producer warpgroup gathers both operands'
 // rows, walking the block's tiles ahead of the two consumer warpgroups, whose finished tiles
-// leave by TMA store (the caller checked varlen_k_store_tma_possible). kShape: 0 four stages,
-// the tile stored in four double-buffered rounds; 1 three stages, the tile stored in one round.
-template <class T, VarlenKContiguous kContiguous, int kShape>
+// leave by TMA store (the caller checked varlen_k_store_tma_possible).
+template <class T, VarlenKContiguous kContiguous>
 void launch_sm90_ws_varlen_k_gemm(const VarlenKGemm& g, int sm_count, cudaStream_t stream);
 // Whether the driver can describe g's output as one (M, N, E) TMA tensor: 16-byte aligned base
 // and strides (unit stride along n is the caller's layout), extents and strides in range.

@@ -18,8 +18,7 @@ struct KernelSettings {
   int persistent = -1;             // SCATTERMOE_SM90_PERSISTENT: 1 every cp.async GEMM, 0 none
   bool persistent_tma = false;     // SCATTERMOE_SM90_PERSISTENT_TMA: the TMA varlen-M kernel persistent
   bool varlen_k_tma_store = true;  // SCATTERMOE_SM90_VARLEN_K_TMA_STORE: varlen-K tiles pipelined, TMA-stored
-  int varlen_k_ws = 1;             // SCATTERMOE_SM90_WS_VARLEN_K: varlen-K warp-specialised (0 not;
-                                   // 2 its three-stage, one-round-epilogue shape)
+  bool varlen_k_ws = true;         // SCATTERMOE_SM90_WS_VARLEN_K: varlen-K warp-specialised
 };
 
 // What the dispatcher knows about a GEMM and the device. The wgmma kernels take 16-bit operands
@@ -80,7 +79,6 @@ struct VarlenKChoice {
   VarlenKContiguous contiguous = VarlenKContiguous::kNeither;
   bool tma_store = false;
   bool warp_specialised = false;
-  int ws_shape = 0;  // launch_sm90_ws_varlen_k_gemm's kShape
 };
 
 inline VarlenKChoice choose_varlen_k_kernel(const VarlenKFacts& f, const KernelSettings& s) {
@@ -95,8 +93,7 @@ inline VarlenKChoice choose_varlen_k_kernel(const VarlenKFacts& f, const KernelS
                  : f.a_contiguous ? VarlenKContiguous::kA
                                   : VarlenKContiguous::kNeither;
   c.tma_store = s.varlen_k_tma_store && f.store_tma_possible;
-  c.warp_specialised = c.tma_store && s.varlen_k_ws != 0;
-  c.ws_shape = s.varlen_k_ws == 2 ? 1 : 0;
+  c.warp_specialised = c.tma_store && s.varlen_k_ws;
   return c;
 }
 

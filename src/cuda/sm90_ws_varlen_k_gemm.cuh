@@ -36,9 +36,10 @@ struct ProducerCopyConfig : Config {
 // The staging of a finished tile: kBuffers buffers of kRoundBoxes 128 x 64 boxes; the tile
 // leaves in kRounds rounds, round r through buffer r % kBuffers, so a round waits only for the
 // store of the round kBuffers before it (issued by then a round or more ago) to have read its
-// buffer. Config::kStages stages of 48 KiB and the staging fill at most 227 KiB:
-//   4 stages + 2 x 16 KiB: 4 rounds of one box, double-buffered (the default);
-//   3 stages + 64 KiB: one round of the whole tile (SCATTERMOE_SM90_WS_VARLEN_K=2).
+// buffer. Config::kStages stages of 48 KiB and the staging fill at most 227 KiB. Measured (step
+// 34): 4 stages + 2 x 16 KiB, 4 rounds of one box, double-buffered (Sm90WsVarlenKShape) against
+// 4 stages + 32 KiB in 2 rounds (each round waiting for the last one's store: 2-3% slower) and
+// 3 stages + 64 KiB in one round (dW1 1-4% faster, dW2 up to 5% slower: mixed).
 template <class Config, int kBuffers_, int kRoundBoxes_>
 struct Sm90WsVarlenK {
   static constexpr int kBuffers = kBuffers_;
@@ -61,19 +62,10 @@ struct Sm90WsVarlenK {
   static_assert(smem_bytes() <= 227 * 1024, "the stages and the staging fit in shared memory");
 };
 
-// The two shapes measured (the launch's kShape): 0 the default, 1 the single-round one.
-template <class T, int kShape>
-struct Sm90WsVarlenKChoice;
 template <class T>
-struct Sm90WsVarlenKChoice<T, 0> {
-  using Config = Sm90GemmConfig<T, 128, 256, 4>;
-  using Geometry = Sm90WsVarlenK<Config, 2, 1>;
-};
+using Sm90WsVarlenKConfig = Sm90GemmConfig<T, 128, 256, 4>;
 template <class T>
-struct Sm90WsVarlenKChoice<T, 1> {
-  using Config = Sm90GemmConfig<T, 128, 256, 3>;
-  using Geometry = Sm90WsVarlenK<Config, 1, 4>;
-};
+using Sm90WsVarlenKShape = Sm90WsVarlenK<Sm90WsVarlenKConfig<T>, 2, 1>;
 
 template <class Config, class Geometry, VarlenKContiguous kContiguous, class StoreTma>
 __global__ void __launch_bounds__(Geometry::Ws::kThreads, 1)
@@ -223,10 +215,10 @@ __global__ void __launch_bounds__(Geometry::Ws::kThreads, 1)
 }
 
 // ---- the entry point of the sm90_ws_varlen_k_*.cu instantiation files (declared in gemm.hpp) ----
-template <class T, VarlenKContiguous kContiguous, int kShape>
+template <class T, VarlenKContiguous kContiguous>
 void launch_sm90_ws_varlen_k_gemm(const VarlenKGemm& g, int sm_count, cudaStream_t stream) {
-  using Config = typename Sm90WsVarlenKChoice<T, kShape>::Config;
-  using Geometry = typename Sm90WsVarlenKChoice<T, kShape>::Geometry;
+  using Config = Sm90WsVarlenKConfig<T>;
+  using Geometry = Sm90WsVarlenKShape<T>;
   constexpr int smem = Geometry::smem_bytes();
   const PersistentVarlenKGrid grid = persistent_varlen_k_grid<Config>(g, sm_count);
   const auto store_tma = make_varlen_k_store_tma<Config>(g);

@@ -2,6 +2,6 @@
 #include "cuda/sm90_ws_varlen_k_gemm.cuh"
 
 namespace scattermoe::cuda {
-template void launch_sm90_ws_varlen_k_gemm<cute::half_t, VarlenKContiguous::kNeither, 0>(const VarlenKGemm&, int,
-                                                                                       cudaStream_t);
+template void launch_sm90_ws_varlen_k_gemm<cute::half_t, VarlenKContiguous::kNeither>(const VarlenKGemm&, int,
+                                                                                      cudaStream_t);
 }  // namespace scattermoe::cuda

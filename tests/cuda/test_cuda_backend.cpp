@@ -270,12 +270,8 @@ TEST(CudaKernelChoice, DefaultsFallbacksAndSettings) {
   EXPECT_EQ(c.contiguous, VarlenKContiguous::kA);
   EXPECT_TRUE(c.tma_store);
   EXPECT_TRUE(c.warp_specialised);
-  EXPECT_EQ(c.ws_shape, 0);
-  KernelSettings one_round;
-  one_round.varlen_k_ws = 2;
-  EXPECT_EQ(cuda::choose_varlen_k_kernel(k, one_round).ws_shape, 1);
   KernelSettings no_ws;
-  no_ws.varlen_k_ws = 0;
+  no_ws.varlen_k_ws = false;
   c = cuda::choose_varlen_k_kernel(k, no_ws);
   EXPECT_TRUE(c.tma_store);
   EXPECT_FALSE(c.warp_specialised);
