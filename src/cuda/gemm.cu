@@ -96,6 +96,7 @@ const KernelSettings& settings() {
     k.rows_tma = env_int("SCATTERMOE_SM90_ROWS_TMA", 1) != 0;
     k.rows_tma_ws = env_int("SCATTERMOE_SM90_WS", 1) != 0;
     k.gather_ws = env_int("SCATTERMOE_SM90_WS_GATHER", 1) != 0;
+    k.ws_persistent = env_int("SCATTERMOE_SM90_WS_PERSISTENT", 0) != 0;
     k.persistent = env_int("SCATTERMOE_SM90_PERSISTENT", -1);
     k.persistent_tma = env_int("SCATTERMOE_SM90_PERSISTENT_TMA", 0) != 0;
     k.varlen_k_tma_store = env_int("SCATTERMOE_SM90_VARLEN_K_TMA_STORE", 1) != 0;
@@ -156,6 +157,14 @@ void run_varlen_m_gemm(DType dtype, const VarlenMGemm& g, void* workspace, cudaS
         case VarlenMKernel::kSm90WsGather:
           b_k_major ? launch_sm90_ws_gather_varlen_m_gemm<T, true>(tuned, tile_prefix, stream)
                     : launch_sm90_ws_gather_varlen_m_gemm<T, false>(tuned, tile_prefix, stream);
+          return;
+        case VarlenMKernel::kSm90WsPersistentTmaRows:
+          b_k_major ? launch_sm90_ws_persistent_varlen_m_gemm<T, true, true>(tuned, tile_prefix, sms, stream)
+                    : launch_sm90_ws_persistent_varlen_m_gemm<T, false, true>(tuned, tile_prefix, sms, stream);
+          return;
+        case VarlenMKernel::kSm90WsPersistentGather:
+          b_k_major ? launch_sm90_ws_persistent_varlen_m_gemm<T, true, false>(tuned, tile_prefix, sms, stream)
+                    : launch_sm90_ws_persistent_varlen_m_gemm<T, false, false>(tuned, tile_prefix, sms, stream);
           return;
         case VarlenMKernel::kSm90TmaRows:
           b_k_major ? launch_sm90_tma_rows_varlen_m_gemm<T, true>(tuned, tile_prefix, stream)

@@ -148,7 +148,13 @@ void launch_sm90_ws_tma_rows_varlen_m_gemm(const VarlenMGemm& g, const int* tile
 // gathers them by cp.async beside the weights' TMA.
 template <class T, bool kBKMajor>
 void launch_sm90_ws_gather_varlen_m_gemm(const VarlenMGemm& g, const int* tile_prefix, cudaStream_t stream);
-// Its persistent form (sm90_persistent_tma_*.cu): sm_count blocks at most.
+// The persistent form of both warp-specialised kernels (sm90_ws_persistent_*.cu; kRowsTma: A's
+// rows by TMA, else gathered): sm_count blocks at most, each tile stored through staging of its
+// own while the producer loads the next.
+template <class T, bool kBKMajor, bool kRowsTma>
+void launch_sm90_ws_persistent_varlen_m_gemm(const VarlenMGemm& g, const int* tile_prefix, int sm_count,
+                                             cudaStream_t stream);
+// The TMA kernel's persistent form (sm90_persistent_tma_*.cu): sm_count blocks at most.
 template <class T, bool kBKMajor>
 void launch_sm90_persistent_tma_varlen_m_gemm(const VarlenMGemm& g, const int* tile_prefix, int sm_count,
                                               cudaStream_t stream);

@@ -15,6 +15,7 @@ struct KernelSettings {
   bool rows_tma = true;            // SCATTERMOE_SM90_ROWS_TMA: varlen-M grouped A rows by TMA too
   bool rows_tma_ws = true;         // SCATTERMOE_SM90_WS: those GEMMs warp-specialised
   bool gather_ws = true;           // SCATTERMOE_SM90_WS_GATHER: gathered-A GEMMs warp-specialised
+  bool ws_persistent = false;      // SCATTERMOE_SM90_WS_PERSISTENT: those two kernels persistent
   int persistent = -1;             // SCATTERMOE_SM90_PERSISTENT: 1 every cp.async GEMM, 0 none
   bool persistent_tma = false;     // SCATTERMOE_SM90_PERSISTENT_TMA: the TMA varlen-M kernel persistent
   bool varlen_k_tma_store = true;  // SCATTERMOE_SM90_VARLEN_K_TMA_STORE: varlen-K tiles pipelined, TMA-stored
@@ -39,6 +40,8 @@ enum class VarlenMKernel {
   kSm90TmaRows,        // the same with A's grouped rows by TMA too (step 30)
   kSm90WsTmaRows,      // that, warp-specialised: a producer warpgroup issues the copies (step 31)
   kSm90WsGather,       // gathered A, warp-specialised: the producer gathers A, TMA for B
+  kSm90WsPersistentTmaRows,  // kSm90WsTmaRows, persistent (opt-in, not yet measured)
+  kSm90WsPersistentGather,   // kSm90WsGather, persistent (opt-in, not yet measured)
   kSm90PersistentTma,  // the same, persistent (within 2% per kernel, step 23: opt-in)
 };
 
@@ -47,9 +50,11 @@ inline VarlenMKernel choose_varlen_m_kernel(const VarlenMFacts& f, const KernelS
   if (s.weight_tma && f.weight_tma_possible) {
     if (s.persistent_tma) return VarlenMKernel::kSm90PersistentTma;
     if (!s.rows_tma || !f.rows_tma_possible) {
-      return s.gather_ws ? VarlenMKernel::kSm90WsGather : VarlenMKernel::kSm90Tma;
+      if (!s.gather_ws) return VarlenMKernel::kSm90Tma;
+      return s.ws_persistent ? VarlenMKernel::kSm90WsPersistentGather : VarlenMKernel::kSm90WsGather;
     }
-    return s.rows_tma_ws ? VarlenMKernel::kSm90WsTmaRows : VarlenMKernel::kSm90TmaRows;
+    if (!s.rows_tma_ws) return VarlenMKernel::kSm90TmaRows;
+    return s.ws_persistent ? VarlenMKernel::kSm90WsPersistentTmaRows : VarlenMKernel::kSm90WsTmaRows;
   }
   // Without TMA, the persistent walk helps the N-major weights (dA', dX: 7-8% on mixtral) and
   // costs the K-major up|gate GEMM 6% (step 15).

@@ -224,6 +224,50 @@ struct Sm90WsShape {
   using Pipeline = cutlass::PipelineTmaAsync<Config::kStages>;
 };
 
+// A's rows of a varlen-M tile gathered by a producer warpgroup's 128 threads (the first of them
+// thread kFirst) by cp.async: thread q copies chunk q % 8 (8 elements) of rows q / 8, + 16, ...,
+// + 112 of the tile, each row looked up once per tile.
+template <class Config, int kFirst>
+struct GatheredRows {
+  using T = typename Config::Element;
+  static constexpr int kPerRow = Config::kBK / Config::kVec;  // 8 chunks per row
+  static constexpr int kRowsPerPass = 128 / kPerRow;           // 16
+  static constexpr int kPasses = Config::kBM / kRowsPerPass;   // 8
+
+  int chunk;
+  int row;
+  const T* base;
+  const T* rows[kPasses];  // this thread's chunk of each of its rows (nullptr past the tile's end)
+
+  __device__ explicit GatheredRows(const VarlenMGemm& p)
+      : chunk((static_cast<int>(threadIdx.x) - kFirst) % kPerRow * Config::kVec),
+        row((static_cast<int>(threadIdx.x) - kFirst) / kPerRow),
+        base(static_cast<const T*>(p.a.ptr)) {}
+
+  __device__ __forceinline__ void locate(const VarlenMGemm& p, std::int64_t row0, std::int64_t row_end) {
+    CUTE_UNROLL
+    for (int j = 0; j < kPasses; ++j) {
+      const std::int64_t i = row0 + row + j * kRowsPerPass;
+      rows[j] = i < row_end ? base + p.a.row(i) * p.a.ld + chunk : nullptr;
+    }
+  }
+
+  // k tile k of the rows into `stage` of A's stages (zeros past the tile's rows and past K).
+  __device__ __forceinline__ void load(const VarlenMGemm& p, T* smem_a, int stage, int k) const {
+    constexpr auto layout_a = Config::template copy_layout<true, Config::kBM>();  // element offsets (BM,BK,STAGES)
+    const std::int64_t k0 = static_cast<std::int64_t>(k) * Config::kBK;
+    const bool inside = k0 + chunk < p.k;  // K % 8 == 0 on this path: a chunk is all in or out
+    T* dst = smem_a + layout_a(0, 0, stage);
+    CUTE_UNROLL
+    for (int j = 0; j < kPasses; ++j) {
+      const bool valid = inside && rows[j] != nullptr;
+      cute::SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t>::copy(
+          *reinterpret_cast<const cute::uint128_t*>(valid ? rows[j] + k0 : base),
+          *reinterpret_cast<cute::uint128_t*>(dst + layout_a(row + j * kRowsPerPass, chunk, 0)), valid);
+    }
+  }
+};
+
 template <class Config, bool kBKMajor, class WeightTma, class RowTma>
 __global__ void __launch_bounds__(Sm90WsShape<Config>::kThreads, 1)
     sm90_ws_tma_varlen_m_gemm_kernel(VarlenMGemm p, const int* __restrict__ tile_prefix,
@@ -269,21 +313,8 @@ __global__ void __launch_bounds__(Sm90WsShape<Config>::kThreads, 1)
   if constexpr (!kRowsTma) {
     if (producer) {
       cutlass::arch::warpgroup_reg_dealloc<Ws::kProducerRegisters>();
-      // Chunk c (8 elements) of rows r, r + 16, ... r + 112 of the tile: its rows looked up once.
-      constexpr int kPerRow = kBK / Config::kVec;                       // 8 chunks per row
-      constexpr int kRowsPerPass = Ws::kProducerThreads / kPerRow;   // 16
-      constexpr int kPasses = kBM / kRowsPerPass;                       // 8
-      const int producer_thread = static_cast<int>(threadIdx.x) - Ws::kConsumers;
-      const int chunk = producer_thread % kPerRow * Config::kVec;
-      const int row = producer_thread / kPerRow;
-      const T* a_base = static_cast<const T*>(p.a.ptr);
-      const T* rows[kPasses];
-      CUTE_UNROLL
-      for (int j = 0; j < kPasses; ++j) {
-        const std::int64_t i = t.row0 + row + j * kRowsPerPass;
-        rows[j] = i < t.row_end ? a_base + p.a.row(i) * p.a.ld + chunk : nullptr;
-      }
-      constexpr auto layout_a = Config::template copy_layout<true, kBM>();  // element offsets (BM,BK,STAGES)
+      GatheredRows<Config, Ws::kConsumers> rows(p);
+      rows.locate(p, t.row0, t.row_end);
       Tensor g_b = weight_tiles<Config>(weight_tma, p, t.e, static_cast<int>(t.n0 / kBN));  // (BN,BK,k)
       auto weights = weight_tma.get_slice(Int<0>{});
       Tensor tBgB = weights.partition_S(g_b);
@@ -295,16 +326,7 @@ __global__ void __launch_bounds__(Sm90WsShape<Config>::kThreads, 1)
         if (threadIdx.x == Ws::kConsumers) {
           copy(weight_tma.with(*landed), tBgB(_, _, _, k), tBsB(_, _, _, write.index()));
         }
-        const std::int64_t k0 = static_cast<std::int64_t>(k) * kBK;
-        const bool inside = k0 + chunk < p.k;  // K % 8 == 0 on this path: a chunk is all in or out
-        T* stage = smem_a + layout_a(0, 0, write.index());
-        CUTE_UNROLL
-        for (int j = 0; j < kPasses; ++j) {
-          const bool valid = inside && rows[j] != nullptr;
-          cute::SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t>::copy(
-              *reinterpret_cast<const cute::uint128_t*>(valid ? rows[j] + k0 : a_base),
-              *reinterpret_cast<cute::uint128_t*>(stage + layout_a(row + j * kRowsPerPass, chunk, 0)), valid);
-        }
+        rows.load(p, smem_a, write.index(), k);
         cutlass::arch::cpasync_barrier_arrive_noinc(landed);
         ++write;
       }
@@ -368,6 +390,211 @@ __global__ void __launch_bounds__(Sm90WsShape<Config>::kThreads, 1)
   Tensor coord = thr_mma.partition_C(make_identity_tensor(make_shape(Int<kBM>{}, Int<kBN>{})));
   store_varlen_m_tile<Config, kBKMajor, ConsumerBarrier<Ws::kConsumers>>(p, acc, coord, smem_raw, t.e, t.row0,
                                                                            t.row_end, t.n0);
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// The warp-specialised kernel, persistent: one block per SM walks the tile schedule (as
+// sm90_persistent_varlen_m_gemm_kernel does); the producer runs ahead across tile boundaries, so
+// the next tile's operands arrive while the consumers store a finished one, and the pipeline
+// fills once per block instead of once per tile. The stages stay 4 (192 KiB); the finished tile
+// goes through two 16 KiB staging buffers of its own in four rounds of 64 columns (a round's
+// buffer was last read by the round two before it, which one barrier per round orders), each
+// round written out by the consumers in 16-byte chunks of whole rows.
+template <class Config>
+struct Sm90WsPersistentVarlenM {
+  static constexpr int kRoundColumns = 64;
+  static constexpr int kRounds = Config::kBN / kRoundColumns;
+  static constexpr int kBufferElements = Config::kBM * kRoundColumns;
+  static constexpr int kStagingElements = 2 * kBufferElements;
+  static_assert(kRounds % 2 == 0, "a round's buffer is the same in every tile");
+  template <bool kBKMajor>
+  static constexpr int stage_elements() {
+    return cute::cosize(Config::template copy_layout<true, Config::kBM>()) +
+           cute::cosize(Config::template copy_layout<kBKMajor, Config::kBN>());
+  }
+  template <bool kBKMajor, class Pipeline>
+  static constexpr int smem_bytes() {
+    return (stage_elements<kBKMajor>() + kStagingElements) * static_cast<int>(sizeof(typename Config::Element)) +
+           static_cast<int>(sizeof(typename Pipeline::SharedStorage));
+  }
+};
+
+template <class Config, bool kBKMajor, class WeightTma, class RowTma>
+__global__ void __launch_bounds__(Sm90WsShape<Config>::kThreads, 1)
+    sm90_ws_persistent_varlen_m_gemm_kernel(VarlenMGemm p, const int* __restrict__ tile_prefix,
+                                            CUTE_GRID_CONSTANT WeightTma const weight_tma,
+                                            CUTE_GRID_CONSTANT RowTma const row_tma) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using namespace cute;
+  using T = typename Config::Element;
+  constexpr bool kRowsTma = !std::is_same_v<RowTma, RowsByThreads>;
+  using Ws = Sm90WsShape<Config, kRowsTma ? 40 : 56>;
+  using Geometry = Sm90WsPersistentVarlenM<Config>;
+  using Pipeline = typename Ws::Pipeline;
+  using PipelineState = typename Pipeline::PipelineState;
+  using Barrier = ConsumerBarrier<Ws::kConsumers>;
+  constexpr int kBM = Config::kBM;
+  constexpr int kBN = Config::kBN;
+  constexpr int kBK = Config::kBK;
+  constexpr std::uint32_t kStageBytes = (kBN + (kRowsTma ? kBM : 0)) * kBK * sizeof(T);
+
+  const int row_tiles = p.num_experts ? tile_prefix[p.num_experts - 1] : 0;
+  const int column_tiles = static_cast<int>((p.n + kBN - 1) / kBN);
+  const int tiles = row_tiles * column_tiles;
+  if (static_cast<int>(blockIdx.x) >= tiles) return;
+  const int k_tiles = static_cast<int>((p.k + kBK - 1) / kBK);
+  auto tile_at = [&](int tile_number) {
+    const RasterTile r = raster_tile(tile_number, row_tiles, column_tiles, p.raster_group_rows);
+    return varlen_m_tile<kBM, kBN>(p, tile_prefix, r.row, r.column);
+  };
+
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  T* smem_a = reinterpret_cast<T*>(smem_raw);
+  T* smem_b = smem_a + cosize(Config::template copy_layout<true, kBM>());
+  T* staging = smem_a + Geometry::template stage_elements<kBKMajor>();  // 1024-byte aligned
+  auto* storage = reinterpret_cast<typename Pipeline::SharedStorage*>(staging + Geometry::kStagingElements);
+  Tensor s_a = make_tensor(make_smem_ptr(smem_a), Config::template gmma_layout<true, kBM>());      // (BM,BK,STAGES)
+  Tensor s_b = make_tensor(make_smem_ptr(smem_b), Config::template gmma_layout<kBKMajor, kBN>());  // (BN,BK,STAGES)
+
+  const bool producer = static_cast<int>(threadIdx.x) >= Ws::kConsumers;
+  typename Pipeline::Params params;
+  params.transaction_bytes = kStageBytes;
+  params.role = producer ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
+  params.is_leader = threadIdx.x == Ws::kConsumers;
+  params.num_consumers = Ws::kConsumers;
+  params.num_producers = kRowsTma ? 1 : 1 + Ws::kProducerThreads;
+  Pipeline pipeline(*storage, params, cute::Shape<_1, _1, _1>{});
+  __syncthreads();  // the barriers initialised, for every thread
+
+  if (producer) {
+    cutlass::arch::warpgroup_reg_dealloc<Ws::kProducerRegisters>();
+    if (!kRowsTma || threadIdx.x == Ws::kConsumers) {
+      auto weights = weight_tma.get_slice(Int<0>{});
+      Tensor tBsB = weights.partition_D(s_b);
+      PipelineState write = cutlass::make_producer_start_state<Pipeline>();
+      for (int tile_number = static_cast<int>(blockIdx.x); tile_number < tiles;
+           tile_number += static_cast<int>(gridDim.x)) {
+        const VarlenMTile t = tile_at(tile_number);
+        Tensor tBgB = weights.partition_S(weight_tiles<Config>(weight_tma, p, t.e, static_cast<int>(t.n0 / kBN)));
+        if constexpr (kRowsTma) {
+          auto rows = row_tma.get_slice(Int<0>{});
+          Tensor tAgA = rows.partition_S(row_boxes<Config>(row_tma, p, t.row0));
+          Tensor tAsA = rows.partition_D(s_a);
+          for (int k = 0; k < k_tiles; ++k) {
+            pipeline.producer_acquire(write);
+            auto* landed = pipeline.producer_get_barrier(write);
+            copy(row_tma.with(*landed), tAgA(_, _, _, k), tAsA(_, _, _, write.index()));
+            copy(weight_tma.with(*landed), tBgB(_, _, _, k), tBsB(_, _, _, write.index()));
+            ++write;
+          }
+        } else {
+          GatheredRows<Config, Ws::kConsumers> rows(p);
+          rows.locate(p, t.row0, t.row_end);
+          for (int k = 0; k < k_tiles; ++k) {
+            pipeline.producer_acquire(write);  // the leader's arrival expects the weight tile's bytes
+            auto* landed = pipeline.producer_get_barrier(write);
+            if (threadIdx.x == Ws::kConsumers) {
+              copy(weight_tma.with(*landed), tBgB(_, _, _, k), tBsB(_, _, _, write.index()));
+            }
+            rows.load(p, smem_a, write.index(), k);
+            cutlass::arch::cpasync_barrier_arrive_noinc(landed);
+            ++write;
+          }
+        }
+      }
+    }
+    return;  // the copies in flight complete the consumers' barriers
+  }
+
+  cutlass::arch::warpgroup_reg_alloc<Ws::kConsumerRegisters>();
+  typename Config::template TiledMma<true, kBKMajor> mma;
+  ThrMMA thr_mma = mma.get_slice(threadIdx.x);
+  Tensor tCrA = thr_mma.make_fragment_A(thr_mma.partition_A(s_a));  // descriptors (MMA,M,K,STAGES)
+  Tensor tCrB = thr_mma.make_fragment_B(thr_mma.partition_B(s_b));  // descriptors (MMA,N,K,STAGES)
+  Tensor acc = partition_fragment_C(mma, make_shape(Int<kBM>{}, Int<kBN>{}));
+  Tensor coord = thr_mma.partition_C(make_identity_tensor(make_shape(Int<kBM>{}, Int<kBN>{})));
+  // A round's accumulator values: a wgmma accumulator orders a thread's values (2 columns, 2 row
+  // halves, kBN / 8 column groups of 8), so values [r * V / kRounds, (r + 1) * V / kRounds) are
+  // the columns [r * 64, (r + 1) * 64).
+  constexpr int kValues = decltype(size(acc))::value;
+  constexpr int kRoundValues = kValues / Geometry::kRounds;
+  static_assert(decltype(size<1>(acc))::value == 1 && decltype(size<2>(acc))::value == 1,
+                "one wgmma accumulator per thread: its value order gives the rounds' columns");
+  __shared__ float bias_tile[kBN];
+
+  PipelineState read;
+  PipelineState release;
+  for (int tile_number = static_cast<int>(blockIdx.x); tile_number < tiles;
+       tile_number += static_cast<int>(gridDim.x)) {
+    const VarlenMTile t = tile_at(tile_number);
+    clear(acc);
+    for (int k = 0; k < k_tiles; ++k) {
+      pipeline.consumer_wait(read);
+      // Rows written by cp.async (the generic proxy) are read by wgmma (the async proxy).
+      if constexpr (!kRowsTma) cutlass::arch::fence_view_async_shared();
+      warpgroup_fence_operand(acc);
+      warpgroup_arrive();
+      gemm(mma, tCrA(_, _, _, read.index()), tCrB(_, _, _, read.index()), acc);
+      warpgroup_commit_batch();
+      warpgroup_wait<1>();  // k tile k-1's wgmma has read its stage: hand it back
+      warpgroup_fence_operand(acc);
+      if (k > 0) {
+        pipeline.consumer_release(release);
+        ++release;
+      }
+      ++read;
+    }
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(acc);
+    if (k_tiles > 0) {
+      pipeline.consumer_release(release);
+      ++release;
+    }
+
+    // The epilogue: bias (read while staging: every thread has staged the last tile's values
+    // once the barrier of its last round has passed), then the rounds.
+    const int rows = static_cast<int>(t.row_end - t.row0);
+    const int cols = static_cast<int>(min(static_cast<std::int64_t>(kBN), p.n - t.n0));
+    if (p.bias) {
+      const T* bias = static_cast<const T*>(p.bias) + t.e * p.bias_expert_stride;
+      for (int c = static_cast<int>(threadIdx.x); c < kBN; c += Ws::kConsumers) {
+        bias_tile[c] = c < cols ? to_float(bias[(t.n0 + c) * p.bias_stride_n]) : 0.0f;
+      }
+      Barrier::sync();
+    }
+    T* out = static_cast<T*>(p.c) + t.n0;
+    const bool wide = reinterpret_cast<std::uintptr_t>(out) % 16 == 0 && p.ldc % Config::kVec == 0;
+    for_each(make_int_sequence<Geometry::kRounds>{}, [&](auto round_constant) {
+      constexpr int kRound = decltype(round_constant)::value;
+      constexpr int kColumn0 = kRound * Geometry::kRoundColumns;
+      T* buffer = staging + kRound % 2 * Geometry::kBufferElements;
+      auto place = [](int r, int c) { return swizzled_offset<Geometry::kRoundColumns, Config::kVec>(r, c - kColumn0); };
+      if (p.bias) {
+        StagedEpilogue<Config>::template write_accumulator_range<kRound * kRoundValues, (kRound + 1) * kRoundValues>(
+            buffer, acc, coord, [&](int c) { return bias_tile[c]; }, place);
+      } else {
+        StagedEpilogue<Config>::template write_accumulator_range<kRound * kRoundValues, (kRound + 1) * kRoundValues>(
+            buffer, acc, coord, nullptr, place);
+      }
+      Barrier::sync();
+      constexpr int kChunks = Geometry::kRoundColumns / Config::kVec;  // 16-byte chunks per row
+      for (int q = static_cast<int>(threadIdx.x); q < kBM * kChunks; q += Ws::kConsumers) {
+        const int r = q / kChunks;
+        if (r >= rows) break;
+        const int c = kColumn0 + q % kChunks * Config::kVec;
+        if (c >= cols) continue;
+        const std::int64_t i = t.row0 + r;
+        T* dst = out + (p.c_index ? p.c_index[i] : i) * p.ldc + c;
+        const T* src = buffer + swizzled_offset<Geometry::kRoundColumns, Config::kVec>(r, c - kColumn0);
+        if (wide && c + Config::kVec <= cols) {
+          *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+        } else {
+          for (int j = 0; j < Config::kVec && c + j < cols; ++j) dst[j] = src[j];
+        }
+      }
+    });
+  }
 #endif
 }
 
@@ -510,6 +737,34 @@ void launch_sm90_ws_varlen_m_gemm(const VarlenMGemm& g, const int* tile_prefix, 
              "varlen-M GEMM: shared memory size");
   const dim3 grid = varlen_m_grid<Config>(g);
   kernel<<<grid, Ws::kThreads, smem, stream>>>(g, tile_prefix, weight_tma, row_tma);
+  check_launch("varlen-M GEMM");
+}
+
+// The persistent form (the caller checked the same as for launch_sm90_ws_varlen_m_gemm).
+template <class T, bool kBKMajor, bool kRowsTma>
+void launch_sm90_ws_persistent_varlen_m_gemm(const VarlenMGemm& g, const int* tile_prefix, int sm_count,
+                                             cudaStream_t stream) {
+  using Config = Sm90TmaConfig<T>;
+  using Ws = Sm90WsShape<Config, kRowsTma ? 40 : 56>;
+  const auto weight_tma = make_weight_tma<Config, kBKMajor>(g);
+  const auto row_tma = [&] {
+    if constexpr (kRowsTma) {
+      return make_rows_tma<Config>(g);
+    } else {
+      return RowsByThreads{};
+    }
+  }();
+  auto kernel = sm90_ws_persistent_varlen_m_gemm_kernel<Config, kBKMajor, std::remove_const_t<decltype(weight_tma)>,
+                                                        std::remove_const_t<decltype(row_tma)>>;
+  constexpr int smem =
+      Sm90WsPersistentVarlenM<Config>::template smem_bytes<kBKMajor, typename Ws::Pipeline>();
+  static_assert(smem <= 227 * 1024, "the stages and the staging fit in shared memory");
+  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
+             "varlen-M GEMM: shared memory size");
+  const std::int64_t max_tiles = (static_cast<std::int64_t>(ceil_div(g.rows, Config::kBM)) + g.num_experts) *
+                                 ceil_div(g.n, Config::kBN);
+  const unsigned blocks = static_cast<unsigned>(std::min<std::int64_t>(sm_count, max_tiles));
+  kernel<<<blocks, Ws::kThreads, smem, stream>>>(g, tile_prefix, weight_tma, row_tma);
   check_launch("varlen-M GEMM");
 }
 

@@ -232,7 +232,11 @@ TEST(CudaKernelChoice, DefaultsFallbacksAndSettings) {
     KernelSettings no_ws_gather;
     no_ws_gather.gather_ws = false;
     EXPECT_EQ(cuda::choose_varlen_m_kernel(m, no_ws_gather), VarlenMKernel::kSm90Tma);
-    m.rows_tma_possible = true;  // A read in the grouped order: its rows by TMA too, warp-specialised
+    KernelSettings ws_persistent;
+    ws_persistent.ws_persistent = true;
+    EXPECT_EQ(cuda::choose_varlen_m_kernel(m, ws_persistent), VarlenMKernel::kSm90WsPersistentGather);
+    m.rows_tma_possible = true;
+    EXPECT_EQ(cuda::choose_varlen_m_kernel(m, ws_persistent), VarlenMKernel::kSm90WsPersistentTmaRows);  // A read in the grouped order: its rows by TMA too, warp-specialised
     EXPECT_EQ(cuda::choose_varlen_m_kernel(m, defaults), VarlenMKernel::kSm90WsTmaRows);
     KernelSettings no_ws;
     no_ws.rows_tma_ws = false;
