@@ -96,7 +96,7 @@ const KernelSettings& settings() {
     k.rows_tma = env_int("SCATTERMOE_SM90_ROWS_TMA", 1) != 0;
     k.rows_tma_ws = env_int("SCATTERMOE_SM90_WS", 1) != 0;
     k.gather_ws = env_int("SCATTERMOE_SM90_WS_GATHER", 1) != 0;
-    k.ws_persistent = env_int("SCATTERMOE_SM90_WS_PERSISTENT", 0) != 0;
+    k.ws_persistent = env_int("SCATTERMOE_SM90_WS_PERSISTENT", -1);
     k.persistent = env_int("SCATTERMOE_SM90_PERSISTENT", -1);
     k.persistent_tma = env_int("SCATTERMOE_SM90_PERSISTENT_TMA", 0) != 0;
     k.varlen_k_tma_store = env_int("SCATTERMOE_SM90_VARLEN_K_TMA_STORE", 1) != 0;
@@ -134,6 +134,7 @@ void run_varlen_m_gemm(DType dtype, const VarlenMGemm& g, void* workspace, cudaS
     const bool b_k_major = g.b_stride_k == 1;
     VarlenMFacts facts;
     facts.b_k_major = b_k_major;
+    facts.rows_per_expert = g.rows / g.num_experts;
     int sms = 0;
     if constexpr (sizeof(T) == 2) {
       // The wgmma tiles have 128 rows, like the mma.sync ones: the same tile list serves.

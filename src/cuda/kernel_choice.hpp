@@ -4,6 +4,8 @@
 // beside it). Plain C++, so the host tests check the choices.
 #pragma once
 
+#include <cstdint>
+
 namespace scattermoe::cuda {
 
 // Which operand of a varlen-K GEMM reads its rows in the grouped order (no index, divisor 1).
@@ -15,7 +17,8 @@ struct KernelSettings {
   bool rows_tma = true;            // SCATTERMOE_SM90_ROWS_TMA: varlen-M grouped A rows by TMA too
   bool rows_tma_ws = true;         // SCATTERMOE_SM90_WS: those GEMMs warp-specialised
   bool gather_ws = true;           // SCATTERMOE_SM90_WS_GATHER: gathered-A GEMMs warp-specialised
-  bool ws_persistent = false;      // SCATTERMOE_SM90_WS_PERSISTENT: those two kernels persistent
+  int ws_persistent = -1;          // SCATTERMOE_SM90_WS_PERSISTENT: those two kernels persistent
+                                   // (1 always, 0 never, -1 by kPersistentRowsPerExpert)
   int persistent = -1;             // SCATTERMOE_SM90_PERSISTENT: 1 every cp.async GEMM, 0 none
   bool persistent_tma = false;     // SCATTERMOE_SM90_PERSISTENT_TMA: the TMA varlen-M kernel persistent
   bool varlen_k_tma_store = true;  // SCATTERMOE_SM90_VARLEN_K_TMA_STORE: varlen-K tiles pipelined, TMA-stored
@@ -30,7 +33,16 @@ struct VarlenMFacts {
   bool b_k_major = false;            // the weight has unit stride along k
   bool weight_tma_possible = false;  // the weights describable as one TMA tensor
   bool rows_tma_possible = false;    // A read in the grouped order, describable as one TMA tensor
+  std::int64_t rows_per_expert = 0;  // routed rows over experts (the host knows no more)
 };
+
+// The warp-specialised varlen-M kernels run persistent from this many routed rows per expert
+// on average (4 row tiles). Measured per kernel (step 36): persistent is 4-13% faster on
+// qwen3-30b-a3b (1024 rows per expert) and olmoe-1b-7b (2048), level on mixtral-8x7b (2048, whose
+// tiles have 100-450 k tiles), and 2-30% slower on deepseek-v3 (256: two row tiles share each
+// expert's weight tiles, which outgrow L2 and are read again once the persistent blocks drift
+// apart).
+constexpr std::int64_t kPersistentRowsPerExpert = 512;
 
 enum class VarlenMKernel {
   kSm80,               // mma.sync, any type and alignment
@@ -40,21 +52,23 @@ enum class VarlenMKernel {
   kSm90TmaRows,        // the same with A's grouped rows by TMA too (step 30)
   kSm90WsTmaRows,      // that, warp-specialised: a producer warpgroup issues the copies (step 31)
   kSm90WsGather,       // gathered A, warp-specialised: the producer gathers A, TMA for B
-  kSm90WsPersistentTmaRows,  // kSm90WsTmaRows, persistent (opt-in, not yet measured)
-  kSm90WsPersistentGather,   // kSm90WsGather, persistent (opt-in, not yet measured)
+  kSm90WsPersistentTmaRows,  // kSm90WsTmaRows, persistent (kPersistentRowsPerExpert; step 36)
+  kSm90WsPersistentGather,   // kSm90WsGather, persistent (the same)
   kSm90PersistentTma,  // the same, persistent (within 2% per kernel, step 23: opt-in)
 };
 
 inline VarlenMKernel choose_varlen_m_kernel(const VarlenMFacts& f, const KernelSettings& s) {
   if (!f.wgmma) return VarlenMKernel::kSm80;
+  const bool ws_persistent =
+      s.ws_persistent == 1 || (s.ws_persistent < 0 && f.rows_per_expert >= kPersistentRowsPerExpert);
   if (s.weight_tma && f.weight_tma_possible) {
     if (s.persistent_tma) return VarlenMKernel::kSm90PersistentTma;
     if (!s.rows_tma || !f.rows_tma_possible) {
       if (!s.gather_ws) return VarlenMKernel::kSm90Tma;
-      return s.ws_persistent ? VarlenMKernel::kSm90WsPersistentGather : VarlenMKernel::kSm90WsGather;
+      return ws_persistent ? VarlenMKernel::kSm90WsPersistentGather : VarlenMKernel::kSm90WsGather;
     }
     if (!s.rows_tma_ws) return VarlenMKernel::kSm90TmaRows;
-    return s.ws_persistent ? VarlenMKernel::kSm90WsPersistentTmaRows : VarlenMKernel::kSm90WsTmaRows;
+    return ws_persistent ? VarlenMKernel::kSm90WsPersistentTmaRows : VarlenMKernel::kSm90WsTmaRows;
   }
   // Without TMA, the persistent walk helps the N-major weights (dA', dX: 7-8% on mixtral) and
   // costs the K-major up|gate GEMM 6% (step 15).

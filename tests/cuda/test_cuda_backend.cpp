@@ -233,10 +233,21 @@ TEST(CudaKernelChoice, DefaultsFallbacksAndSettings) {
     no_ws_gather.gather_ws = false;
     EXPECT_EQ(cuda::choose_varlen_m_kernel(m, no_ws_gather), VarlenMKernel::kSm90Tma);
     KernelSettings ws_persistent;
-    ws_persistent.ws_persistent = true;
+    ws_persistent.ws_persistent = 1;
     EXPECT_EQ(cuda::choose_varlen_m_kernel(m, ws_persistent), VarlenMKernel::kSm90WsPersistentGather);
+    m.rows_per_expert = cuda::kPersistentRowsPerExpert;  // 4 row tiles per expert: persistent
+    EXPECT_EQ(cuda::choose_varlen_m_kernel(m, defaults), VarlenMKernel::kSm90WsPersistentGather);
+    KernelSettings never_persistent;
+    never_persistent.ws_persistent = 0;
+    EXPECT_EQ(cuda::choose_varlen_m_kernel(m, never_persistent), VarlenMKernel::kSm90WsGather);
     m.rows_tma_possible = true;
-    EXPECT_EQ(cuda::choose_varlen_m_kernel(m, ws_persistent), VarlenMKernel::kSm90WsPersistentTmaRows);  // A read in the grouped order: its rows by TMA too, warp-specialised
+    EXPECT_EQ(cuda::choose_varlen_m_kernel(m, defaults), VarlenMKernel::kSm90WsPersistentTmaRows);
+    EXPECT_EQ(cuda::choose_varlen_m_kernel(m, never_persistent), VarlenMKernel::kSm90WsTmaRows);
+    m.rows_per_expert = cuda::kPersistentRowsPerExpert - 1;  // deepseek-v3's 256: one tile per block
+    EXPECT_EQ(cuda::choose_varlen_m_kernel(m, defaults), VarlenMKernel::kSm90WsTmaRows);
+    EXPECT_EQ(cuda::choose_varlen_m_kernel(m, ws_persistent), VarlenMKernel::kSm90WsPersistentTmaRows);
+    m.rows_per_expert = 0;
+    m.rows_tma_possible = true;  // A read in the grouped order: its rows by TMA too, warp-specialised
     EXPECT_EQ(cuda::choose_varlen_m_kernel(m, defaults), VarlenMKernel::kSm90WsTmaRows);
     KernelSettings no_ws;
     no_ws.rows_tma_ws = false;
