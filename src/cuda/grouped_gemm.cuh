@@ -518,7 +518,11 @@ struct VarlenKCopies {
     if (r1 > r0) fetch_entries(p, 0);
   }
 
-  __device__ __forceinline__ int k_tiles() const { return static_cast<int>((r1 - r0 + kBK - 1) / kBK); }
+  __device__ __forceinline__ int k_tiles() const { return k_tiles_between(r0, r1); }
+  // The k tiles of routed rows [r0, r1) (none when r1 <= r0), for every party that walks them.
+  static __device__ __forceinline__ int k_tiles_between(std::uint32_t r0, std::uint32_t r1) {
+    return r1 > r0 ? static_cast<int>((r1 - r0 + kBK - 1) / kBK) : 0;
+  }
 
   // An entry of the index as 32 bits: entries are routed-row positions, below 2^31, so the low
   // word of the little-endian int64 is the value.

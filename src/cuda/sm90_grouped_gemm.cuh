@@ -390,8 +390,10 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
     for (int tile_number = static_cast<int>(blockIdx.x); tile_number < tiles;
          tile_number += static_cast<int>(gridDim.x)) {
       const VarlenKTile t = tile_at(tile_number);
-      const std::int64_t r0 = t.e ? p.expert_offsets[t.e - 1] : 0;
-      const int k_tiles = static_cast<int>((p.expert_offsets[t.e] - r0 + kBK - 1) / kBK);
+      // The loading cursor's count, computed the same way (routed-row positions fit 32 bits).
+      const int k_tiles = decltype(copies)::k_tiles_between(
+          static_cast<std::uint32_t>(t.e ? p.expert_offsets[t.e - 1] : 0),
+          static_cast<std::uint32_t>(p.expert_offsets[t.e]));
       clear(acc);
       Config::template iterations<false, false>(
           smem_a, smem_b, k_tiles, read_stage, write_stage, acc,

@@ -330,7 +330,10 @@ __global__ void __launch_bounds__(Sm90WsShape<Config>::kThreads, 1)
         cutlass::arch::cpasync_barrier_arrive_noinc(landed);
         ++write;
       }
-      return;  // the copies in flight complete the consumers' barriers; the epilogue is theirs
+      // Leave once the copies have landed (their barrier arrivals complete the consumers'
+      // stages); the epilogue is the consumers'.
+      cute::cp_async_wait<0>();
+      return;
     }
   } else if (producer) {
     cutlass::arch::warpgroup_reg_dealloc<Ws::kProducerRegisters>();
@@ -504,7 +507,10 @@ __global__ void __launch_bounds__(Sm90WsShape<Config>::kThreads, 1)
         }
       }
     }
-    return;  // the copies in flight complete the consumers' barriers
+    // Leave once the copies have landed (their barrier arrivals complete the consumers' stages;
+    // TMA copies need no thread to wait).
+    if constexpr (!kRowsTma) cute::cp_async_wait<0>();
+    return;
   }
 
   cutlass::arch::warpgroup_reg_alloc<Ws::kConsumerRegisters>();
@@ -758,7 +764,8 @@ void launch_sm90_ws_persistent_varlen_m_gemm(const VarlenMGemm& g, const int* ti
                                                         std::remove_const_t<decltype(row_tma)>>;
   constexpr int smem =
       Sm90WsPersistentVarlenM<Config>::template smem_bytes<kBKMajor, typename Ws::Pipeline>();
-  static_assert(smem <= 227 * 1024, "the stages and the staging fit in shared memory");
+  static_assert(smem + Config::kBN * sizeof(float) <= 227 * 1024,
+                "the stages, the staging and the bias tile (static) fit in shared memory");
   check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
              "varlen-M GEMM: shared memory size");
   const std::int64_t max_tiles = (static_cast<std::int64_t>(ceil_div(g.rows, Config::kBM)) + g.num_experts) *

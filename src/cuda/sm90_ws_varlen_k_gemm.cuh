@@ -109,7 +109,8 @@ __global__ void __launch_bounds__(Geometry::Ws::kThreads, 1)
 
   if (producer) {
     cutlass::arch::warpgroup_reg_dealloc<Ws::kProducerRegisters>();
-    VarlenKCopies<ProducerCopyConfig<Config, Ws::kConsumers>, true, kContiguous> copies(p);
+    using Copies = VarlenKCopies<ProducerCopyConfig<Config, Ws::kConsumers>, true, kContiguous>;
+    Copies copies(p);
     PipelineState write = cutlass::make_producer_start_state<Pipeline>();
     for (int tile_number = static_cast<int>(blockIdx.x); tile_number < tiles;
          tile_number += static_cast<int>(gridDim.x)) {
@@ -124,7 +125,9 @@ __global__ void __launch_bounds__(Geometry::Ws::kThreads, 1)
         ++write;
       }
     }
-    return;  // the copies in flight complete the consumers' barriers
+    // Leave once the copies have landed (their barrier arrivals complete the consumers' stages).
+    cute::cp_async_wait<0>();
+    return;
   }
 
   cutlass::arch::warpgroup_reg_alloc<Ws::kConsumerRegisters>();
@@ -153,8 +156,10 @@ __global__ void __launch_bounds__(Geometry::Ws::kThreads, 1)
   for (int tile_number = static_cast<int>(blockIdx.x); tile_number < tiles;
        tile_number += static_cast<int>(gridDim.x)) {
     const VarlenKTile t = tile_at(tile_number);
-    const std::int64_t r0 = t.e ? p.expert_offsets[t.e - 1] : 0;
-    const int k_tiles = static_cast<int>((p.expert_offsets[t.e] - r0 + kBK - 1) / kBK);
+    // The producer's count, computed the same way (routed-row positions fit 32 bits).
+    const int k_tiles = VarlenKCopies<Config, true, kContiguous>::k_tiles_between(
+        static_cast<std::uint32_t>(t.e ? p.expert_offsets[t.e - 1] : 0),
+        static_cast<std::uint32_t>(p.expert_offsets[t.e]));
     clear(acc);
     for (int k = 0; k < k_tiles; ++k) {
       pipeline.consumer_wait(read);
