@@ -311,7 +311,6 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   using T = typename Config::Element;
   constexpr int kBM = Config::kBM;
   constexpr int kBN = Config::kBN;
-  constexpr int kBK = Config::kBK;
   constexpr int kStages = Config::kStages;
 
   const int tiles = p.num_experts * tiling.m_tiles * tiling.n_tiles;

@@ -79,7 +79,6 @@ __global__ void __launch_bounds__(Geometry::Ws::kThreads, 1)
   using Barrier = ConsumerBarrier<Ws::kConsumers>;
   constexpr int kBM = Config::kBM;
   constexpr int kBN = Config::kBN;
-  constexpr int kBK = Config::kBK;
   constexpr int kRoundBoxes = Geometry::kRoundBoxes;
   constexpr int kBuffers = Geometry::kBuffers;
   constexpr int kBoxElements = Geometry::kBoxElements;
