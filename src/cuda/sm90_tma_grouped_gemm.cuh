@@ -224,6 +224,34 @@ struct Sm90WsShape {
   using Pipeline = cutlass::PipelineTmaAsync<Config::kStages>;
 };
 
+// The consumers' k loop of the warp-specialised kernels: acc += the tile's product over k tiles
+// [0, k_tiles), each stage waited for and, once the next k tile's wgmma is issued and this one's
+// has read it, handed back; on return every wgmma has completed and every stage but the last is
+// back (the caller hands that one back when the producer goes on to another tile). kFence: the
+// operands came (partly) by cp.async, the generic proxy, and wgmma reads through the async one.
+template <bool kFence, class Pipeline, class State, class Mma, class FragA, class FragB, class Acc>
+__device__ __forceinline__ void ws_consumer_k_loop(Pipeline& pipeline, State& read, State& release, int k_tiles,
+                                                   Mma& mma, FragA& tCrA, FragB& tCrB, Acc& acc) {
+  using namespace cute;
+  for (int k = 0; k < k_tiles; ++k) {
+    pipeline.consumer_wait(read);
+    if constexpr (kFence) cutlass::arch::fence_view_async_shared();
+    warpgroup_fence_operand(acc);
+    warpgroup_arrive();
+    gemm(mma, tCrA(_, _, _, read.index()), tCrB(_, _, _, read.index()), acc);
+    warpgroup_commit_batch();
+    warpgroup_wait<1>();  // k tile k-1's wgmma has read its stage: hand it back
+    warpgroup_fence_operand(acc);
+    if (k > 0) {
+      pipeline.consumer_release(release);
+      ++release;
+    }
+    ++read;
+  }
+  warpgroup_wait<0>();
+  warpgroup_fence_operand(acc);
+}
+
 // A's rows of a varlen-M tile gathered by a producer warpgroup's 128 threads (the first of them
 // thread kFirst) by cp.async: thread q copies chunk q % 8 (8 elements) of rows q / 8, + 16, ...,
 // + 112 of the tile, each row looked up once per tile.
@@ -371,24 +399,7 @@ __global__ void __launch_bounds__(Sm90WsShape<Config>::kThreads, 1)
   clear(acc);
   PipelineState read;
   PipelineState release;
-  for (int k = 0; k < k_tiles; ++k) {
-    pipeline.consumer_wait(read);
-    // Rows written by cp.async (the generic proxy) are read by wgmma (the async proxy).
-    if constexpr (!kRowsTma) cutlass::arch::fence_view_async_shared();
-    warpgroup_fence_operand(acc);
-    warpgroup_arrive();
-    gemm(mma, tCrA(_, _, _, read.index()), tCrB(_, _, _, read.index()), acc);
-    warpgroup_commit_batch();
-    warpgroup_wait<1>();  // k tile k-1's wgmma has read its stage: hand it back
-    warpgroup_fence_operand(acc);
-    if (k > 0) {
-      pipeline.consumer_release(release);
-      ++release;
-    }
-    ++read;
-  }
-  warpgroup_wait<0>();
-  warpgroup_fence_operand(acc);
+  ws_consumer_k_loop<!kRowsTma>(pipeline, read, release, k_tiles, mma, tCrA, tCrB, acc);
 
   Tensor coord = thr_mma.partition_C(make_identity_tensor(make_shape(Int<kBM>{}, Int<kBN>{})));
   store_varlen_m_tile<Config, kBKMajor, ConsumerBarrier<Ws::kConsumers>>(p, acc, coord, smem_raw, t.e, t.row0,
@@ -535,24 +546,7 @@ __global__ void __launch_bounds__(Sm90WsShape<Config>::kThreads, 1)
        tile_number += static_cast<int>(gridDim.x)) {
     const VarlenMTile t = tile_at(tile_number);
     clear(acc);
-    for (int k = 0; k < k_tiles; ++k) {
-      pipeline.consumer_wait(read);
-      // Rows written by cp.async (the generic proxy) are read by wgmma (the async proxy).
-      if constexpr (!kRowsTma) cutlass::arch::fence_view_async_shared();
-      warpgroup_fence_operand(acc);
-      warpgroup_arrive();
-      gemm(mma, tCrA(_, _, _, read.index()), tCrB(_, _, _, read.index()), acc);
-      warpgroup_commit_batch();
-      warpgroup_wait<1>();  // k tile k-1's wgmma has read its stage: hand it back
-      warpgroup_fence_operand(acc);
-      if (k > 0) {
-        pipeline.consumer_release(release);
-        ++release;
-      }
-      ++read;
-    }
-    warpgroup_wait<0>();
-    warpgroup_fence_operand(acc);
+    ws_consumer_k_loop<!kRowsTma>(pipeline, read, release, k_tiles, mma, tCrA, tCrB, acc);
     if (k_tiles > 0) {
       pipeline.consumer_release(release);
       ++release;

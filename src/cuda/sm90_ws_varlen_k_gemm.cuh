@@ -160,24 +160,7 @@ __global__ void __launch_bounds__(Geometry::Ws::kThreads, 1)
         static_cast<std::uint32_t>(t.e ? p.expert_offsets[t.e - 1] : 0),
         static_cast<std::uint32_t>(p.expert_offsets[t.e]));
     clear(acc);
-    for (int k = 0; k < k_tiles; ++k) {
-      pipeline.consumer_wait(read);
-      // Rows written by cp.async (the generic proxy) are read by wgmma (the async proxy).
-      cutlass::arch::fence_view_async_shared();
-      warpgroup_fence_operand(acc);
-      warpgroup_arrive();
-      gemm(mma, tCrA(_, _, _, read.index()), tCrB(_, _, _, read.index()), acc);
-      warpgroup_commit_batch();
-      warpgroup_wait<1>();  // k tile k-1's wgmma has read its stage: hand it back
-      warpgroup_fence_operand(acc);
-      if (k > 0) {
-        pipeline.consumer_release(release);
-        ++release;
-      }
-      ++read;
-    }
-    warpgroup_wait<0>();
-    warpgroup_fence_operand(acc);
+    ws_consumer_k_loop<true>(pipeline, read, release, k_tiles, mma, tCrA, tCrB, acc);
     if (k_tiles > 0) {
       pipeline.consumer_release(release);
       ++release;
