@@ -195,6 +195,13 @@ struct VarlenKTile {
   std::int64_t n0;
 };
 
+// Tile `tile_number` of a persistent varlen-K walk, as kBM x kBN output tiles.
+template <int kBM, int kBN>
+__device__ __forceinline__ VarlenKTile varlen_k_tile(const VarlenKTiling& tiling, int tile_number) {
+  const VarlenKTiling::Tile t = tiling(tile_number);
+  return VarlenKTile{t.e, static_cast<std::int64_t>(t.m_tile) * kBM, static_cast<std::int64_t>(t.n_tile) * kBN};
+}
+
 // The persistent walk shared by the persistent kernels: tiles blockIdx.x, + gridDim.x, ... below
 // `tiles` (the caller returned already when blockIdx.x >= tiles). start(n) locates tile n and
 // issues its prologue, returning its description; k_loop() runs the current tile's k loop into
@@ -315,10 +322,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
 
   const int tiles = p.num_experts * tiling.m_tiles * tiling.n_tiles;
   if (static_cast<int>(blockIdx.x) >= tiles) return;
-  auto tile_at = [&](int tile_number) {
-    const VarlenKTiling::Tile t = tiling(tile_number);
-    return VarlenKTile{t.e, static_cast<std::int64_t>(t.m_tile) * kBM, static_cast<std::int64_t>(t.n_tile) * kBN};
-  };
+  auto tile_at = [&](int tile_number) { return varlen_k_tile<kBM, kBN>(tiling, tile_number); };
 
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   constexpr auto layout_a = Config::template copy_layout<false, kBM>();

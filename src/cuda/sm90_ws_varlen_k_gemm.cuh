@@ -85,10 +85,7 @@ __global__ void __launch_bounds__(Geometry::Ws::kThreads, 1)
 
   const int tiles = p.num_experts * tiling.m_tiles * tiling.n_tiles;
   if (static_cast<int>(blockIdx.x) >= tiles) return;
-  auto tile_at = [&](int tile_number) {
-    const VarlenKTiling::Tile t = tiling(tile_number);
-    return VarlenKTile{t.e, static_cast<std::int64_t>(t.m_tile) * kBM, static_cast<std::int64_t>(t.n_tile) * kBN};
-  };
+  auto tile_at = [&](int tile_number) { return varlen_k_tile<kBM, kBN>(tiling, tile_number); };
 
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   T* smem_a = reinterpret_cast<T*>(smem_raw);
