@@ -101,6 +101,7 @@ const KernelSettings& settings() {
     k.persistent_tma = env_int("SCATTERMOE_SM90_PERSISTENT_TMA", 0) != 0;
     k.varlen_k_tma_store = env_int("SCATTERMOE_SM90_VARLEN_K_TMA_STORE", 1) != 0;
     k.varlen_k_ws = env_int("SCATTERMOE_SM90_WS_VARLEN_K", 1) != 0;
+    k.varlen_k_warp_stores = env_int("SCATTERMOE_SM90_VARLEN_K_WARP_STORES", 1) != 0;
     return k;
   }();
   return s;
@@ -217,7 +218,7 @@ void run_varlen_k_gemm(DType dtype, const VarlenKGemm& g, cudaStream_t stream) {
         auto launch = [&](auto contiguous) {
           constexpr VarlenKContiguous kContiguous = decltype(contiguous)::value;
           if (choice.warp_specialised) {
-            launch_sm90_ws_varlen_k_gemm<T, kContiguous>(g, sms, stream);
+            launch_sm90_ws_varlen_k_gemm<T, kContiguous>(g, sms, choice.warp_stores, stream);
           } else if (choice.tma_store) {
             launch_sm90_persistent_varlen_k_gemm<T, kContiguous, true>(g, sms, stream);
           } else {

@@ -121,8 +121,10 @@ void launch_sm90_persistent_varlen_k_gemm(const VarlenKGemm& g, int sm_count, cu
 // Its warp-specialised form (sm90_ws_varlen_k_*.cu): a producer warpgroup gathers both operands'
 // rows, walking the block's tiles ahead of the two consumer warpgroups, whose finished tiles
 // leave by TMA store (the caller checked varlen_k_store_tma_possible).
+// warp_stores: each consumer warp stores its own rows of the tile, with no barrier across warps
+// (experiment; false: thread 0 stores each round after consumer barriers).
 template <class T, VarlenKContiguous kContiguous>
-void launch_sm90_ws_varlen_k_gemm(const VarlenKGemm& g, int sm_count, cudaStream_t stream);
+void launch_sm90_ws_varlen_k_gemm(const VarlenKGemm& g, int sm_count, bool warp_stores, cudaStream_t stream);
 // Whether the driver can describe g's output as one (M, N, E) TMA tensor: 16-byte aligned base
 // and strides (unit stride along n is the caller's layout), extents and strides in range.
 inline bool varlen_k_store_tma_possible(const VarlenKGemm& g, std::int64_t element_bytes) {

@@ -23,6 +23,7 @@ struct KernelSettings {
   bool persistent_tma = false;     // SCATTERMOE_SM90_PERSISTENT_TMA: the TMA varlen-M kernel persistent
   bool varlen_k_tma_store = true;  // SCATTERMOE_SM90_VARLEN_K_TMA_STORE: varlen-K tiles pipelined, TMA-stored
   bool varlen_k_ws = true;         // SCATTERMOE_SM90_WS_VARLEN_K: varlen-K warp-specialised
+  bool varlen_k_warp_stores = true;  // SCATTERMOE_SM90_VARLEN_K_WARP_STORES: its stores per warp
 };
 
 // What the dispatcher knows about a GEMM and the device. The wgmma kernels take 16-bit operands
@@ -98,6 +99,7 @@ struct VarlenKChoice {
   VarlenKContiguous contiguous = VarlenKContiguous::kNeither;
   bool tma_store = false;
   bool warp_specialised = false;
+  bool warp_stores = false;  // warp_specialised: each warp stores its own rows (experiment)
 };
 
 inline VarlenKChoice choose_varlen_k_kernel(const VarlenKFacts& f, const KernelSettings& s) {
@@ -113,6 +115,7 @@ inline VarlenKChoice choose_varlen_k_kernel(const VarlenKFacts& f, const KernelS
                                   : VarlenKContiguous::kNeither;
   c.tma_store = s.varlen_k_tma_store && f.store_tma_possible;
   c.warp_specialised = c.tma_store && s.varlen_k_ws;
+  c.warp_stores = c.warp_specialised && s.varlen_k_warp_stores;
   return c;
 }
 

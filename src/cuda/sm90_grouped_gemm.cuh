@@ -281,22 +281,23 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
 // One 64-column box of a varlen-K output tile as TMA stores it: BM rows of 64 columns,
 // 128-byte-swizzled (GMMA's K-major atom: 8 rows x 64 columns), 16 KiB; a tile is kBN / 64 boxes.
 // The accumulator pairs a warp writes into it land in distinct banks.
-template <class Config>
+// kRows: a box of fewer rows (a warp's 16 of the tile, warp-specialised varlen-K).
+template <class Config, int kRows = Config::kBM>
 constexpr auto varlen_k_store_box_layout() {
   using namespace cute;
   return tile_to_shape(GMMA::Layout_K_SW128_Atom<typename Config::Element>{},
-                       make_shape(Int<Config::kBM>{}, Int<64>{}));
+                       make_shape(Int<kRows>{}, Int<64>{}));
 }
 
 // C as one (M, N, E) tensor and its TMA store of one box (varlen_k_store_box_layout).
-template <class Config>
+template <class Config, int kBoxRows = Config::kBM>
 auto make_varlen_k_store_tma(const VarlenKGemm& g) {
   using namespace cute;
   using T = typename Config::Element;
   Tensor c = make_tensor(make_gmem_ptr(static_cast<T*>(g.c)),
                          make_layout(make_shape(static_cast<int>(g.m), static_cast<int>(g.n), g.num_experts),
                                      make_stride(g.ldc, Int<1>{}, g.c_expert_stride)));
-  return make_tma_copy(SM90_TMA_STORE{}, c, varlen_k_store_box_layout<Config>());
+  return make_tma_copy(SM90_TMA_STORE{}, c, varlen_k_store_box_layout<Config, kBoxRows>());
 }
 
 // kTmaStore: the block's tiles run as one pipeline of k tiles. Copies run kStages - 2 k tiles

@@ -40,10 +40,15 @@ struct ProducerCopyConfig : Config {
 // 34): 4 stages + 2 x 16 KiB, 4 rounds of one box, double-buffered (Sm90WsVarlenKShape) against
 // 4 stages + 32 KiB in 2 rounds (each round waiting for the last one's store: 2-3% slower) and
 // 3 stages + 64 KiB in one round (dW1 1-4% faster, dW2 up to 5% slower: mixed).
-template <class Config, int kBuffers_, int kRoundBoxes_>
+// kPerWarp: each consumer warp stores its own 16 rows of a round (a 16 x 64 box) from its own
+// two buffers, with no barrier across warps (lane 0 waits for and issues its warp's stores).
+template <class Config, int kBuffers_, int kRoundBoxes_, bool kPerWarp_ = false>
 struct Sm90WsVarlenK {
   static constexpr int kBuffers = kBuffers_;
   static constexpr int kRoundBoxes = kRoundBoxes_;
+  static constexpr bool kPerWarp = kPerWarp_;
+  static constexpr int kWarpRows = 16;  // a consumer warp's rows of the wgmma accumulator
+  static_assert(!kPerWarp || kRoundBoxes == 1, "a warp stores one box per round");
   static constexpr int kBoxElements = Config::kBM * 64;
   static constexpr int kRounds = Config::kBN / 64 / kRoundBoxes;
   static_assert(Config::kBN % (64 * kRoundBoxes) == 0 && kRounds % kBuffers == 0,
@@ -66,6 +71,8 @@ template <class T>
 using Sm90WsVarlenKConfig = Sm90GemmConfig<T, 128, 256, 4>;
 template <class T>
 using Sm90WsVarlenKShape = Sm90WsVarlenK<Sm90WsVarlenKConfig<T>, 2, 1>;
+template <class T>
+using Sm90WsVarlenKWarpShape = Sm90WsVarlenK<Sm90WsVarlenKConfig<T>, 2, 1, true>;
 
 template <class Config, class Geometry, VarlenKContiguous kContiguous, class StoreTma>
 __global__ void __launch_bounds__(Geometry::Ws::kThreads, 1)
@@ -143,7 +150,8 @@ __global__ void __launch_bounds__(Geometry::Ws::kThreads, 1)
   static_assert(decltype(size<1>(acc))::value == 1 && decltype(size<2>(acc))::value == 1,
                 "one wgmma accumulator per thread: its value order gives the rounds' columns");
 
-  auto box_layout = varlen_k_store_box_layout<Config>();
+  constexpr int kBoxRows = Geometry::kPerWarp ? Geometry::kWarpRows : kBM;
+  auto box_layout = varlen_k_store_box_layout<Config, kBoxRows>();
   Tensor m_c = store_tma.get_tma_tensor(make_shape(static_cast<int>(p.m), static_cast<int>(p.n), p.num_experts));
   auto cta_tma = store_tma.get_slice(Int<0>{});
 
@@ -163,55 +171,99 @@ __global__ void __launch_bounds__(Geometry::Ws::kThreads, 1)
       ++release;
     }
 
-    // The tile in rounds through the staging buffers: thread 0 waits until the store that last
-    // read the round's buffer has (kBuffers - 1 later stores may still be reading theirs), the
-    // threads write the round's values, and thread 0 stores its boxes as one bulk group.
     Tensor c_tile = m_c(_, _, t.e);
-    for_each(make_int_sequence<Geometry::kRounds>{}, [&](auto round_constant) {
-      constexpr int kRound = decltype(round_constant)::value;
-      T* buffer = staging + kRound % kBuffers * (kRoundBoxes * kBoxElements);
-      if (threadIdx.x == 0) tma_store_wait<kBuffers - 1>();
-      Barrier::sync();
-      StagedEpilogue<Config>::template write_accumulator_range<kRound * kRoundValues, (kRound + 1) * kRoundValues>(
-          buffer, acc, coord, nullptr, [&](int r, int c) {
-            const int box = c / 64 - kRound * kRoundBoxes;
-            return box * kBoxElements + swizzled_offset<64, Config::kVec>(r, c % 64);
-          });
-      tma_store_fence();  // the staging writes, visible to the TMA unit (async proxy)
-      Barrier::sync();
-      if (threadIdx.x == 0) {
-        CUTE_UNROLL
-        for (int b = 0; b < kRoundBoxes; ++b) {
-          const std::int64_t n0 = t.n0 + (kRound * kRoundBoxes + b) * 64;
-          if (n0 < p.n) {
-            Tensor s_box = make_tensor(make_smem_ptr(buffer + b * kBoxElements), box_layout);
-            Tensor g_box = local_tile(c_tile, make_shape(Int<kBM>{}, Int<64>{}),
-                                      make_coord(static_cast<int>(t.m0 / kBM), static_cast<int>(n0 / 64)));
+    if constexpr (Geometry::kPerWarp) {
+      // Each warp its 16 rows per round, through its own two 16 x 64 buffers: lane 0 waits until
+      // its store of two rounds back has read the round's buffer, the lanes write and fence,
+      // and lane 0 stores the box (skipped past n, or past m for the whole box).
+      const int warp = static_cast<int>(threadIdx.x) / 32;
+      const int lane = static_cast<int>(threadIdx.x) % 32;
+      const int warp_row0 = warp * Geometry::kWarpRows;
+      static_assert(Ws::kConsumers / 32 * kBuffers * Geometry::kWarpRows * 64 <= Geometry::kStagingElements,
+                    "every consumer warp has its buffers");
+      for_each(make_int_sequence<Geometry::kRounds>{}, [&](auto round_constant) {
+        constexpr int kRound = decltype(round_constant)::value;
+        constexpr int kWarpBox = Geometry::kWarpRows * 64;
+        T* buffer = staging + (warp * kBuffers + kRound % kBuffers) * kWarpBox;
+        if (lane == 0) tma_store_wait<kBuffers - 1>();
+        __syncwarp();
+        StagedEpilogue<Config>::template write_accumulator_range<kRound * kRoundValues, (kRound + 1) * kRoundValues>(
+            buffer, acc, coord, nullptr,
+            [&](int r, int c) { return swizzled_offset<64, Config::kVec>(r - warp_row0, c % 64); });
+        tma_store_fence();  // the staging writes, visible to the TMA unit (async proxy)
+        __syncwarp();
+        if (lane == 0) {
+          const std::int64_t n0 = t.n0 + kRound * 64;
+          if (n0 < p.n && t.m0 + warp_row0 < p.m) {
+            Tensor s_box = make_tensor(make_smem_ptr(buffer), box_layout);
+            Tensor g_box = local_tile(c_tile, make_shape(Int<Geometry::kWarpRows>{}, Int<64>{}),
+                                      make_coord(static_cast<int>((t.m0 + warp_row0) / Geometry::kWarpRows),
+                                                 static_cast<int>(n0 / 64)));
             copy(store_tma, cta_tma.partition_S(s_box), cta_tma.partition_D(g_box));
           }
+          tma_store_arrive();
         }
-        tma_store_arrive();
-      }
-    });
+      });
+    } else {
+      // The tile in rounds through the staging buffers: thread 0 waits until the store that last
+      // read the round's buffer has (kBuffers - 1 later stores may still be reading theirs), the
+      // threads write the round's values, and thread 0 stores its boxes as one bulk group.
+      for_each(make_int_sequence<Geometry::kRounds>{}, [&](auto round_constant) {
+        constexpr int kRound = decltype(round_constant)::value;
+        T* buffer = staging + kRound % kBuffers * (kRoundBoxes * kBoxElements);
+        if (threadIdx.x == 0) tma_store_wait<kBuffers - 1>();
+        Barrier::sync();
+        StagedEpilogue<Config>::template write_accumulator_range<kRound * kRoundValues, (kRound + 1) * kRoundValues>(
+            buffer, acc, coord, nullptr, [&](int r, int c) {
+              const int box = c / 64 - kRound * kRoundBoxes;
+              return box * kBoxElements + swizzled_offset<64, Config::kVec>(r, c % 64);
+            });
+        tma_store_fence();  // the staging writes, visible to the TMA unit (async proxy)
+        Barrier::sync();
+        if (threadIdx.x == 0) {
+          CUTE_UNROLL
+          for (int b = 0; b < kRoundBoxes; ++b) {
+            const std::int64_t n0 = t.n0 + (kRound * kRoundBoxes + b) * 64;
+            if (n0 < p.n) {
+              Tensor s_box = make_tensor(make_smem_ptr(buffer + b * kBoxElements), box_layout);
+              Tensor g_box = local_tile(c_tile, make_shape(Int<kBM>{}, Int<64>{}),
+                                        make_coord(static_cast<int>(t.m0 / kBM), static_cast<int>(n0 / 64)));
+              copy(store_tma, cta_tma.partition_S(s_box), cta_tma.partition_D(g_box));
+            }
+          }
+          tma_store_arrive();
+        }
+      });
+    }
   }
-  if (threadIdx.x == 0) tma_store_wait<0>();
+  if (Geometry::kPerWarp ? threadIdx.x % 32 == 0 : threadIdx.x == 0) tma_store_wait<0>();
 #endif
 }
 
 // ---- the entry point of the sm90_ws_varlen_k_*.cu instantiation files (declared in gemm.hpp) ----
-template <class T, VarlenKContiguous kContiguous>
-void launch_sm90_ws_varlen_k_gemm(const VarlenKGemm& g, int sm_count, cudaStream_t stream) {
+template <class T, VarlenKContiguous kContiguous, class Geometry>
+void launch_sm90_ws_varlen_k_gemm_with(const VarlenKGemm& g, int sm_count, cudaStream_t stream) {
   using Config = Sm90WsVarlenKConfig<T>;
-  using Geometry = Sm90WsVarlenKShape<T>;
   constexpr int smem = Geometry::smem_bytes();
   const PersistentVarlenKGrid grid = persistent_varlen_k_grid<Config>(g, sm_count);
-  const auto store_tma = make_varlen_k_store_tma<Config>(g);
+  const auto store_tma = make_varlen_k_store_tma<Config, Geometry::kPerWarp ? Geometry::kWarpRows : Config::kBM>(g);
   auto kernel =
       sm90_ws_varlen_k_gemm_kernel<Config, Geometry, kContiguous, std::remove_const_t<decltype(store_tma)>>;
   check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
              "varlen-K GEMM: shared memory size");
   kernel<<<grid.blocks, Geometry::Ws::kThreads, smem, stream>>>(g, grid.tiling, store_tma);
   check_launch("varlen-K GEMM");
+}
+
+// Two kernels behind this entry point while they are measured against each other (experiment):
+// warp_stores false stores each round from thread 0 after consumer barriers.
+template <class T, VarlenKContiguous kContiguous>
+void launch_sm90_ws_varlen_k_gemm(const VarlenKGemm& g, int sm_count, bool warp_stores, cudaStream_t stream) {
+  if (warp_stores) {
+    launch_sm90_ws_varlen_k_gemm_with<T, kContiguous, Sm90WsVarlenKWarpShape<T>>(g, sm_count, stream);
+  } else {
+    launch_sm90_ws_varlen_k_gemm_with<T, kContiguous, Sm90WsVarlenKShape<T>>(g, sm_count, stream);
+  }
 }
 
 }  // namespace scattermoe::cuda

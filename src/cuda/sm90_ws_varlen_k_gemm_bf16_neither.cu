@@ -2,6 +2,6 @@
 #include "cuda/sm90_ws_varlen_k_gemm.cuh"
 
 namespace scattermoe::cuda {
-template void launch_sm90_ws_varlen_k_gemm<cute::bfloat16_t, VarlenKContiguous::kNeither>(const VarlenKGemm&, int,
+template void launch_sm90_ws_varlen_k_gemm<cute::bfloat16_t, VarlenKContiguous::kNeither>(const VarlenKGemm&, int, bool,
                                                                                           cudaStream_t);
 }  // namespace scattermoe::cuda

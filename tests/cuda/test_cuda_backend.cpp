@@ -285,6 +285,10 @@ TEST(CudaKernelChoice, DefaultsFallbacksAndSettings) {
   EXPECT_EQ(c.contiguous, VarlenKContiguous::kA);
   EXPECT_TRUE(c.tma_store);
   EXPECT_TRUE(c.warp_specialised);
+  EXPECT_TRUE(c.warp_stores);
+  KernelSettings block_stores;
+  block_stores.varlen_k_warp_stores = false;
+  EXPECT_FALSE(cuda::choose_varlen_k_kernel(k, block_stores).warp_stores);
   KernelSettings no_ws;
   no_ws.varlen_k_ws = false;
   c = cuda::choose_varlen_k_kernel(k, no_ws);
