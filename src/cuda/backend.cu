@@ -81,6 +81,8 @@ struct Linear {
   void* c = nullptr;
   std::int64_t ldc = 0;
   const std::int64_t* c_index = nullptr;
+  void* glu_a = nullptr;  // also A = silu(gate) * first (VarlenMGemm::glu_a)
+  std::int64_t glu_lda = 0;
 };
 
 void run_linear(const Linear& l, const RoutingPlan& plan, void* tile_workspace, cudaStream_t stream) {
@@ -98,6 +100,8 @@ void run_linear(const Linear& l, const RoutingPlan& plan, void* tile_workspace, 
   g.c = l.c;
   g.ldc = l.ldc;
   g.c_index = l.c_index;
+  g.glu_a = l.glu_a;
+  g.glu_lda = l.glu_lda;
   g.rows = plan.num_rows();
   g.n = l.w.size(2);
   g.k = l.w.size(1);
@@ -495,8 +499,16 @@ void mlp_forward(const MlpArgs& args, const RoutingPlan& plan, const TensorView&
   first.bias = args.b1;
   first.c = hidden.data();
   first.ldc = hidden.stride(0);
+  // SwiGLU: the GEMM writes A as well (in its epilogue where the kernel can).
+  const bool swiglu = args.glu && args.activation == Activation::kSilu;
+  if (swiglu) {
+    first.glu_a = s.a;
+    first.glu_lda = h;
+  }
   run_linear(first, plan, s.tiles, stream);
-  activation_forward(dtype, args.activation, args.glu, hidden.data(), hidden.stride(0), L, h, s.a, h, stream);
+  if (!swiglu) {
+    activation_forward(dtype, args.activation, args.glu, hidden.data(), hidden.stride(0), L, h, s.a, h, stream);
+  }
   Linear second;
   second.a = RowSource{s.a, h, nullptr, 1};
   second.w = args.w2;

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "cuda/gemm.hpp"
+#include "cuda/kernels.hpp"
 
 namespace scattermoe::cuda {
 
@@ -102,6 +103,7 @@ const KernelSettings& settings() {
     k.varlen_k_tma_store = env_int("SCATTERMOE_SM90_VARLEN_K_TMA_STORE", 1) != 0;
     k.varlen_k_ws = env_int("SCATTERMOE_SM90_WS_VARLEN_K", 1) != 0;
     k.varlen_k_warp_stores = env_int("SCATTERMOE_SM90_VARLEN_K_WARP_STORES", 1) != 0;
+    k.glu_epilogue = env_int("SCATTERMOE_SM90_GLU_EPILOGUE", 1) != 0;
     return k;
   }();
   return s;
@@ -145,55 +147,68 @@ void run_varlen_m_gemm(DType dtype, const VarlenMGemm& g, void* workspace, cudaS
       facts.rows_tma_possible = rows_tma_possible(g, sizeof(T));
     }
     const VarlenMKernel kernel = choose_varlen_m_kernel(facts, settings());
+    // The up projection's SwiGLU: in the GEMM's epilogue where the kernel has it, else a pass
+    // over C after the GEMM.
+    const bool glu_fused = g.glu_a && fuse_glu_epilogue(kernel, glu_epilogue_shape(g.n, g.c_index == nullptr), settings());
+    [&] {
 #ifdef SCATTERMOE_HAS_SM90
-    if constexpr (sizeof(T) == 2) {
-      switch (kernel) {
-        case VarlenMKernel::kSm90PersistentTma:
-          b_k_major ? launch_sm90_persistent_tma_varlen_m_gemm<T, true>(tuned, tile_prefix, sms, stream)
-                    : launch_sm90_persistent_tma_varlen_m_gemm<T, false>(tuned, tile_prefix, sms, stream);
+      if constexpr (sizeof(T) == 2) {
+        if (glu_fused) {
+          b_k_major ? launch_sm90_ws_persistent_glu_varlen_m_gemm<T, true>(tuned, tile_prefix, sms, stream)
+                    : launch_sm90_ws_persistent_glu_varlen_m_gemm<T, false>(tuned, tile_prefix, sms, stream);
           return;
-        case VarlenMKernel::kSm90WsTmaRows:
-          b_k_major ? launch_sm90_ws_tma_rows_varlen_m_gemm<T, true>(tuned, tile_prefix, stream)
-                    : launch_sm90_ws_tma_rows_varlen_m_gemm<T, false>(tuned, tile_prefix, stream);
-          return;
-        case VarlenMKernel::kSm90WsGather:
-          b_k_major ? launch_sm90_ws_gather_varlen_m_gemm<T, true>(tuned, tile_prefix, stream)
-                    : launch_sm90_ws_gather_varlen_m_gemm<T, false>(tuned, tile_prefix, stream);
-          return;
-        case VarlenMKernel::kSm90WsPersistentTmaRows:
-          b_k_major ? launch_sm90_ws_persistent_varlen_m_gemm<T, true, true>(tuned, tile_prefix, sms, stream)
-                    : launch_sm90_ws_persistent_varlen_m_gemm<T, false, true>(tuned, tile_prefix, sms, stream);
-          return;
-        case VarlenMKernel::kSm90WsPersistentGather:
-          b_k_major ? launch_sm90_ws_persistent_varlen_m_gemm<T, true, false>(tuned, tile_prefix, sms, stream)
-                    : launch_sm90_ws_persistent_varlen_m_gemm<T, false, false>(tuned, tile_prefix, sms, stream);
-          return;
-        case VarlenMKernel::kSm90TmaRows:
-          b_k_major ? launch_sm90_tma_rows_varlen_m_gemm<T, true>(tuned, tile_prefix, stream)
-                    : launch_sm90_tma_rows_varlen_m_gemm<T, false>(tuned, tile_prefix, stream);
-          return;
-        case VarlenMKernel::kSm90Tma:
-          b_k_major ? launch_sm90_tma_varlen_m_gemm<T, true>(tuned, tile_prefix, stream)
-                    : launch_sm90_tma_varlen_m_gemm<T, false>(tuned, tile_prefix, stream);
-          return;
-        case VarlenMKernel::kSm90Persistent:
-          b_k_major ? launch_sm90_persistent_varlen_m_gemm<T, true>(tuned, tile_prefix, sms, stream)
-                    : launch_sm90_persistent_varlen_m_gemm<T, false>(tuned, tile_prefix, sms, stream);
-          return;
-        case VarlenMKernel::kSm90:
-          b_k_major ? launch_sm90_varlen_m_gemm<T, true>(tuned, tile_prefix, stream)
-                    : launch_sm90_varlen_m_gemm<T, false>(tuned, tile_prefix, stream);
-          return;
-        case VarlenMKernel::kSm80:
-          break;
+        }
+        switch (kernel) {
+          case VarlenMKernel::kSm90PersistentTma:
+            b_k_major ? launch_sm90_persistent_tma_varlen_m_gemm<T, true>(tuned, tile_prefix, sms, stream)
+                      : launch_sm90_persistent_tma_varlen_m_gemm<T, false>(tuned, tile_prefix, sms, stream);
+            return;
+          case VarlenMKernel::kSm90WsTmaRows:
+            b_k_major ? launch_sm90_ws_tma_rows_varlen_m_gemm<T, true>(tuned, tile_prefix, stream)
+                      : launch_sm90_ws_tma_rows_varlen_m_gemm<T, false>(tuned, tile_prefix, stream);
+            return;
+          case VarlenMKernel::kSm90WsGather:
+            b_k_major ? launch_sm90_ws_gather_varlen_m_gemm<T, true>(tuned, tile_prefix, stream)
+                      : launch_sm90_ws_gather_varlen_m_gemm<T, false>(tuned, tile_prefix, stream);
+            return;
+          case VarlenMKernel::kSm90WsPersistentTmaRows:
+            b_k_major ? launch_sm90_ws_persistent_varlen_m_gemm<T, true, true>(tuned, tile_prefix, sms, stream)
+                      : launch_sm90_ws_persistent_varlen_m_gemm<T, false, true>(tuned, tile_prefix, sms, stream);
+            return;
+          case VarlenMKernel::kSm90WsPersistentGather:
+            b_k_major ? launch_sm90_ws_persistent_varlen_m_gemm<T, true, false>(tuned, tile_prefix, sms, stream)
+                      : launch_sm90_ws_persistent_varlen_m_gemm<T, false, false>(tuned, tile_prefix, sms, stream);
+            return;
+          case VarlenMKernel::kSm90TmaRows:
+            b_k_major ? launch_sm90_tma_rows_varlen_m_gemm<T, true>(tuned, tile_prefix, stream)
+                      : launch_sm90_tma_rows_varlen_m_gemm<T, false>(tuned, tile_prefix, stream);
+            return;
+          case VarlenMKernel::kSm90Tma:
+            b_k_major ? launch_sm90_tma_varlen_m_gemm<T, true>(tuned, tile_prefix, stream)
+                      : launch_sm90_tma_varlen_m_gemm<T, false>(tuned, tile_prefix, stream);
+            return;
+          case VarlenMKernel::kSm90Persistent:
+            b_k_major ? launch_sm90_persistent_varlen_m_gemm<T, true>(tuned, tile_prefix, sms, stream)
+                      : launch_sm90_persistent_varlen_m_gemm<T, false>(tuned, tile_prefix, sms, stream);
+            return;
+          case VarlenMKernel::kSm90:
+            b_k_major ? launch_sm90_varlen_m_gemm<T, true>(tuned, tile_prefix, stream)
+                      : launch_sm90_varlen_m_gemm<T, false>(tuned, tile_prefix, stream);
+            return;
+          case VarlenMKernel::kSm80:
+            break;
+        }
       }
-    }
 #endif
-    (void)kernel;
-    if (b_k_major) {
-      launch_varlen_m_gemm<T, true>(tuned, tile_prefix, stream);
-    } else {
-      launch_varlen_m_gemm<T, false>(tuned, tile_prefix, stream);
+      (void)sms;
+      if (b_k_major) {
+        launch_varlen_m_gemm<T, true>(tuned, tile_prefix, stream);
+      } else {
+        launch_varlen_m_gemm<T, false>(tuned, tile_prefix, stream);
+      }
+    }();
+    if (g.glu_a && !glu_fused) {
+      activation_forward(dtype, Activation::kSilu, true, g.c, g.ldc, g.rows, g.n / 2, g.glu_a, g.glu_lda, stream);
     }
   });
 }

@@ -39,6 +39,12 @@ struct VarlenMGemm {
   const std::int64_t* expert_offsets = nullptr;
   int num_experts = 0;
   int raster_group_rows = 8;            // row tiles visited together (set by run_varlen_m_gemm)
+  // SwiGLU of an up projection: C's n = 2h columns are [first | gate]; also write
+  // A[i, c] = silu(C[i, h + c]) * C[i, c] (as C rounds them) into glu_a, (rows, h) in grouped
+  // order (c_index null). run_varlen_m_gemm fuses it into the GEMM's epilogue where the kernel
+  // and the shape allow (fuse_glu_epilogue), else runs the activation kernel after the GEMM.
+  void* glu_a = nullptr;
+  std::int64_t glu_lda = 0;
 };
 
 struct VarlenKGemm {
@@ -156,6 +162,11 @@ void launch_sm90_ws_gather_varlen_m_gemm(const VarlenMGemm& g, const int* tile_p
 template <class T, bool kBKMajor, bool kRowsTma>
 void launch_sm90_ws_persistent_varlen_m_gemm(const VarlenMGemm& g, const int* tile_prefix, int sm_count,
                                              cudaStream_t stream);
+// The gathering persistent kernel with the SwiGLU in its epilogue (sm90_ws_persistent_glu_*.cu):
+// writes C and glu_a; also needs glu_epilogue_shape(g.n, g.c_index == nullptr).
+template <class T, bool kBKMajor>
+void launch_sm90_ws_persistent_glu_varlen_m_gemm(const VarlenMGemm& g, const int* tile_prefix, int sm_count,
+                                                 cudaStream_t stream);
 // The TMA kernel's persistent form (sm90_persistent_tma_*.cu): sm_count blocks at most.
 template <class T, bool kBKMajor>
 void launch_sm90_persistent_tma_varlen_m_gemm(const VarlenMGemm& g, const int* tile_prefix, int sm_count,

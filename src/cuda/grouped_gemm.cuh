@@ -253,17 +253,23 @@ struct StagedEpilogue {
   template <int kBegin, int kEnd, class Acc, class Coord, class Bias, class Place>
   __device__ static void write_accumulator_range(T* staged, const Acc& acc, const Coord& coord, Bias&& bias,
                                                  Place&& place) {
-    static_assert(kBegin % 2 == 0, "value pairs stay whole");
-    using namespace cute;
-    struct alignas(2 * sizeof(T)) Pair {
-      T x, y;
-    };
-    auto value = [&](int v, int c) {
+    write_value_range<kBegin, kEnd>(staged, coord, place, [&](int v, int c) {
       if constexpr (std::is_same_v<std::decay_t<Bias>, std::nullptr_t>) {
         return T(acc(v));
       } else {
         return T(acc(v) + bias(c));
       }
+    });
+  }
+
+  // value(v, c) (a T) for this thread's accumulator values [kBegin, kEnd) (kBegin even) at their
+  // coordinates, laid out by place as above.
+  template <int kBegin, int kEnd, class Coord, class Place, class Value>
+  __device__ static void write_value_range(T* staged, const Coord& coord, Place&& place, Value&& value) {
+    static_assert(kBegin % 2 == 0, "value pairs stay whole");
+    using namespace cute;
+    struct alignas(2 * sizeof(T)) Pair {
+      T x, y;
     };
     constexpr bool kPairs = sizeof(T) == 2;
     CUTE_UNROLL

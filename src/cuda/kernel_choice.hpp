@@ -24,6 +24,7 @@ struct KernelSettings {
   bool varlen_k_tma_store = true;  // SCATTERMOE_SM90_VARLEN_K_TMA_STORE: varlen-K tiles pipelined, TMA-stored
   bool varlen_k_ws = true;         // SCATTERMOE_SM90_WS_VARLEN_K: varlen-K warp-specialised
   bool varlen_k_warp_stores = true;  // SCATTERMOE_SM90_VARLEN_K_WARP_STORES: its stores per warp
+  bool glu_epilogue = true;        // SCATTERMOE_SM90_GLU_EPILOGUE: the SwiGLU in the up projection's epilogue
 };
 
 // What the dispatcher knows about a GEMM and the device. The wgmma kernels take 16-bit operands
@@ -75,6 +76,17 @@ inline VarlenMKernel choose_varlen_m_kernel(const VarlenMFacts& f, const KernelS
   // costs the K-major up|gate GEMM 6% (step 15).
   const bool persistent = s.persistent == 1 || (s.persistent < 0 && !f.b_k_major);
   return persistent ? VarlenMKernel::kSm90Persistent : VarlenMKernel::kSm90;
+}
+
+// Whether an up projection's output C = [first | gate] (n = 2h columns) lets the epilogue
+// compute A: h a multiple of 128 (a 256-column tile pairs 128 columns of each half) and C
+// written in the grouped order.
+inline bool glu_epilogue_shape(std::int64_t n, bool grouped_c) { return n % 256 == 0 && grouped_c; }
+
+// Whether an up projection's SwiGLU runs in its GEMM's epilogue instead of a pass after it: only
+// the persistent gathering kernel has that epilogue; `shape_ok`: glu_epilogue_shape.
+inline bool fuse_glu_epilogue(VarlenMKernel kernel, bool shape_ok, const KernelSettings& s) {
+  return s.glu_epilogue && shape_ok && kernel == VarlenMKernel::kSm90WsPersistentGather;
 }
 
 struct VarlenKFacts {

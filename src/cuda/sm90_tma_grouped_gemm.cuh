@@ -29,6 +29,7 @@
 #include <cutlass/arch/reg_reconfig.h>
 #include <cutlass/pipeline/sm90_pipeline.hpp>
 
+#include "core/activation_math.hpp"
 #include "cuda/sm90_grouped_gemm.cuh"
 
 namespace scattermoe::cuda {
@@ -96,18 +97,19 @@ __device__ __forceinline__ auto row_boxes(const RowTma& row_tma, const VarlenMGe
                     make_shape(Int<Config::kBM>{}, Int<Config::kBK>{}), make_coord(0, _));
 }
 
-// Expert e's (BN, BK) weight tiles of column tile `column` along k, as make_weight_tma's
-// coordinates: (BN, BK, k).
-template <class Config, class WeightTma>
+// Expert e's (kRows, BK) weight tiles of column tile `column` (columns column * kRows, ...)
+// along k, as make_weight_tma's coordinates: (kRows, BK, k).
+template <class Config, int kRows = Config::kBN, class WeightTma>
 __device__ __forceinline__ auto weight_tiles(const WeightTma& weight_tma, const VarlenMGemm& p, int e, int column) {
   using namespace cute;
   Tensor m_b = weight_tma.get_tma_tensor(make_shape(static_cast<int>(p.n), static_cast<int>(p.k), p.num_experts));
-  return local_tile(m_b(_, _, e), make_shape(Int<Config::kBN>{}, Int<Config::kBK>{}), make_coord(column, _));
+  return local_tile(m_b(_, _, e), make_shape(Int<kRows>{}, Int<Config::kBK>{}), make_coord(column, _));
 }
 
 // The weights as one (N, K, E) tensor (unit stride along K when kBKMajor, else along N) and its
-// TMA copy into one (BN, BK) stage of Config's GMMA layout.
-template <class Config, bool kBKMajor>
+// TMA copy into one (kRows, BK) stage of Config's GMMA layout (kRows < BN: part of a stage; the
+// stage layouts place N rows [0, kRows) first, so a stage is BN / kRows such boxes in a row).
+template <class Config, bool kBKMajor, int kRows = Config::kBN>
 auto make_weight_tma(const VarlenMGemm& g) {
   using namespace cute;
   using T = typename Config::Element;
@@ -120,7 +122,7 @@ auto make_weight_tma(const VarlenMGemm& g) {
     }
   }();
   Tensor weights = make_tensor(make_gmem_ptr(static_cast<const T*>(g.b)), make_layout(shape, stride));
-  return make_tma_copy(SM90_TMA_LOAD{}, weights, Config::template gmma_stage_layout<kBKMajor, Config::kBN>());
+  return make_tma_copy(SM90_TMA_LOAD{}, weights, Config::template gmma_stage_layout<kBKMajor, kRows>());
 }
 
 // RowTma: RowsByThreads (A's rows by cp.async, gathered or not) or make_rows_tma's copy (both
@@ -415,6 +417,13 @@ __global__ void __launch_bounds__(Sm90WsShape<Config>::kThreads, 1)
 // goes through two 16 KiB staging buffers of its own in four rounds of 64 columns (a round's
 // buffer was last read by the round two before it, which one barrier per round orders), each
 // round written out by the consumers in 16-byte chunks of whole rows.
+// kGlu (gathered rows only): the SwiGLU of an up projection whose C is [first | gate], n = 2h
+// columns, h a multiple of BN / 2 (the caller checked glu_epilogue_shape; VarlenMGemm::glu_a). Column tile j covers
+// C's columns j * BN/2 + [0, BN/2) of both halves: its weight stage is two (BN/2, BK) TMA boxes,
+// so a thread holds each first-half accumulator and its gate partner (value v + V/2, column
+// c + BN/2). After C's four rounds, two more write A = silu(gate) * first to glu_a's columns
+// j * BN/2 + [0, BN/2), computed from the values as rounded into C (as the activation kernel
+// would read them back).
 template <class Config>
 struct Sm90WsPersistentVarlenM {
   static constexpr int kRoundColumns = 64;
@@ -434,7 +443,7 @@ struct Sm90WsPersistentVarlenM {
   }
 };
 
-template <class Config, bool kBKMajor, class WeightTma, class RowTma>
+template <class Config, bool kBKMajor, class WeightTma, class RowTma, bool kGlu = false>
 __global__ void __launch_bounds__(Sm90WsShape<Config>::kThreads, 1)
     sm90_ws_persistent_varlen_m_gemm_kernel(VarlenMGemm p, const int* __restrict__ tile_prefix,
                                             CUTE_GRID_CONSTANT WeightTma const weight_tma,
@@ -443,6 +452,7 @@ __global__ void __launch_bounds__(Sm90WsShape<Config>::kThreads, 1)
   using namespace cute;
   using T = typename Config::Element;
   constexpr bool kRowsTma = !std::is_same_v<RowTma, RowsByThreads>;
+  static_assert(!(kGlu && kRowsTma), "the GLU epilogue serves the up projection, whose rows are gathered");
   using Ws = Sm90WsShape<Config, kRowsTma ? 40 : 56>;
   using Geometry = Sm90WsPersistentVarlenM<Config>;
   using Pipeline = typename Ws::Pipeline;
@@ -490,7 +500,30 @@ __global__ void __launch_bounds__(Sm90WsShape<Config>::kThreads, 1)
       for (int tile_number = static_cast<int>(blockIdx.x); tile_number < tiles;
            tile_number += static_cast<int>(gridDim.x)) {
         const VarlenMTile t = tile_at(tile_number);
-        Tensor tBgB = weights.partition_S(weight_tiles<Config>(weight_tma, p, t.e, static_cast<int>(t.n0 / kBN)));
+        // The tile's weights of k tile k into `stage`, completing `landed`: one (BN, BK) box, or
+        // (kGlu) two of BN/2 rows: column tile j's first-half columns and its gate columns, h on.
+        auto copy_weights = [&] {
+          if constexpr (kGlu) {
+            constexpr int kHalf = kBN / 2;
+            const int first = static_cast<int>(t.n0 / 2 / kHalf);
+            const int gate = static_cast<int>(p.n / 2 / kHalf) + first;
+            Tensor tBgB_first = weights.partition_S(weight_tiles<Config, kHalf>(weight_tma, p, t.e, first));
+            Tensor tBgB_gate = weights.partition_S(weight_tiles<Config, kHalf>(weight_tma, p, t.e, gate));
+            return [&, tBgB_first, tBgB_gate](std::uint64_t* landed, int k, int stage) {
+              auto half_of_stage = [&](int half) {  // rows [half * kHalf, + kHalf) of the stage
+                return weights.partition_D(make_tensor(make_smem_ptr(smem_b + (stage * kBN + half * kHalf) * kBK),
+                                                       Config::template gmma_stage_layout<kBKMajor, kHalf>()));
+              };
+              copy(weight_tma.with(*landed), tBgB_first(_, _, _, k), half_of_stage(0));
+              copy(weight_tma.with(*landed), tBgB_gate(_, _, _, k), half_of_stage(1));
+            };
+          } else {
+            Tensor tBgB = weights.partition_S(weight_tiles<Config>(weight_tma, p, t.e, static_cast<int>(t.n0 / kBN)));
+            return [&, tBgB](std::uint64_t* landed, int k, int stage) {
+              copy(weight_tma.with(*landed), tBgB(_, _, _, k), tBsB(_, _, _, stage));
+            };
+          }
+        }();
         if constexpr (kRowsTma) {
           auto rows = row_tma.get_slice(Int<0>{});
           Tensor tAgA = rows.partition_S(row_boxes<Config>(row_tma, p, t.row0));
@@ -499,7 +532,7 @@ __global__ void __launch_bounds__(Sm90WsShape<Config>::kThreads, 1)
             pipeline.producer_acquire(write);
             auto* landed = pipeline.producer_get_barrier(write);
             copy(row_tma.with(*landed), tAgA(_, _, _, k), tAsA(_, _, _, write.index()));
-            copy(weight_tma.with(*landed), tBgB(_, _, _, k), tBsB(_, _, _, write.index()));
+            copy_weights(landed, k, write.index());
             ++write;
           }
         } else {
@@ -508,9 +541,7 @@ __global__ void __launch_bounds__(Sm90WsShape<Config>::kThreads, 1)
           for (int k = 0; k < k_tiles; ++k) {
             pipeline.producer_acquire(write);  // the leader's arrival expects the weight tile's bytes
             auto* landed = pipeline.producer_get_barrier(write);
-            if (threadIdx.x == Ws::kConsumers) {
-              copy(weight_tma.with(*landed), tBgB(_, _, _, k), tBsB(_, _, _, write.index()));
-            }
+            if (threadIdx.x == Ws::kConsumers) copy_weights(landed, k, write.index());
             rows.load(p, smem_a, write.index(), k);
             cutlass::arch::cpasync_barrier_arrive_noinc(landed);
             ++write;
@@ -556,15 +587,42 @@ __global__ void __launch_bounds__(Sm90WsShape<Config>::kThreads, 1)
     // once the barrier of its last round has passed), then the rounds.
     const int rows = static_cast<int>(t.row_end - t.row0);
     const int cols = static_cast<int>(min(static_cast<std::int64_t>(kBN), p.n - t.n0));
+    // Tile column c's column of C: t.n0 + c, or (kGlu) t.n0 / 2 + c in the first half for
+    // c < BN/2 and its gate partner's, h further on, for the rest.
+    auto c_column = [&](int c) -> std::int64_t {
+      if constexpr (kGlu) {
+        return t.n0 / 2 + c + (c < kBN / 2 ? 0 : p.n / 2 - kBN / 2);
+      } else {
+        return t.n0 + c;
+      }
+    };
     if (p.bias) {
       const T* bias = static_cast<const T*>(p.bias) + t.e * p.bias_expert_stride;
       for (int c = static_cast<int>(threadIdx.x); c < kBN; c += Ws::kConsumers) {
-        bias_tile[c] = c < cols ? to_float(bias[(t.n0 + c) * p.bias_stride_n]) : 0.0f;
+        bias_tile[c] = c < cols ? to_float(bias[c_column(c) * p.bias_stride_n]) : 0.0f;
       }
       Barrier::sync();
     }
-    T* out = static_cast<T*>(p.c) + t.n0;
-    const bool wide = reinterpret_cast<std::uintptr_t>(out) % 16 == 0 && p.ldc % Config::kVec == 0;
+    // A staged round (tile columns [column0, column0 + 64), those below `limit`) out: row r to
+    // row_start(grouped row t.row0 + r) + tile column, in 16-byte chunks where `wide`.
+    auto write_round = [&](const T* buffer, int column0, int limit, bool wide, auto&& row_start) {
+      constexpr int kChunks = Geometry::kRoundColumns / Config::kVec;  // 16-byte chunks per row
+      for (int q = static_cast<int>(threadIdx.x); q < kBM * kChunks; q += Ws::kConsumers) {
+        const int r = q / kChunks;
+        if (r >= rows) break;
+        const int c = column0 + q % kChunks * Config::kVec;
+        if (c >= limit) continue;
+        T* dst = row_start(t.row0 + r) + c;
+        const T* src = buffer + swizzled_offset<Geometry::kRoundColumns, Config::kVec>(r, c - column0);
+        if (wide && c + Config::kVec <= limit) {
+          *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+        } else {
+          for (int j = 0; j < Config::kVec && c + j < limit; ++j) dst[j] = src[j];
+        }
+      }
+    };
+    T* const c_base = static_cast<T*>(p.c);
+    const bool wide = reinterpret_cast<std::uintptr_t>(c_base + t.n0) % 16 == 0 && p.ldc % Config::kVec == 0;
     for_each(make_int_sequence<Geometry::kRounds>{}, [&](auto round_constant) {
       constexpr int kRound = decltype(round_constant)::value;
       constexpr int kColumn0 = kRound * Geometry::kRoundColumns;
@@ -578,22 +636,40 @@ __global__ void __launch_bounds__(Sm90WsShape<Config>::kThreads, 1)
             buffer, acc, coord, nullptr, place);
       }
       Barrier::sync();
-      constexpr int kChunks = Geometry::kRoundColumns / Config::kVec;  // 16-byte chunks per row
-      for (int q = static_cast<int>(threadIdx.x); q < kBM * kChunks; q += Ws::kConsumers) {
-        const int r = q / kChunks;
-        if (r >= rows) break;
-        const int c = kColumn0 + q % kChunks * Config::kVec;
-        if (c >= cols) continue;
-        const std::int64_t i = t.row0 + r;
-        T* dst = out + (p.c_index ? p.c_index[i] : i) * p.ldc + c;
-        const T* src = buffer + swizzled_offset<Geometry::kRoundColumns, Config::kVec>(r, c - kColumn0);
-        if (wide && c + Config::kVec <= cols) {
-          *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
-        } else {
-          for (int j = 0; j < Config::kVec && c + j < cols; ++j) dst[j] = src[j];
-        }
-      }
+      // A round's columns stay in one half: one shift from tile column to C's column.
+      const std::int64_t shift = c_column(kColumn0) - kColumn0;
+      write_round(buffer, kColumn0, cols, wide,
+                  [&](std::int64_t i) { return c_base + (p.c_index ? p.c_index[i] : i) * p.ldc + shift; });
     });
+    if constexpr (kGlu) {
+      // Two more rounds: A's columns t.n0 / 2 + [0, BN/2) from the first-half values [0, V/2) and
+      // their gate partners V/2 on, each rounded to T first as C holds it.
+      T* const a_base = static_cast<T*>(p.glu_a) + t.n0 / 2;
+      const bool wide_a = reinterpret_cast<std::uintptr_t>(a_base) % 16 == 0 && p.glu_lda % Config::kVec == 0;
+      for_each(make_int_sequence<Geometry::kRounds / 2>{}, [&](auto round_constant) {
+        constexpr int kRound = Geometry::kRounds + decltype(round_constant)::value;
+        constexpr int kColumn0 = decltype(round_constant)::value * Geometry::kRoundColumns;
+        constexpr int kFirst = decltype(round_constant)::value * kRoundValues;
+        T* buffer = staging + kRound % 2 * Geometry::kBufferElements;
+        auto place = [](int r, int c) { return swizzled_offset<Geometry::kRoundColumns, Config::kVec>(r, c - kColumn0); };
+        auto glu = [&](auto&& rounded) {
+          return [&](int v, int c) {
+            const float first = rounded(v, c);
+            const float gate = rounded(v + kValues / 2, c + kBN / 2);
+            return T(activation_at(Activation::kSilu, gate).value * first);
+          };
+        };
+        if (p.bias) {
+          StagedEpilogue<Config>::template write_value_range<kFirst, kFirst + kRoundValues>(
+              buffer, coord, place, glu([&](int v, int c) { return to_float(T(acc(v) + bias_tile[c])); }));
+        } else {
+          StagedEpilogue<Config>::template write_value_range<kFirst, kFirst + kRoundValues>(
+              buffer, coord, place, glu([&](int v, int) { return to_float(T(acc(v))); }));
+        }
+        Barrier::sync();
+        write_round(buffer, kColumn0, kBN / 2, wide_a, [&](std::int64_t i) { return a_base + i * p.glu_lda; });
+      });
+    }
   }
 #endif
 }
@@ -740,13 +816,14 @@ void launch_sm90_ws_varlen_m_gemm(const VarlenMGemm& g, const int* tile_prefix, 
   check_launch("varlen-M GEMM");
 }
 
-// The persistent form (the caller checked the same as for launch_sm90_ws_varlen_m_gemm).
-template <class T, bool kBKMajor, bool kRowsTma>
-void launch_sm90_ws_persistent_varlen_m_gemm(const VarlenMGemm& g, const int* tile_prefix, int sm_count,
-                                             cudaStream_t stream) {
+// The persistent form (the caller checked the same as for launch_sm90_ws_varlen_m_gemm; kGlu:
+// also glu_epilogue_shape).
+template <class T, bool kBKMajor, bool kRowsTma, bool kGlu>
+void launch_sm90_ws_persistent_varlen_m_gemm_with(const VarlenMGemm& g, const int* tile_prefix, int sm_count,
+                                                  cudaStream_t stream) {
   using Config = Sm90TmaConfig<T>;
   using Ws = Sm90WsShape<Config, kRowsTma ? 40 : 56>;
-  const auto weight_tma = make_weight_tma<Config, kBKMajor>(g);
+  const auto weight_tma = make_weight_tma<Config, kBKMajor, kGlu ? Config::kBN / 2 : Config::kBN>(g);
   const auto row_tma = [&] {
     if constexpr (kRowsTma) {
       return make_rows_tma<Config>(g);
@@ -755,7 +832,7 @@ void launch_sm90_ws_persistent_varlen_m_gemm(const VarlenMGemm& g, const int* ti
     }
   }();
   auto kernel = sm90_ws_persistent_varlen_m_gemm_kernel<Config, kBKMajor, std::remove_const_t<decltype(weight_tma)>,
-                                                        std::remove_const_t<decltype(row_tma)>>;
+                                                        std::remove_const_t<decltype(row_tma)>, kGlu>;
   constexpr int smem =
       Sm90WsPersistentVarlenM<Config>::template smem_bytes<kBKMajor, typename Ws::Pipeline>();
   static_assert(smem + Config::kBN * sizeof(float) <= 227 * 1024,
@@ -767,6 +844,18 @@ void launch_sm90_ws_persistent_varlen_m_gemm(const VarlenMGemm& g, const int* ti
   const unsigned blocks = static_cast<unsigned>(std::min<std::int64_t>(sm_count, max_tiles));
   kernel<<<blocks, Ws::kThreads, smem, stream>>>(g, tile_prefix, weight_tma, row_tma);
   check_launch("varlen-M GEMM");
+}
+
+template <class T, bool kBKMajor, bool kRowsTma>
+void launch_sm90_ws_persistent_varlen_m_gemm(const VarlenMGemm& g, const int* tile_prefix, int sm_count,
+                                             cudaStream_t stream) {
+  launch_sm90_ws_persistent_varlen_m_gemm_with<T, kBKMajor, kRowsTma, false>(g, tile_prefix, sm_count, stream);
+}
+
+template <class T, bool kBKMajor>
+void launch_sm90_ws_persistent_glu_varlen_m_gemm(const VarlenMGemm& g, const int* tile_prefix, int sm_count,
+                                                 cudaStream_t stream) {
+  launch_sm90_ws_persistent_varlen_m_gemm_with<T, kBKMajor, false, true>(g, tile_prefix, sm_count, stream);
 }
 
 template <class T, bool kBKMajor>

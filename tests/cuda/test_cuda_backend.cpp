@@ -275,6 +275,19 @@ TEST(CudaKernelChoice, DefaultsFallbacksAndSettings) {
   m.weight_tma_possible = false;  // e.g. a broadcast weight (expert stride 0)
   EXPECT_EQ(cuda::choose_varlen_m_kernel(m, defaults), VarlenMKernel::kSm90);
 
+  // The SwiGLU epilogue: the persistent gathering kernel only, where the shape allows it.
+  EXPECT_TRUE(cuda::fuse_glu_epilogue(VarlenMKernel::kSm90WsPersistentGather, true, defaults));
+  EXPECT_FALSE(cuda::fuse_glu_epilogue(VarlenMKernel::kSm90WsPersistentGather, false, defaults));
+  EXPECT_FALSE(cuda::fuse_glu_epilogue(VarlenMKernel::kSm90WsGather, true, defaults));
+  EXPECT_FALSE(cuda::fuse_glu_epilogue(VarlenMKernel::kSm80, true, defaults));
+  KernelSettings glu_after;
+  glu_after.glu_epilogue = false;
+  EXPECT_FALSE(cuda::fuse_glu_epilogue(VarlenMKernel::kSm90WsPersistentGather, true, glu_after));
+  EXPECT_TRUE(cuda::glu_epilogue_shape(2 * 384, true));
+  EXPECT_TRUE(cuda::glu_epilogue_shape(2 * 128, true));
+  EXPECT_FALSE(cuda::glu_epilogue_shape(2 * 320, true));  // a tile would straddle the halves
+  EXPECT_FALSE(cuda::glu_epilogue_shape(2 * 384, false));  // C scattered, not H in grouped order
+
   cuda::VarlenKFacts k;
   EXPECT_EQ(cuda::choose_varlen_k_kernel(k, defaults).kernel, VarlenKKernel::kSm80);
   k.wgmma = true;
@@ -704,6 +717,46 @@ TEST(CudaMlp, ForwardBackwardMatchCpu) {
         // d_gates is a dot product over h that the GPU takes from dtype-rounded intermediates
         // (dA', A) and the oracle from fp32 ones; cancellation in such a sum amplifies the
         // rounding by up to sum|a_i b_i| / |sum a_i b_i|, about sqrt(h) for random data.
+        expect_match(m.dg, false, dtype, what + " d_gates", 4.0);
+      }
+    }
+  }
+}
+
+// The SwiGLU in the up projection's epilogue (sm_90a): h a multiple of 128 (one, two and three
+// 256-column tiles of [first | gate]) and at least 512 routed rows per expert, so the default
+// path runs the persistent gathering kernel that has it; with an empty expert, one expert taking
+// every token, K not a multiple of the k tile, rows not a multiple of the row tile. GELU-GLU at
+// the same shapes takes the activation pass instead.
+TEST(CudaMlp, SwigluEpilogueShapesMatchCpu) {
+  SCATTERMOE_REQUIRE_GPU();
+  std::mt19937_64 rng(21);
+  for (const Case& c : {Case{1100, 2, 4, 64, 256, -1, false}, Case{2600, 1, 5, 72, 384, 2, false},
+                        Case{1024, 2, 4, 64, 128, -1, true}}) {
+    Plans plans(route(c, rng), c.tokens, c.k, c.experts);
+    for (DType dtype : kFloatTypes) {
+      for (int variant = 0; variant < 3; ++variant) {
+        const bool bias = variant != 1;
+        const Activation act = variant == 2 ? Activation::kGelu : Activation::kSilu;
+        MlpPairs m(c, dtype, true, c.d_out);
+        for (Pair* p : {&m.x, &m.w1, &m.b1, &m.w2, &m.b2, &m.gates, &m.d_out})
+          p->fill_and_upload(false, rng);
+        for (Pair* p : {&m.out, &m.hidden, &m.dx, &m.dw1, &m.db1, &m.dw2, &m.db2, &m.dg})
+          p->poison();
+        run_mlp_host(m, plans.host.plan(), act, true, bias, m.grads(false, bias));
+        run_mlp_device(m, plans.dev, act, true, bias);
+        SCATTERMOE_CUDA_OK(cudaDeviceSynchronize());
+        const std::string what = "mlp " + c.name() + " " + dtype_name(dtype) + " " +
+                                 activation_name(act) + " glu" + (bias ? " bias" : "");
+        expect_match(m.out, false, dtype, what + " out");
+        expect_match(m.hidden, false, dtype, what + " hidden");
+        expect_match(m.dx, false, dtype, what + " dx");
+        expect_match(m.dw1, false, dtype, what + " dw1");
+        expect_match(m.dw2, false, dtype, what + " dw2");
+        if (bias) {
+          expect_match(m.db1, false, dtype, what + " db1");
+          expect_match(m.db2, false, dtype, what + " db2");
+        }
         expect_match(m.dg, false, dtype, what + " d_gates", 4.0);
       }
     }
