@@ -569,12 +569,28 @@ __global__ void __launch_bounds__(Sm90WsShape<Config>::kThreads, 1)
   static_assert(decltype(size<1>(acc))::value == 1 && decltype(size<2>(acc))::value == 1,
                 "one wgmma accumulator per thread: its value order gives the rounds' columns");
   __shared__ float bias_tile[kBN];
+  // The rounds' stores: thread q writes 16-byte chunk q % kChunks of rows q / kChunks + j *
+  // kRowStride (j < kPasses) in every round, so its kPasses destination rows of C (c_index) are
+  // looked up once per tile, before the k loop, whose wgmma hide the loads' latency (looked up
+  // per store, each load's latency stood in the epilogue, kPasses times per round).
+  constexpr int kChunks = Geometry::kRoundColumns / Config::kVec;  // 16-byte chunks per row
+  constexpr int kRowStride = Ws::kConsumers / kChunks;
+  constexpr int kPasses = kBM / kRowStride;
+  static_assert(Ws::kConsumers % kChunks == 0 && kBM % kRowStride == 0, "every thread keeps its chunk");
+  const int chunk = static_cast<int>(threadIdx.x) % kChunks * Config::kVec;
+  const int row_first = static_cast<int>(threadIdx.x) / kChunks;
 
   PipelineState read;
   PipelineState release;
   for (int tile_number = static_cast<int>(blockIdx.x); tile_number < tiles;
        tile_number += static_cast<int>(gridDim.x)) {
     const VarlenMTile t = tile_at(tile_number);
+    std::int64_t c_rows[kPasses];
+    CUTE_UNROLL
+    for (int j = 0; j < kPasses; ++j) {
+      const std::int64_t i = t.row0 + row_first + j * kRowStride;
+      c_rows[j] = p.c_index && i < t.row_end ? p.c_index[i] : i;
+    }
     clear(acc);
     ws_consumer_k_loop<!kRowsTma>(pipeline, read, release, k_tiles, mma, tCrA, tCrB, acc);
     if (k_tiles > 0) {
@@ -602,21 +618,21 @@ __global__ void __launch_bounds__(Sm90WsShape<Config>::kThreads, 1)
       }
       Barrier::sync();
     }
-    // A staged round (tile columns [column0, column0 + 64), those below `limit`) out: row r to
-    // row_start(grouped row t.row0 + r) + tile column, in 16-byte chunks where `wide`.
+    // A staged round (tile columns [column0, column0 + 64), those below `limit`) out: this
+    // thread's pass j (tile row r) to row_start(j, r) + tile column, in 16-byte chunks where `wide`.
     auto write_round = [&](const T* buffer, int column0, int limit, bool wide, auto&& row_start) {
-      constexpr int kChunks = Geometry::kRoundColumns / Config::kVec;  // 16-byte chunks per row
-      for (int q = static_cast<int>(threadIdx.x); q < kBM * kChunks; q += Ws::kConsumers) {
-        const int r = q / kChunks;
+      const int c = column0 + chunk;
+      if (c >= limit) return;
+      CUTE_UNROLL
+      for (int j = 0; j < kPasses; ++j) {
+        const int r = row_first + j * kRowStride;
         if (r >= rows) break;
-        const int c = column0 + q % kChunks * Config::kVec;
-        if (c >= limit) continue;
-        T* dst = row_start(t.row0 + r) + c;
+        T* dst = row_start(j, r) + c;
         const T* src = buffer + swizzled_offset<Geometry::kRoundColumns, Config::kVec>(r, c - column0);
         if (wide && c + Config::kVec <= limit) {
           *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
         } else {
-          for (int j = 0; j < Config::kVec && c + j < limit; ++j) dst[j] = src[j];
+          for (int q = 0; q < Config::kVec && c + q < limit; ++q) dst[q] = src[q];
         }
       }
     };
@@ -637,8 +653,7 @@ __global__ void __launch_bounds__(Sm90WsShape<Config>::kThreads, 1)
       Barrier::sync();
       // A round's columns stay in one half: one shift from tile column to C's column.
       const std::int64_t shift = c_column(kColumn0) - kColumn0;
-      write_round(buffer, kColumn0, cols, wide,
-                  [&](std::int64_t i) { return c_base + (p.c_index ? p.c_index[i] : i) * p.ldc + shift; });
+      write_round(buffer, kColumn0, cols, wide, [&](int j, int) { return c_base + c_rows[j] * p.ldc + shift; });
     });
     if constexpr (kGlu) {
       // Two more rounds: A's columns t.n0 / 2 + [0, BN/2) from the first-half values [0, V/2) and
@@ -670,7 +685,8 @@ __global__ void __launch_bounds__(Sm90WsShape<Config>::kThreads, 1)
               buffer, coord, place, glu([&](int v, int) { return to_float(T(acc(v))); }));
         }
         Barrier::sync();
-        write_round(buffer, kColumn0, kBN / 2, wide_a, [&](std::int64_t i) { return a_base + i * p.glu_lda; });
+        write_round(buffer, kColumn0, kBN / 2, wide_a,
+                    [&](int, int r) { return a_base + (t.row0 + r) * p.glu_lda; });
       });
     }
   }
