@@ -149,13 +149,12 @@ void run_varlen_m_gemm(DType dtype, const VarlenMGemm& g, void* workspace, cudaS
     const VarlenMKernel kernel = choose_varlen_m_kernel(facts, settings());
     // The up projection's SwiGLU: in the GEMM's epilogue where the kernel has it, else a pass
     // over C after the GEMM.
-    const bool glu_fused = g.glu_a && fuse_glu_epilogue(kernel, glu_epilogue_shape(g.n, g.c_index == nullptr), settings());
+    const bool glu_fused = g.glu_a && fuse_glu_epilogue(kernel, glu_epilogue_shape(g.n, g.c_index == nullptr, b_k_major), settings());
     [&] {
 #ifdef SCATTERMOE_HAS_SM90
       if constexpr (sizeof(T) == 2) {
-        if (glu_fused) {
-          b_k_major ? launch_sm90_ws_persistent_glu_varlen_m_gemm<T, true>(tuned, tile_prefix, sms, stream)
-                    : launch_sm90_ws_persistent_glu_varlen_m_gemm<T, false>(tuned, tile_prefix, sms, stream);
+        if (glu_fused) {  // K-major weights only (glu_epilogue_shape)
+          launch_sm90_ws_persistent_glu_varlen_m_gemm<T, true>(tuned, tile_prefix, sms, stream);
           return;
         }
         switch (kernel) {

@@ -163,7 +163,7 @@ template <class T, bool kBKMajor, bool kRowsTma>
 void launch_sm90_ws_persistent_varlen_m_gemm(const VarlenMGemm& g, const int* tile_prefix, int sm_count,
                                              cudaStream_t stream);
 // The gathering persistent kernel with the SwiGLU in its epilogue (sm90_ws_persistent_glu_*.cu):
-// writes C and glu_a; also needs glu_epilogue_shape(g.n, g.c_index == nullptr).
+// writes C and glu_a; also needs glu_epilogue_shape (so kBKMajor only).
 template <class T, bool kBKMajor>
 void launch_sm90_ws_persistent_glu_varlen_m_gemm(const VarlenMGemm& g, const int* tile_prefix, int sm_count,
                                                  cudaStream_t stream);

@@ -79,9 +79,12 @@ inline VarlenMKernel choose_varlen_m_kernel(const VarlenMFacts& f, const KernelS
 }
 
 // Whether an up projection's output C = [first | gate] (n = 2h columns) lets the epilogue
-// compute A: h a multiple of 128 (a 256-column tile pairs 128 columns of each half) and C
-// written in the grouped order.
-inline bool glu_epilogue_shape(std::int64_t n, bool grouped_c) { return n % 256 == 0 && grouped_c; }
+// compute A: h a multiple of 128 (a 256-column tile pairs 128 columns of each half), C written
+// in the grouped order, and K-major weights (nn.Linear's (E, 2h, d) storage; the kernel is
+// instantiated for those only).
+inline bool glu_epilogue_shape(std::int64_t n, bool grouped_c, bool b_k_major) {
+  return n % 256 == 0 && grouped_c && b_k_major;
+}
 
 // Whether an up projection's SwiGLU runs in its GEMM's epilogue instead of a pass after it: only
 // the persistent gathering kernel has that epilogue; `shape_ok`: glu_epilogue_shape.

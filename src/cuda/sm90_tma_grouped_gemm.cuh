@@ -422,7 +422,9 @@ __global__ void __launch_bounds__(Sm90WsShape<Config>::kThreads, 1)
 // so a thread holds each first-half accumulator and its gate partner (value v + V/2, column
 // c + BN/2). After C's four rounds, two more write A = silu(gate) * first to glu_a's columns
 // j * BN/2 + [0, BN/2), computed from the values as rounded into C (as the activation kernel
-// would read them back), with the fast exponential and division.
+// would read them back), with the fast exponential and division. Instantiated for K-major
+// weights only (glu_epilogue_shape): the N-major form's boxes would rely on the K-first stage
+// layout placing N rows [0, BN/2) first, which no GPU test has run.
 template <class Config>
 struct Sm90WsPersistentVarlenM {
   static constexpr int kRoundColumns = 64;

@@ -283,10 +283,11 @@ TEST(CudaKernelChoice, DefaultsFallbacksAndSettings) {
   KernelSettings glu_after;
   glu_after.glu_epilogue = false;
   EXPECT_FALSE(cuda::fuse_glu_epilogue(VarlenMKernel::kSm90WsPersistentGather, true, glu_after));
-  EXPECT_TRUE(cuda::glu_epilogue_shape(2 * 384, true));
-  EXPECT_TRUE(cuda::glu_epilogue_shape(2 * 128, true));
-  EXPECT_FALSE(cuda::glu_epilogue_shape(2 * 320, true));  // a tile would straddle the halves
-  EXPECT_FALSE(cuda::glu_epilogue_shape(2 * 384, false));  // C scattered, not H in grouped order
+  EXPECT_TRUE(cuda::glu_epilogue_shape(2 * 384, true, true));
+  EXPECT_TRUE(cuda::glu_epilogue_shape(2 * 128, true, true));
+  EXPECT_FALSE(cuda::glu_epilogue_shape(2 * 320, true, true));   // a tile would straddle the halves
+  EXPECT_FALSE(cuda::glu_epilogue_shape(2 * 384, false, true));  // C scattered, not H in grouped order
+  EXPECT_FALSE(cuda::glu_epilogue_shape(2 * 384, true, false));  // N-major weights
 
   cuda::VarlenKFacts k;
   EXPECT_EQ(cuda::choose_varlen_k_kernel(k, defaults).kernel, VarlenKKernel::kSm80);
@@ -626,12 +627,14 @@ TEST(CudaParallelLinear, ForwardBackwardMatchCpu) {
 
 struct MlpPairs {
   Pair x, w1, b1, w2, b2, gates, out, hidden, d_out, dx, dw1, db1, dw2, db2, dg;
-  MlpPairs(const Case& c, DType dtype, bool glu, std::int64_t h) {
+  // weights_k_major: W1 and W2 stored as nn.Linear stores them, (E, d_out, d_in), and passed
+  // as transposed views (unit stride along d_in, the GEMMs' K); else (E, d_in, d_out) as is.
+  MlpPairs(const Case& c, DType dtype, bool glu, std::int64_t h, bool weights_k_major = true) {
     const std::int64_t d = c.d_in, L = c.tokens * c.k, h1 = glu ? 2 * h : h;
     x = Pair(dtype, {c.tokens, d});
-    w1 = Pair(dtype, {c.experts, d, h1}, true);
+    w1 = Pair(dtype, {c.experts, d, h1}, weights_k_major);
     b1 = Pair(dtype, {c.experts, h1});
-    w2 = Pair(dtype, {c.experts, h, d}, true);
+    w2 = Pair(dtype, {c.experts, h, d}, weights_k_major);
     b2 = Pair(dtype, {c.experts, d});
     gates = Pair(DType::kFloat32, {c.tokens, c.k});
     out = Pair(dtype, {c.tokens, d});
@@ -727,7 +730,7 @@ TEST(CudaMlp, ForwardBackwardMatchCpu) {
 // 256-column tiles of [first | gate]) and at least 512 routed rows per expert, so the default
 // path runs the persistent gathering kernel that has it; with an empty expert, one expert taking
 // every token, K not a multiple of the k tile, rows not a multiple of the row tile. GELU-GLU at
-// the same shapes takes the activation pass instead.
+// the same shapes, and N-major weights, take the activation pass instead.
 TEST(CudaMlp, SwigluEpilogueShapesMatchCpu) {
   SCATTERMOE_REQUIRE_GPU();
   std::mt19937_64 rng(21);
@@ -735,10 +738,11 @@ TEST(CudaMlp, SwigluEpilogueShapesMatchCpu) {
                         Case{1024, 2, 4, 64, 128, -1, true}}) {
     Plans plans(route(c, rng), c.tokens, c.k, c.experts);
     for (DType dtype : kFloatTypes) {
-      for (int variant = 0; variant < 3; ++variant) {
+      for (int variant = 0; variant < 4; ++variant) {
         const bool bias = variant != 1;
         const Activation act = variant == 2 ? Activation::kGelu : Activation::kSilu;
-        MlpPairs m(c, dtype, true, c.d_out);
+        const bool k_major = variant != 3;
+        MlpPairs m(c, dtype, true, c.d_out, k_major);
         for (Pair* p : {&m.x, &m.w1, &m.b1, &m.w2, &m.b2, &m.gates, &m.d_out})
           p->fill_and_upload(false, rng);
         for (Pair* p : {&m.out, &m.hidden, &m.dx, &m.dw1, &m.db1, &m.dw2, &m.db2, &m.dg})
@@ -747,7 +751,8 @@ TEST(CudaMlp, SwigluEpilogueShapesMatchCpu) {
         run_mlp_device(m, plans.dev, act, true, bias);
         SCATTERMOE_CUDA_OK(cudaDeviceSynchronize());
         const std::string what = "mlp " + c.name() + " " + dtype_name(dtype) + " " +
-                                 activation_name(act) + " glu" + (bias ? " bias" : "");
+                                 activation_name(act) + " glu" + (bias ? " bias" : "") +
+                                 (k_major ? "" : " n-major");
         expect_match(m.out, false, dtype, what + " out");
         expect_match(m.hidden, false, dtype, what + " hidden");
         expect_match(m.dx, false, dtype, what + " dx");
