@@ -729,13 +729,19 @@ TEST(CudaMlp, ForwardBackwardMatchCpu) {
 // The SwiGLU in the up projection's epilogue (sm_90a): h a multiple of 128 (one, two and three
 // 256-column tiles of [first | gate]) and at least 512 routed rows per expert, so the default
 // path runs the persistent gathering kernel that has it; with an empty expert, one expert taking
-// every token, K not a multiple of the k tile, rows not a multiple of the row tile. GELU-GLU at
-// the same shapes, and N-major weights, take the activation pass instead.
+// every token, K not a multiple of the k tile, rows not a multiple of the row tile, and more
+// tiles than an H200 has SMs (the last case: 256 up-projection tiles, so blocks go on to a second
+// tile and reuse the staging, the bias tile and the stages). GELU-GLU at the same shapes, and
+// N-major weights, take the activation pass instead.
 TEST(CudaMlp, SwigluEpilogueShapesMatchCpu) {
   SCATTERMOE_REQUIRE_GPU();
   std::mt19937_64 rng(21);
   for (const Case& c : {Case{1100, 2, 4, 64, 256, -1, false}, Case{2600, 1, 5, 72, 384, 2, false},
-                        Case{1024, 2, 4, 64, 128, -1, true}}) {
+                        Case{1024, 2, 4, 64, 128, -1, true}, Case{4096, 2, 4, 32, 512, -1, false}}) {
+    // The shapes the fused epilogue needs (kernel_choice.hpp): the persistent kernel's rows per
+    // expert and h a multiple of 128.
+    ASSERT_GE(c.tokens * c.k / c.experts, cuda::kPersistentRowsPerExpert) << c.name();
+    ASSERT_TRUE(cuda::glu_epilogue_shape(2 * c.d_out, true, true)) << c.name();
     Plans plans(route(c, rng), c.tokens, c.k, c.experts);
     for (DType dtype : kFloatTypes) {
       for (int variant = 0; variant < 4; ++variant) {
