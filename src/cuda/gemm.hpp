@@ -131,7 +131,7 @@ void launch_sm90_persistent_varlen_k_gemm(const VarlenKGemm& g, int sm_count, cu
 // rows, walking the block's tiles ahead of the two consumer warpgroups, whose finished tiles
 // leave by TMA store (the caller checked varlen_k_store_tma_possible).
 // warp_stores: each consumer warp stores its own rows of the tile, with no barrier across warps
-// (experiment; false: thread 0 stores each round after consumer barriers).
+// (the default, step 38; false: thread 0 stores each round after consumer barriers).
 template <class T, VarlenKContiguous kContiguous>
 void launch_sm90_ws_varlen_k_gemm(const VarlenKGemm& g, int sm_count, bool warp_stores, cudaStream_t stream);
 // Whether the driver can describe g's output as one (M, N, E) TMA tensor: 16-byte aligned base

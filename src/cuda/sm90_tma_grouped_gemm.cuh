@@ -223,6 +223,20 @@ struct Sm90WsShape {
                 "setmaxnreg moves registers between the block's warps only");
   static_assert(kConsumers == 256, "the register split assumes two consumer warpgroups");
   using Pipeline = cutlass::PipelineTmaAsync<Config::kStages>;
+
+  // This thread's pipeline parameters: the threads past the consumers produce, the first of them
+  // leads (its arrival expects transaction_bytes of TMA copies per stage), and `producers`
+  // arrivals complete a stage's full barrier.
+  __device__ static typename Pipeline::Params pipeline_params(std::uint32_t transaction_bytes, int producers) {
+    const bool producer = static_cast<int>(threadIdx.x) >= kConsumers;
+    typename Pipeline::Params params;
+    params.transaction_bytes = transaction_bytes;
+    params.role = producer ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
+    params.is_leader = threadIdx.x == kConsumers;
+    params.num_consumers = kConsumers;
+    params.num_producers = producers;
+    return params;
+  }
 };
 
 // The consumers' k loop of the warp-specialised kernels: acc += the tile's product over k tiles
@@ -330,13 +344,8 @@ __global__ void __launch_bounds__(Sm90WsShape<Config>::kThreads, 1)
   Tensor s_b = make_tensor(make_smem_ptr(smem_b), Config::template gmma_layout<kBKMajor, kBN>());  // (BN,BK,STAGES)
 
   const bool producer = static_cast<int>(threadIdx.x) >= Ws::kConsumers;
-  typename Pipeline::Params params;
-  params.transaction_bytes = kStageBytes;
-  params.role = producer ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
-  params.is_leader = threadIdx.x == Ws::kConsumers;
-  params.num_consumers = Ws::kConsumers;
-  params.num_producers = kRowsTma ? 1 : 1 + Ws::kProducerThreads;
-  Pipeline pipeline(*storage, params, cute::Shape<_1, _1, _1>{});
+  Pipeline pipeline(*storage, Ws::pipeline_params(kStageBytes, kRowsTma ? 1 : 1 + Ws::kProducerThreads),
+                    cute::Shape<_1, _1, _1>{});
   __syncthreads();  // the barriers initialised, for every thread
 
   if constexpr (!kRowsTma) {
@@ -483,13 +492,8 @@ __global__ void __launch_bounds__(Sm90WsShape<Config>::kThreads, 1)
   Tensor s_b = make_tensor(make_smem_ptr(smem_b), Config::template gmma_layout<kBKMajor, kBN>());  // (BN,BK,STAGES)
 
   const bool producer = static_cast<int>(threadIdx.x) >= Ws::kConsumers;
-  typename Pipeline::Params params;
-  params.transaction_bytes = kStageBytes;
-  params.role = producer ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
-  params.is_leader = threadIdx.x == Ws::kConsumers;
-  params.num_consumers = Ws::kConsumers;
-  params.num_producers = kRowsTma ? 1 : 1 + Ws::kProducerThreads;
-  Pipeline pipeline(*storage, params, cute::Shape<_1, _1, _1>{});
+  Pipeline pipeline(*storage, Ws::pipeline_params(kStageBytes, kRowsTma ? 1 : 1 + Ws::kProducerThreads),
+                    cute::Shape<_1, _1, _1>{});
   __syncthreads();  // the barriers initialised, for every thread
 
   if (producer) {

@@ -101,13 +101,8 @@ __global__ void __launch_bounds__(Geometry::Ws::kThreads, 1)
   auto* storage = reinterpret_cast<typename Pipeline::SharedStorage*>(staging + Geometry::kStagingElements);
 
   const bool producer = static_cast<int>(threadIdx.x) >= Ws::kConsumers;
-  typename Pipeline::Params params;
-  params.transaction_bytes = 0;  // no TMA loads: the copies' arrivals complete a stage
-  params.role = producer ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
-  params.is_leader = threadIdx.x == Ws::kConsumers;
-  params.num_consumers = Ws::kConsumers;
-  params.num_producers = 1 + Ws::kProducerThreads;
-  Pipeline pipeline(*storage, params, cute::Shape<_1, _1, _1>{});
+  // No TMA loads: the copies' arrivals (the leader's and every producer thread's) complete a stage.
+  Pipeline pipeline(*storage, Ws::pipeline_params(0, 1 + Ws::kProducerThreads), cute::Shape<_1, _1, _1>{});
   __syncthreads();  // the barriers initialised, for every thread
 
   if (producer) {

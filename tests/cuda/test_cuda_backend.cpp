@@ -684,6 +684,23 @@ void run_mlp_device(const MlpPairs& m, const RoutingPlan& plan, Activation act, 
   run_mlp_device(m, plan, act, glu, bias, m.grads(true, bias));
 }
 
+// Every output of one forward and backward against the oracle's, within the dtype's tolerance.
+void expect_mlp_match(const MlpPairs& m, DType dtype, bool bias, const std::string& what) {
+  expect_match(m.out, false, dtype, what + " out");
+  expect_match(m.hidden, false, dtype, what + " hidden");
+  expect_match(m.dx, false, dtype, what + " dx");
+  expect_match(m.dw1, false, dtype, what + " dw1");
+  expect_match(m.dw2, false, dtype, what + " dw2");
+  if (bias) {
+    expect_match(m.db1, false, dtype, what + " db1");
+    expect_match(m.db2, false, dtype, what + " db2");
+  }
+  // d_gates is a dot product over h that the GPU takes from dtype-rounded intermediates
+  // (dA', A) and the oracle from fp32 ones; cancellation in such a sum amplifies the
+  // rounding by up to sum|a_i b_i| / |sum a_i b_i|, about sqrt(h) for random data.
+  expect_match(m.dg, false, dtype, what + " d_gates", 4.0);
+}
+
 TEST(CudaMlp, ForwardBackwardMatchCpu) {
   SCATTERMOE_REQUIRE_GPU();
   std::mt19937_64 rng(15);
@@ -708,19 +725,7 @@ TEST(CudaMlp, ForwardBackwardMatchCpu) {
         SCATTERMOE_CUDA_OK(cudaDeviceSynchronize());
         const std::string what = "mlp " + c.name() + " " + dtype_name(dtype) + " " +
                                  activation_name(act) + (glu ? " glu" : "") + (bias ? " bias" : "");
-        expect_match(m.out, false, dtype, what + " out");
-        expect_match(m.hidden, false, dtype, what + " hidden");
-        expect_match(m.dx, false, dtype, what + " dx");
-        expect_match(m.dw1, false, dtype, what + " dw1");
-        expect_match(m.dw2, false, dtype, what + " dw2");
-        if (bias) {
-          expect_match(m.db1, false, dtype, what + " db1");
-          expect_match(m.db2, false, dtype, what + " db2");
-        }
-        // d_gates is a dot product over h that the GPU takes from dtype-rounded intermediates
-        // (dA', A) and the oracle from fp32 ones; cancellation in such a sum amplifies the
-        // rounding by up to sum|a_i b_i| / |sum a_i b_i|, about sqrt(h) for random data.
-        expect_match(m.dg, false, dtype, what + " d_gates", 4.0);
+        expect_mlp_match(m, dtype, bias, what);
       }
     }
   }
@@ -759,16 +764,7 @@ TEST(CudaMlp, SwigluEpilogueShapesMatchCpu) {
         const std::string what = "mlp " + c.name() + " " + dtype_name(dtype) + " " +
                                  activation_name(act) + " glu" + (bias ? " bias" : "") +
                                  (k_major ? "" : " n-major");
-        expect_match(m.out, false, dtype, what + " out");
-        expect_match(m.hidden, false, dtype, what + " hidden");
-        expect_match(m.dx, false, dtype, what + " dx");
-        expect_match(m.dw1, false, dtype, what + " dw1");
-        expect_match(m.dw2, false, dtype, what + " dw2");
-        if (bias) {
-          expect_match(m.db1, false, dtype, what + " db1");
-          expect_match(m.db2, false, dtype, what + " db2");
-        }
-        expect_match(m.dg, false, dtype, what + " d_gates", 4.0);
+        expect_mlp_match(m, dtype, bias, what);
       }
     }
   }
