@@ -104,6 +104,7 @@ const KernelSettings& settings() {
     k.varlen_k_ws = env_int("SCATTERMOE_SM90_WS_VARLEN_K", 1) != 0;
     k.varlen_k_warp_stores = env_int("SCATTERMOE_SM90_VARLEN_K_WARP_STORES", 1) != 0;
     k.glu_epilogue = env_int("SCATTERMOE_SM90_GLU_EPILOGUE", 1) != 0;
+    k.varlen_m_warp_stores = env_int("SCATTERMOE_SM90_VARLEN_M_WARP_STORES", 1) != 0;
     return k;
   }();
   return s;
@@ -128,6 +129,7 @@ void run_varlen_m_gemm(DType dtype, const VarlenMGemm& g, void* workspace, cudaS
   auto* tile_prefix = static_cast<int*>(workspace);
   VarlenMGemm tuned = g;
   tuned.raster_group_rows = raster_group_rows();
+  tuned.warp_stores = settings().varlen_m_warp_stores;
   dispatch_float(dtype, [&](auto element) {
     using T = decltype(element);
     build_tile_prefix_kernel<<<1, kScanThreads, 0, stream>>>(g.expert_offsets, g.num_experts,

@@ -45,6 +45,9 @@ struct VarlenMGemm {
   // and the shape allow (fuse_glu_epilogue), else runs the activation kernel after the GEMM.
   void* glu_a = nullptr;
   std::int64_t glu_lda = 0;
+  // The persistent warp-specialised kernels store each round per warp instead of block-wide
+  // (set by run_varlen_m_gemm; SCATTERMOE_SM90_VARLEN_M_WARP_STORES=0 clears it to measure).
+  bool warp_stores = true;
 };
 
 struct VarlenKGemm {

@@ -328,8 +328,23 @@ __device__ __forceinline__ void store_varlen_m_tile(const VarlenMGemm& p, const 
                                                     std::int64_t row_end, std::int64_t n0) {
   using T = typename Config::Element;
   using Epilogue = StagedEpilogue<Config>;
+  static_assert(Config::kBM <= Config::kThreads, "a thread looks up each row");
   T* staged = Epilogue::template tile<true, kBKMajor>(smem);
   const std::int64_t cols = min(static_cast<std::int64_t>(Config::kBN), p.n - n0);
+  const int rows = static_cast<int>(row_end - row0);
+  // The tile's destination rows of C (c_index): thread r < rows loads row r's at the start and
+  // puts it in shared memory before the staging barrier, so the load's latency passes while the
+  // accumulators are staged and the stores wait for none (looked up per store, a load's latency
+  // stood before each of a thread's rows in turn).
+  __shared__ std::int64_t c_rows[Config::kBM];
+  const int me = static_cast<int>(threadIdx.x);
+  const bool looks_up = p.c_index != nullptr && me < rows;
+  const std::int64_t my_row = looks_up ? p.c_index[row0 + me] : 0;
+  auto stage = [&](auto&& bias) {
+    Epilogue::write_accumulators(staged, acc, coord, bias, [](int r, int c) { return Epilogue::offset(r, c); });
+    if (looks_up) c_rows[me] = my_row;
+    Barrier::sync();
+  };
   if (p.bias) {
     // The tile's bias columns in shared memory, read per accumulator (global loads there, which
     // the compiler hoists ahead of the conversions, would take a register each).
@@ -339,18 +354,17 @@ __device__ __forceinline__ void store_varlen_m_tile(const VarlenMGemm& p, const 
       bias_tile[c] = c < cols ? to_float(bias[(n0 + c) * p.bias_stride_n]) : 0.0f;
     }
     Barrier::sync();
-    Epilogue::template stage<Barrier>(staged, acc, coord, [&](int c) { return bias_tile[c]; });
+    stage([&](int c) { return bias_tile[c]; });
   } else {
     Barrier::sync();
-    Epilogue::template stage<Barrier>(staged, acc, coord, [](int) { return 0.0f; });
+    stage([](int) { return 0.0f; });
   }
   T* out = static_cast<T*>(p.c) + n0;
   const bool wide = reinterpret_cast<std::uintptr_t>(out) % 16 == 0 && p.ldc % Config::kVec == 0;
-  const std::int64_t* c_index = p.c_index;
+  const bool indexed = p.c_index != nullptr;
   const std::int64_t ldc = p.ldc;
-  Epilogue::write(staged, static_cast<int>(row_end - row0), static_cast<int>(cols), wide, [&](int r) {
-    const std::int64_t i = row0 + r;
-    return out + (c_index ? c_index[i] : i) * ldc;
+  Epilogue::write(staged, rows, static_cast<int>(cols), wide, [&](int r) {
+    return out + (indexed ? c_rows[r] : row0 + r) * ldc;
   });
 }
 

@@ -25,6 +25,7 @@ struct KernelSettings {
   bool varlen_k_ws = true;         // SCATTERMOE_SM90_WS_VARLEN_K: varlen-K warp-specialised
   bool varlen_k_warp_stores = true;  // SCATTERMOE_SM90_VARLEN_K_WARP_STORES: its stores per warp
   bool glu_epilogue = true;        // SCATTERMOE_SM90_GLU_EPILOGUE: the SwiGLU in the up projection's epilogue
+  bool varlen_m_warp_stores = true;  // SCATTERMOE_SM90_VARLEN_M_WARP_STORES: VarlenMGemm::warp_stores
 };
 
 // What the dispatcher knows about a GEMM and the device. The wgmma kernels take 16-bit operands

@@ -575,16 +575,38 @@ __global__ void __launch_bounds__(Sm90WsShape<Config>::kThreads, 1)
   static_assert(decltype(size<1>(acc))::value == 1 && decltype(size<2>(acc))::value == 1,
                 "one wgmma accumulator per thread: its value order gives the rounds' columns");
   __shared__ float bias_tile[kBN];
-  // The rounds' stores: thread q writes 16-byte chunk q % kChunks of rows q / kChunks + j *
-  // kRowStride (j < kPasses) in every round, so its kPasses destination rows of C (c_index) are
-  // looked up once per tile, before the k loop, whose wgmma hide the loads' latency (looked up
-  // per store, each load's latency stood in the epilogue, kPasses times per round).
+  // The rounds' stores. Block-wide (the default form): thread q writes 16-byte chunk
+  // q % kChunks of rows q / kChunks + 32 j (j < kPasses) of a round staged by all consumers,
+  // after a barrier across them. Per warp (p.warp_stores): a warp stages and stores only its own
+  // 16 accumulator rows (a wgmma warpgroup's warp w holds rows 16 w + [0, 16) of its 64), in two
+  // 16 x 64 buffers of its own, lane l chunk l % kChunks of rows l / kChunks + 4 j, with
+  // __syncwarp instead of the barrier. Either way a thread keeps its chunk and its kPasses rows in
+  // every round, so their destination rows of C (c_index) are looked up once per tile, before
+  // the k loop, whose wgmma hide the loads' latency (looked up per store, each load's latency
+  // stood in the epilogue, kPasses times per round).
   constexpr int kChunks = Geometry::kRoundColumns / Config::kVec;  // 16-byte chunks per row
-  constexpr int kRowStride = Ws::kConsumers / kChunks;
-  constexpr int kPasses = kBM / kRowStride;
-  static_assert(Ws::kConsumers % kChunks == 0 && kBM % kRowStride == 0, "every thread keeps its chunk");
+  constexpr int kWarpRows = 16;
+  constexpr int kPasses = kBM * kChunks / Ws::kConsumers;
+  static_assert(kPasses == kWarpRows * kChunks / 32, "both forms give a thread kPasses rows");
+  static_assert(Ws::kConsumers / 32 * 2 * kWarpRows * Geometry::kRoundColumns <= Geometry::kStagingElements,
+                "two buffers per consumer warp fit in the staging");
   const int chunk = static_cast<int>(threadIdx.x) % kChunks * Config::kVec;
-  const int row_first = static_cast<int>(threadIdx.x) / kChunks;
+  const int warp = static_cast<int>(threadIdx.x) / 32;
+  const int row_base = p.warp_stores ? warp * kWarpRows : 0;  // the first row this thread stages
+  const int row_first = row_base + (p.warp_stores ? static_cast<int>(threadIdx.x) % 32 : static_cast<int>(threadIdx.x)) / kChunks;
+  const int row_stride = p.warp_stores ? 32 / kChunks : Ws::kConsumers / kChunks;
+  // Round r's staging buffer for this thread, and a round's barrier.
+  auto round_buffer = [&](int round) {
+    return p.warp_stores ? staging + (warp * 2 + round % 2) * kWarpRows * Geometry::kRoundColumns
+                         : staging + round % 2 * Geometry::kBufferElements;
+  };
+  auto round_barrier = [&] {
+    if (p.warp_stores) {
+      __syncwarp();
+    } else {
+      Barrier::sync();
+    }
+  };
 
   PipelineState read;
   PipelineState release;
@@ -594,7 +616,7 @@ __global__ void __launch_bounds__(Sm90WsShape<Config>::kThreads, 1)
     std::int64_t c_rows[kPasses];
     CUTE_UNROLL
     for (int j = 0; j < kPasses; ++j) {
-      const std::int64_t i = t.row0 + row_first + j * kRowStride;
+      const std::int64_t i = t.row0 + row_first + j * row_stride;
       c_rows[j] = p.c_index && i < t.row_end ? p.c_index[i] : i;
     }
     clear(acc);
@@ -604,8 +626,9 @@ __global__ void __launch_bounds__(Sm90WsShape<Config>::kThreads, 1)
       ++release;
     }
 
-    // The epilogue: bias (read while staging: every thread has staged the last tile's values
-    // once the barrier of its last round has passed), then the rounds.
+    // The epilogue: bias (read while staging: block-wide, every thread has staged the last tile's
+    // values once the barrier of its last round has passed; per warp, a barrier first), then the
+    // rounds.
     const int rows = static_cast<int>(t.row_end - t.row0);
     const int cols = static_cast<int>(min(static_cast<std::int64_t>(kBN), p.n - t.n0));
     // Tile column c's column of C: t.n0 + c, or (kGlu) t.n0 / 2 + c in the first half for
@@ -618,6 +641,7 @@ __global__ void __launch_bounds__(Sm90WsShape<Config>::kThreads, 1)
       }
     };
     if (p.bias) {
+      if (p.warp_stores) Barrier::sync();
       const T* bias = static_cast<const T*>(p.bias) + t.e * p.bias_expert_stride;
       for (int c = static_cast<int>(threadIdx.x); c < kBN; c += Ws::kConsumers) {
         bias_tile[c] = c < cols ? to_float(bias[c_column(c) * p.bias_stride_n]) : 0.0f;
@@ -631,10 +655,10 @@ __global__ void __launch_bounds__(Sm90WsShape<Config>::kThreads, 1)
       if (c >= limit) return;
       CUTE_UNROLL
       for (int j = 0; j < kPasses; ++j) {
-        const int r = row_first + j * kRowStride;
+        const int r = row_first + j * row_stride;
         if (r >= rows) break;
         T* dst = row_start(j, r) + c;
-        const T* src = buffer + swizzled_offset<Geometry::kRoundColumns, Config::kVec>(r, c - column0);
+        const T* src = buffer + swizzled_offset<Geometry::kRoundColumns, Config::kVec>(r - row_base, c - column0);
         if (wide && c + Config::kVec <= limit) {
           *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
         } else {
@@ -647,8 +671,10 @@ __global__ void __launch_bounds__(Sm90WsShape<Config>::kThreads, 1)
     for_each(make_int_sequence<Geometry::kRounds>{}, [&](auto round_constant) {
       constexpr int kRound = decltype(round_constant)::value;
       constexpr int kColumn0 = kRound * Geometry::kRoundColumns;
-      T* buffer = staging + kRound % 2 * Geometry::kBufferElements;
-      auto place = [](int r, int c) { return swizzled_offset<Geometry::kRoundColumns, Config::kVec>(r, c - kColumn0); };
+      T* buffer = round_buffer(kRound);
+      auto place = [&](int r, int c) {
+        return swizzled_offset<Geometry::kRoundColumns, Config::kVec>(r - row_base, c - kColumn0);
+      };
       if (p.bias) {
         StagedEpilogue<Config>::template write_accumulator_range<kRound * kRoundValues, (kRound + 1) * kRoundValues>(
             buffer, acc, coord, [&](int c) { return bias_tile[c]; }, place);
@@ -656,7 +682,7 @@ __global__ void __launch_bounds__(Sm90WsShape<Config>::kThreads, 1)
         StagedEpilogue<Config>::template write_accumulator_range<kRound * kRoundValues, (kRound + 1) * kRoundValues>(
             buffer, acc, coord, nullptr, place);
       }
-      Barrier::sync();
+      round_barrier();
       // A round's columns stay in one half: one shift from tile column to C's column.
       const std::int64_t shift = c_column(kColumn0) - kColumn0;
       write_round(buffer, kColumn0, cols, wide, [&](int j, int) { return c_base + c_rows[j] * p.ldc + shift; });
@@ -670,8 +696,10 @@ __global__ void __launch_bounds__(Sm90WsShape<Config>::kThreads, 1)
         constexpr int kRound = Geometry::kRounds + decltype(round_constant)::value;
         constexpr int kColumn0 = decltype(round_constant)::value * Geometry::kRoundColumns;
         constexpr int kFirst = decltype(round_constant)::value * kRoundValues;
-        T* buffer = staging + kRound % 2 * Geometry::kBufferElements;
-        auto place = [](int r, int c) { return swizzled_offset<Geometry::kRoundColumns, Config::kVec>(r, c - kColumn0); };
+        T* buffer = round_buffer(kRound);
+        auto place = [&](int r, int c) {
+          return swizzled_offset<Geometry::kRoundColumns, Config::kVec>(r - row_base, c - kColumn0);
+        };
         // silu(g) = g / (1 + e^-g) with the fast exponential and division (two MUFU operations):
         // IEEE expf and division cost ~40 instructions an element here, where no other warps
         // hide them (measured: the up projection +250 us on qwen3-30b-a3b, more than the 209 us
@@ -690,7 +718,7 @@ __global__ void __launch_bounds__(Sm90WsShape<Config>::kThreads, 1)
           StagedEpilogue<Config>::template write_value_range<kFirst, kFirst + kRoundValues>(
               buffer, coord, place, glu([&](int v, int) { return to_float(T(acc(v))); }));
         }
-        Barrier::sync();
+        round_barrier();
         write_round(buffer, kColumn0, kBN / 2, wide_a,
                     [&](int, int r) { return a_base + (t.row0 + r) * p.glu_lda; });
       });
