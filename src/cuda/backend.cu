@@ -83,6 +83,7 @@ struct Linear {
   const std::int64_t* c_index = nullptr;
   void* glu_a = nullptr;  // also A = silu(gate) * first (VarlenMGemm::glu_a)
   std::int64_t glu_lda = 0;
+  const MlpBackwardRows* rows_after = nullptr;  // the row pass after it (VarlenMGemm::rows_after)
 };
 
 void run_linear(const Linear& l, const RoutingPlan& plan, void* tile_workspace, cudaStream_t stream) {
@@ -102,6 +103,7 @@ void run_linear(const Linear& l, const RoutingPlan& plan, void* tile_workspace, 
   g.c_index = l.c_index;
   g.glu_a = l.glu_a;
   g.glu_lda = l.glu_lda;
+  g.rows_after = l.rows_after;
   g.rows = plan.num_rows();
   g.n = l.w.size(2);
   g.k = l.w.size(1);
@@ -406,6 +408,7 @@ struct MlpBackwardScratch {
   void* d_a = nullptr;          // (L, h) dOut @ W2^T before gating (region Q)
   void* dy_grouped = nullptr;   // (L, d) gated dOut rows, grouped; only with b2 (region Q)
   void* dx_expanded = nullptr;  // (L, d) token-major, before the k-sum; only for k > 1 (region Q)
+  float* d_gates_partial = nullptr;  // (L, h / 256) d_gates shares of the fused row pass; no b2
 };
 
 MlpBackwardScratch mlp_backward_layout(detail::WorkspaceCarver& carver, const MlpArgs& args,
@@ -425,6 +428,7 @@ MlpBackwardScratch mlp_backward_layout(detail::WorkspaceCarver& carver, const Ml
   s.d_a = q;
   if (args.b2.defined() && q != nullptr) s.dy_grouped = q + L * h * bytes;
   if (k_sum) s.dx_expanded = q;
+  if (!args.b2.defined()) s.d_gates_partial = carver.take<float>(L * ceil_div(h, kGluBackwardTileColumns));
   return s;
 }
 
@@ -553,11 +557,11 @@ void mlp_backward(const MlpArgs& args, const RoutingPlan& plan, const TensorView
   back2.w = args.w2.transposed(1, 2);
   back2.c = s.d_a;
   back2.ldc = h;
-  run_linear(back2, plan, s.tiles, stream);
 
   if (!args.b2.defined()) {
     // One pass over the rows computes A = act(H), d_gates = <dA', A>, dH (region P) and g * A
-    // over dA' (region Q).
+    // over dA' (region Q): in the dA' GEMM's epilogue where it can (SwiGLU on the Hopper path),
+    // else after it.
     MlpBackwardRows r;
     r.act = args.activation;
     r.glu = args.glu;
@@ -578,7 +582,9 @@ void mlp_backward(const MlpArgs& args, const RoutingPlan& plan, const TensorView
     }
     r.rows = L;
     r.h = h;
-    mlp_backward_rows(dtype, r, stream);
+    r.d_gates_partial = s.d_gates_partial;
+    back2.rows_after = &r;
+    run_linear(back2, plan, s.tiles, stream);
     if (grads.dw2.defined()) {
       weight_grads(dtype, RowSource{s.d_a, h, nullptr, 1}, h, rows_of(d_out, ss, k), d, plan, grads.dw2,
                    TensorView{}, stream);
@@ -586,6 +592,8 @@ void mlp_backward(const MlpArgs& args, const RoutingPlan& plan, const TensorView
     mlp_backward_first_layer(args, plan, grads, s, stream);
     return;
   }
+
+  run_linear(back2, plan, s.tiles, stream);
 
   // With b2: A = act(H), recomputed from the saved pre-activation (region P).
   activation_forward(dtype, args.activation, args.glu, hidden.data(), hidden.stride(0), L, h, s.a, h, stream);

@@ -66,6 +66,36 @@ __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(cute::half_t v) { return static_cast<float>(v); }
 __device__ __forceinline__ float to_float(cute::bfloat16_t v) { return static_cast<float>(v); }
 
+// A (rows, cols) float view of any float dtype read or written at flat position p as
+// (p / cols, p % cols) through strides: gates, coefficients, d_gates.
+struct FlatFloats {
+  void* ptr = nullptr;
+  DType dtype = DType::kFloat32;
+  std::int64_t cols = 1;
+  std::int64_t stride0 = 1;
+  std::int64_t stride1 = 1;
+};
+
+__device__ __forceinline__ std::int64_t flat_offset(const FlatFloats& f, std::int64_t p) {
+  return (p / f.cols) * f.stride0 + (p % f.cols) * f.stride1;
+}
+
+__device__ __forceinline__ float load_float(const void* ptr, DType dtype, std::int64_t offset) {
+  switch (dtype) {
+    case DType::kFloat16: return static_cast<float>(static_cast<const cute::half_t*>(ptr)[offset]);
+    case DType::kBFloat16: return static_cast<float>(static_cast<const cute::bfloat16_t*>(ptr)[offset]);
+    default: return static_cast<const float*>(ptr)[offset];
+  }
+}
+
+__device__ __forceinline__ void store_float(void* ptr, DType dtype, std::int64_t offset, float v) {
+  switch (dtype) {
+    case DType::kFloat16: static_cast<cute::half_t*>(ptr)[offset] = cute::half_t(v); break;
+    case DType::kBFloat16: static_cast<cute::bfloat16_t*>(ptr)[offset] = cute::bfloat16_t(v); break;
+    default: static_cast<float*>(ptr)[offset] = v; break;
+  }
+}
+
 inline unsigned int ceil_div(std::int64_t a, std::int64_t b) {
   return static_cast<unsigned int>((a + b - 1) / b);
 }

@@ -14,26 +14,6 @@ namespace {
 
 constexpr int kThreads = 256;
 
-__device__ __forceinline__ float load_float(const void* ptr, DType dtype, std::int64_t offset) {
-  switch (dtype) {
-    case DType::kFloat16: return static_cast<float>(static_cast<const cute::half_t*>(ptr)[offset]);
-    case DType::kBFloat16: return static_cast<float>(static_cast<const cute::bfloat16_t*>(ptr)[offset]);
-    default: return static_cast<const float*>(ptr)[offset];
-  }
-}
-
-__device__ __forceinline__ void store_float(void* ptr, DType dtype, std::int64_t offset, float v) {
-  switch (dtype) {
-    case DType::kFloat16: static_cast<cute::half_t*>(ptr)[offset] = cute::half_t(v); break;
-    case DType::kBFloat16: static_cast<cute::bfloat16_t*>(ptr)[offset] = cute::bfloat16_t(v); break;
-    default: static_cast<float*>(ptr)[offset] = v; break;
-  }
-}
-
-__device__ __forceinline__ std::int64_t flat_offset(const FlatFloats& f, std::int64_t p) {
-  return (p / f.cols) * f.stride0 + (p % f.cols) * f.stride1;
-}
-
 // kVec consecutive elements moved as one access (16 bytes when the host found every row
 // start and width a multiple of it, else 1).
 template <class T, int kVec>
@@ -301,6 +281,17 @@ __global__ void __launch_bounds__(kThreads, 4) mlp_backward_rows_kernel(MlpBackw
   }
 }
 
+// One thread per row: its column tiles' shares in order (deterministic; the same sum every run).
+__global__ void __launch_bounds__(kThreads)
+    sum_d_gates_partials_kernel(const float* __restrict__ partial, std::int64_t rows, int tiles, FlatFloats d_gates,
+                                const std::int64_t* __restrict__ gate_index) {
+  const std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (i >= rows) return;
+  float sum = 0.0f;
+  for (int t = 0; t < tiles; ++t) sum += partial[i * tiles + t];
+  store_float(d_gates.ptr, d_gates.dtype, flat_offset(d_gates, gate_index[i]), sum);
+}
+
 // Calls fn(std::integral_constant<int, kVec>) with 16-byte vectors when every pointer is
 // 16-byte aligned and every row stride and width is a multiple of the vector, else 1.
 template <class T, class Fn>
@@ -443,6 +434,14 @@ void mlp_backward_rows(DType dtype, const MlpBackwardRows& r, cudaStream_t strea
     });
   });
   check_launch("mlp backward rows");
+}
+
+void sum_d_gates_partials(const float* partial, std::int64_t rows, int tiles, const FlatFloats& d_gates,
+                          const std::int64_t* gate_index, cudaStream_t stream) {
+  if (rows == 0) return;
+  sum_d_gates_partials_kernel<<<ceil_div(rows, kThreads), kThreads, 0, stream>>>(partial, rows, tiles, d_gates,
+                                                                                 gate_index);
+  check_launch("d_gates sum");
 }
 
 }  // namespace scattermoe::cuda

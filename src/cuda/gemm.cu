@@ -105,6 +105,7 @@ const KernelSettings& settings() {
     k.varlen_k_warp_stores = env_int("SCATTERMOE_SM90_VARLEN_K_WARP_STORES", 1) != 0;
     k.glu_epilogue = env_int("SCATTERMOE_SM90_GLU_EPILOGUE", 1) != 0;
     k.varlen_m_warp_stores = env_int("SCATTERMOE_SM90_VARLEN_M_WARP_STORES", 1) != 0;
+    k.glu_backward_epilogue = env_int("SCATTERMOE_SM90_GLU_BACKWARD_EPILOGUE", 1) != 0;
     return k;
   }();
   return s;
@@ -115,6 +116,24 @@ const KernelSettings& settings() {
 std::size_t varlen_m_gemm_workspace_size(int num_experts) {
   return static_cast<std::size_t>(num_experts) * sizeof(int);
 }
+
+namespace {
+
+// Whether the row pass `r` after dA' = g can run in g's epilogue (GluBackwardEpilogue): SwiGLU
+// over C's own columns (r reads dA' from C), 16-bit elements, glu_backward_epilogue_shape, and
+// the scratch for d_gates when it is wanted.
+bool glu_backward_fusable(const VarlenMGemm& g, const MlpBackwardRows& r, bool b_k_major) {
+  auto aligned = [](const void* ptr, std::int64_t ld) {
+    return reinterpret_cast<std::uintptr_t>(ptr) % 16 == 0 && ld % 8 == 0;
+  };
+  const bool rows_aligned = aligned(r.hidden, r.ld_hidden) && aligned(g.c, g.ldc) &&
+                            (r.d_hidden == nullptr || aligned(r.d_hidden, r.ld_d_hidden));
+  return r.glu && r.act == Activation::kSilu && r.d_a == g.c && r.ld_d_a == g.ldc && r.h == g.n &&
+         r.rows == g.rows && (!r.has_d_gates || r.d_gates_partial != nullptr) &&
+         glu_backward_epilogue_shape(g.n, g.c_index == nullptr, g.bias != nullptr, b_k_major, rows_aligned);
+}
+
+}  // namespace
 
 void run_varlen_m_gemm(DType dtype, const VarlenMGemm& g, void* workspace, cudaStream_t stream) {
   if (g.rows == 0 || g.n == 0 || g.num_experts == 0) return;
@@ -152,11 +171,32 @@ void run_varlen_m_gemm(DType dtype, const VarlenMGemm& g, void* workspace, cudaS
     // The up projection's SwiGLU: in the GEMM's epilogue where the kernel has it, else a pass
     // over C after the GEMM.
     const bool glu_fused = g.glu_a && fuse_glu_epilogue(kernel, glu_epilogue_shape(g.n, g.c_index == nullptr, b_k_major), settings());
+    // The MLP backward's SwiGLU row pass after dA': in the GEMM's epilogue where the kernel has
+    // it, else mlp_backward_rows after the GEMM.
+    const MlpBackwardRows* row_pass = g.rows_after;
+    const bool rows_fused = row_pass && glu_backward_fusable(g, *row_pass, b_k_major) &&
+                            fuse_glu_backward_epilogue(kernel, true, settings());
+    if (rows_fused) {
+      GluBackwardEpilogue& e = tuned.glu_backward;
+      e.hidden = row_pass->hidden;
+      e.ld_hidden = row_pass->ld_hidden;
+      e.d_hidden = row_pass->d_hidden;
+      e.ld_d_hidden = row_pass->ld_d_hidden;
+      e.gates = row_pass->gates;
+      e.gate_index = row_pass->gate_index;
+      e.d_gates_partial = row_pass->has_d_gates ? row_pass->d_gates_partial : nullptr;
+      e.c_out = row_pass->scale_a_in_place;
+      tuned.glu_backward_on = true;
+    }
     [&] {
 #ifdef SCATTERMOE_HAS_SM90
       if constexpr (sizeof(T) == 2) {
         if (glu_fused) {  // K-major weights only (glu_epilogue_shape)
           launch_sm90_ws_persistent_glu_varlen_m_gemm<T, true>(tuned, tile_prefix, sms, stream);
+          return;
+        }
+        if (rows_fused) {  // N-major weights only (glu_backward_epilogue_shape)
+          launch_sm90_ws_persistent_glu_backward_varlen_m_gemm<T, false>(tuned, tile_prefix, sms, stream);
           return;
         }
         switch (kernel) {
@@ -210,6 +250,11 @@ void run_varlen_m_gemm(DType dtype, const VarlenMGemm& g, void* workspace, cudaS
     }();
     if (g.glu_a && !glu_fused) {
       activation_forward(dtype, Activation::kSilu, true, g.c, g.ldc, g.rows, g.n / 2, g.glu_a, g.glu_lda, stream);
+    }
+    if (row_pass && !rows_fused) mlp_backward_rows(dtype, *row_pass, stream);
+    if (rows_fused && row_pass->has_d_gates) {
+      sum_d_gates_partials(row_pass->d_gates_partial, g.rows, static_cast<int>(g.n / kGluBackwardTileColumns),
+                           row_pass->d_gates, row_pass->gate_index, stream);
     }
   });
 }

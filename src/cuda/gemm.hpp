@@ -17,9 +17,26 @@
 
 #include "cuda/common.cuh"
 #include "cuda/kernel_choice.hpp"
+#include "cuda/kernels.hpp"
 #include "scattermoe/tensor.hpp"
 
 namespace scattermoe::cuda {
+
+// The MLP backward's SwiGLU row pass (MlpBackwardRows) in the epilogue of the dA' GEMM that
+// feeds it, for rows i of H = [first | gate] (grouped order, like C) and C's n = h columns:
+// A = silu(gate) * first rounded to T, dH = [g dA' silu(gate) | g dA' first silu'(gate)], C = g * A
+// (dW2's operand, when c_out), and each column tile's share of d_gates = <dA', A> into
+// d_gates_partial (rows, n / kGluBackwardTileColumns), dA' as the accumulator rounds to T.
+struct GluBackwardEpilogue {
+  const void* hidden = nullptr;
+  std::int64_t ld_hidden = 0;
+  void* d_hidden = nullptr;         // null: dH not wanted
+  std::int64_t ld_d_hidden = 0;
+  FlatFloats gates;
+  const std::int64_t* gate_index = nullptr;
+  float* d_gates_partial = nullptr;  // null: d_gates not wanted
+  bool c_out = false;               // write g * A to C
+};
 
 struct VarlenMGemm {
   RowSource a;                          // (rows, K), K-contiguous
@@ -48,6 +65,12 @@ struct VarlenMGemm {
   // The persistent warp-specialised kernels store each round per warp instead of block-wide
   // (set by run_varlen_m_gemm; SCATTERMOE_SM90_VARLEN_M_WARP_STORES=0 clears it to measure).
   bool warp_stores = true;
+  // The MLP backward's row pass that follows this GEMM (dA'), run by run_varlen_m_gemm: in the
+  // epilogue (glu_backward, filled from it) where the kernel and the shape allow
+  // (fuse_glu_backward_epilogue), else as mlp_backward_rows after the GEMM. Host pointer.
+  const MlpBackwardRows* rows_after = nullptr;
+  GluBackwardEpilogue glu_backward;
+  bool glu_backward_on = false;  // set by run_varlen_m_gemm for the fused kernel
 };
 
 struct VarlenKGemm {
@@ -170,6 +193,12 @@ void launch_sm90_ws_persistent_varlen_m_gemm(const VarlenMGemm& g, const int* ti
 template <class T, bool kBKMajor>
 void launch_sm90_ws_persistent_glu_varlen_m_gemm(const VarlenMGemm& g, const int* tile_prefix, int sm_count,
                                                  cudaStream_t stream);
+// The gathering persistent kernel with the MLP backward's SwiGLU row pass in its epilogue
+// (sm90_ws_persistent_glu_backward_*.cu; g.glu_backward): also needs glu_backward_epilogue_shape
+// (so N-major weights only: dA' of nn.Linear-stored W2).
+template <class T, bool kBKMajor>
+void launch_sm90_ws_persistent_glu_backward_varlen_m_gemm(const VarlenMGemm& g, const int* tile_prefix, int sm_count,
+                                                          cudaStream_t stream);
 // The TMA kernel's persistent form (sm90_persistent_tma_*.cu): sm_count blocks at most.
 template <class T, bool kBKMajor>
 void launch_sm90_persistent_tma_varlen_m_gemm(const VarlenMGemm& g, const int* tile_prefix, int sm_count,

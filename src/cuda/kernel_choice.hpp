@@ -26,6 +26,7 @@ struct KernelSettings {
   bool varlen_k_warp_stores = true;  // SCATTERMOE_SM90_VARLEN_K_WARP_STORES: its stores per warp
   bool glu_epilogue = true;        // SCATTERMOE_SM90_GLU_EPILOGUE: the SwiGLU in the up projection's epilogue
   bool varlen_m_warp_stores = true;  // SCATTERMOE_SM90_VARLEN_M_WARP_STORES: VarlenMGemm::warp_stores
+  bool glu_backward_epilogue = true;  // SCATTERMOE_SM90_GLU_BACKWARD_EPILOGUE: the dA' GEMM runs the row pass
 };
 
 // What the dispatcher knows about a GEMM and the device. The wgmma kernels take 16-bit operands
@@ -91,6 +92,21 @@ inline bool glu_epilogue_shape(std::int64_t n, bool grouped_c, bool b_k_major) {
 // the persistent gathering kernel has that epilogue; `shape_ok`: glu_epilogue_shape.
 inline bool fuse_glu_epilogue(VarlenMKernel kernel, bool shape_ok, const KernelSettings& s) {
   return s.glu_epilogue && shape_ok && kernel == VarlenMKernel::kSm90WsPersistentGather;
+}
+
+// The dA' GEMM with the MLP backward's SwiGLU row pass in its epilogue (GluBackwardEpilogue): C
+// (n = h columns) in whole 256-column tiles, no bias, written in the grouped order, N-major
+// weights (dA' reads nn.Linear's (E, d, h) W2 along h; the kernel is instantiated for those
+// only), and every row of H, dH and C 16-byte aligned (`aligned`).
+constexpr int kGluBackwardTileColumns = 256;
+inline bool glu_backward_epilogue_shape(std::int64_t n, bool grouped_c, bool has_bias, bool b_k_major, bool aligned) {
+  return n % kGluBackwardTileColumns == 0 && grouped_c && !has_bias && !b_k_major && aligned;
+}
+
+// Whether that row pass runs in the GEMM's epilogue instead of after it: only the persistent
+// gathering kernel has that epilogue; `shape_ok`: glu_backward_epilogue_shape.
+inline bool fuse_glu_backward_epilogue(VarlenMKernel kernel, bool shape_ok, const KernelSettings& s) {
+  return s.glu_backward_epilogue && shape_ok && kernel == VarlenMKernel::kSm90WsPersistentGather;
 }
 
 struct VarlenKFacts {

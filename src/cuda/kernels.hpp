@@ -13,15 +13,6 @@
 
 namespace scattermoe::cuda {
 
-// A (rows, cols) float view of any float dtype read or written at flat position p as
-// (p / cols, p % cols) through strides: gates, coefficients, d_gates.
-struct FlatFloats {
-  void* ptr = nullptr;
-  DType dtype = DType::kFloat32;
-  std::int64_t cols = 1;
-  std::int64_t stride0 = 1;
-  std::int64_t stride1 = 1;
-};
 FlatFloats flat_floats(const TensorView& v);  // rank 1 (n) or rank 2 (rows, cols)
 
 // ---- routing plan ----
@@ -104,7 +95,15 @@ struct MlpBackwardRows {
   bool has_d_gates = false;
   std::int64_t rows = 0;
   std::int64_t h = 0;
+  // Scratch of (rows, ceil(h / kGluBackwardTileColumns)) floats for the dA' GEMM that runs this
+  // pass in its epilogue (VarlenMGemm::rows_after): each column tile's share of a row's d_gates.
+  float* d_gates_partial = nullptr;
 };
 void mlp_backward_rows(DType dtype, const MlpBackwardRows& r, cudaStream_t stream);
+
+// d_gates[gate_index[i]] = sum over t < tiles of partial[i * tiles + t], in that order: the
+// d_gates of a dA' GEMM that ran MlpBackwardRows in its epilogue, one share per column tile.
+void sum_d_gates_partials(const float* partial, std::int64_t rows, int tiles, const FlatFloats& d_gates,
+                          const std::int64_t* gate_index, cudaStream_t stream);
 
 }  // namespace scattermoe::cuda

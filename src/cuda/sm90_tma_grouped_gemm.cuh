@@ -453,7 +453,14 @@ struct Sm90WsPersistentVarlenM {
   }
 };
 
-template <class Config, bool kBKMajor, class WeightTma, class RowTma, bool kGlu = false>
+// kGluBackward (gathered rows, no bias, n a multiple of BN, C in grouped order; the caller
+// checked glu_backward_epilogue_shape): the accumulators are dA' of the MLP backward, and the
+// epilogue runs its SwiGLU row pass (GluBackwardEpilogue, p.glu_backward) instead of storing
+// them: each round of dA' is staged as T, then each thread takes its rows' 8-column chunks of the
+// round, with the matching chunks of H's two halves loaded before the staging (so their latency
+// overlaps it), and writes dH and g * A; its share of each row's dot <dA', A> is summed over the
+// rounds, then over the 8 lanes of the row, into d_gates_partial's column-tile slot.
+template <class Config, bool kBKMajor, class WeightTma, class RowTma, bool kGlu = false, bool kGluBackward = false>
 __global__ void __launch_bounds__(Sm90WsShape<Config>::kThreads, 1)
     sm90_ws_persistent_varlen_m_gemm_kernel(VarlenMGemm p, const int* __restrict__ tile_prefix,
                                             CUTE_GRID_CONSTANT WeightTma const weight_tma,
@@ -463,6 +470,7 @@ __global__ void __launch_bounds__(Sm90WsShape<Config>::kThreads, 1)
   using T = typename Config::Element;
   constexpr bool kRowsTma = !std::is_same_v<RowTma, RowsByThreads>;
   static_assert(!(kGlu && kRowsTma), "the GLU epilogue serves the up projection, whose rows are gathered");
+  static_assert(!(kGluBackward && (kRowsTma || kGlu)), "the GLU backward epilogue serves dA', whose rows are gathered");
   using Ws = Sm90WsShape<Config, kRowsTma ? 40 : 56>;
   using Geometry = Sm90WsPersistentVarlenM<Config>;
   using Pipeline = typename Ws::Pipeline;
@@ -619,6 +627,35 @@ __global__ void __launch_bounds__(Sm90WsShape<Config>::kThreads, 1)
       const std::int64_t i = t.row0 + row_first + j * row_stride;
       c_rows[j] = p.c_index && i < t.row_end ? p.c_index[i] : i;
     }
+    // kGluBackward: the tile's routing weights g, row 16 w + l by lane l < 16 of consumer warp w,
+    // looked up before the k loop too, into half (tile parity) of the unused bias tile (the
+    // epilogue's barriers order the write before every read; the other half keeps the last
+    // tile's for a thread still reading them). In shared memory, not registers: the consumers
+    // have none to spare beside the accumulators.
+    [[maybe_unused]] float* const g_tile = bias_tile + (tile_number / static_cast<int>(gridDim.x)) % 2 * kBM;
+    if constexpr (kGluBackward) {
+      static_assert(2 * kBM <= kBN && Ws::kConsumers / 32 * 16 == kBM, "two tiles' weights fit the bias tile");
+      const int lane = static_cast<int>(threadIdx.x) % 32;
+      const int r = warp * 16 + lane;
+      const GluBackwardEpilogue& gb = p.glu_backward;
+      if (lane < 16 && t.row0 + r < t.row_end) {
+        g_tile[r] = load_float(gb.gates.ptr, gb.gates.dtype, flat_offset(gb.gates, gb.gate_index[t.row0 + r]));
+      }
+      // The tile's rows of H (128-byte lines: a round's 64 columns of one half of a row) into L2
+      // while the k loop runs, 4 lines a thread, so the epilogue's loads wait for L2, not DRAM.
+      const T* const h_tile = static_cast<const T*>(gb.hidden) + t.row0 * gb.ld_hidden + t.n0;
+      CUTE_UNROLL
+      for (int m = 0; m < 2 * Geometry::kRounds * kBM / Ws::kConsumers; ++m) {
+        const int line = static_cast<int>(threadIdx.x) + m * Ws::kConsumers;
+        const int row = line % kBM;
+        const int round = line / kBM % Geometry::kRounds;
+        const int half = line / kBM / Geometry::kRounds;
+        if (t.row0 + row < t.row_end) {
+          const T* address = h_tile + row * gb.ld_hidden + half * p.n + round * Geometry::kRoundColumns;
+          asm volatile("prefetch.global.L2 [%0];" ::"l"(address));
+        }
+      }
+    }
     clear(acc);
     ws_consumer_k_loop<!kRowsTma>(pipeline, read, release, k_tiles, mma, tCrA, tCrB, acc);
     if (k_tiles > 0) {
@@ -667,6 +704,96 @@ __global__ void __launch_bounds__(Sm90WsShape<Config>::kThreads, 1)
       }
     };
     T* const c_base = static_cast<T*>(p.c);
+    if constexpr (kGluBackward) {
+      static_assert(Config::kVec == 8 && Geometry::kRoundColumns / Config::kVec == 8,
+                    "a row's chunks of a round are 8 consecutive lanes");
+      using Vec = cute::uint128_t;
+      const GluBackwardEpilogue& gb = p.glu_backward;
+      const T* const h_base = static_cast<const T*>(gb.hidden);
+      T* const dh_base = static_cast<T*>(gb.d_hidden);
+      float dot[kPasses];
+      CUTE_UNROLL
+      for (int j = 0; j < kPasses; ++j) dot[j] = 0.0f;
+      for_each(make_int_sequence<Geometry::kRounds>{}, [&](auto round_constant) {
+        constexpr int kRound = decltype(round_constant)::value;
+        constexpr int kColumn0 = kRound * Geometry::kRoundColumns;
+        T* buffer = round_buffer(kRound);
+        const std::int64_t column = t.n0 + kColumn0 + chunk;  // of C and of H's first half
+        StagedEpilogue<Config>::template write_accumulator_range<kRound * kRoundValues, (kRound + 1) * kRoundValues>(
+            buffer, acc, coord, nullptr, [&](int r, int c) {
+              return swizzled_offset<Geometry::kRoundColumns, Config::kVec>(r - row_base, c - kColumn0);
+            });
+        round_barrier();
+        // The passes in groups of kGroup: their H chunks loaded together (2 x 16 bytes a pass),
+        // then computed; more at once would not fit beside the accumulators.
+        constexpr int kGroup = 2;
+        Vec first[kGroup], gate[kGroup];
+        CUTE_UNROLL
+        for (int j = 0; j < kPasses; ++j) {
+          const int r = row_first + j * row_stride;
+          if (j % kGroup == 0) {
+            CUTE_UNROLL
+            for (int u = 0; u < kGroup; ++u) {
+              const int ru = r + u * row_stride;
+              if (ru < rows) {
+                const T* h_row = h_base + (t.row0 + ru) * gb.ld_hidden + column;
+                first[u] = *reinterpret_cast<const Vec*>(h_row);
+                gate[u] = *reinterpret_cast<const Vec*>(h_row + p.n);
+              }
+            }
+          }
+          if (r >= rows) continue;
+          const Vec staged =
+              *reinterpret_cast<const Vec*>(buffer + swizzled_offset<Geometry::kRoundColumns, Config::kVec>(r - row_base, chunk));
+          const T* d_a = reinterpret_cast<const T*>(&staged);
+          const T* x = reinterpret_cast<const T*>(&first[j % kGroup]);
+          const T* z = reinterpret_cast<const T*>(&gate[j % kGroup]);
+          const float g_row = g_tile[r];
+          Vec d_first, d_gate, scaled;
+          T* out_first = reinterpret_cast<T*>(&d_first);
+          T* out_gate = reinterpret_cast<T*>(&d_gate);
+          T* out_a = reinterpret_cast<T*>(&scaled);
+          CUTE_UNROLL
+          for (int q = 0; q < Config::kVec; ++q) {
+            // silu and its derivative from one fast sigmoid (as the forward epilogue computes it).
+            const float zq = to_float(z[q]);
+            const float sigmoid = __fdividef(1.0f, 1.0f + __expf(-zq));
+            const float value = zq * sigmoid;
+            const float grad = sigmoid * (1.0f + zq * (1.0f - sigmoid));
+            const float xq = to_float(x[q]);
+            const float a = to_float(T(value * xq));
+            const float g = to_float(d_a[q]);
+            const float dq = g * g_row;
+            out_first[q] = T(dq * value);
+            out_gate[q] = T(dq * xq * grad);
+            out_a[q] = T(a * g_row);
+            dot[j] += g * a;
+          }
+          const std::int64_t i = t.row0 + r;
+          if (dh_base) {
+            T* dh_row = dh_base + i * gb.ld_d_hidden + column;
+            *reinterpret_cast<Vec*>(dh_row) = d_first;
+            *reinterpret_cast<Vec*>(dh_row + p.n) = d_gate;
+          }
+          if (gb.c_out) *reinterpret_cast<Vec*>(c_base + i * p.ldc + column) = scaled;
+        }
+      });
+      if (gb.d_gates_partial) {
+        const int column_tiles_of_c = static_cast<int>(p.n / kBN);
+        CUTE_UNROLL
+        for (int j = 0; j < kPasses; ++j) {
+          float v = dot[j];
+          v += __shfl_xor_sync(0xffffffffu, v, 1);
+          v += __shfl_xor_sync(0xffffffffu, v, 2);
+          v += __shfl_xor_sync(0xffffffffu, v, 4);
+          const int r = row_first + j * row_stride;
+          if (chunk == 0 && r < rows) {
+            gb.d_gates_partial[(t.row0 + r) * column_tiles_of_c + t.n0 / kBN] = v;
+          }
+        }
+      }
+      continue;
+    }
     const bool wide = reinterpret_cast<std::uintptr_t>(c_base + t.n0) % 16 == 0 && p.ldc % Config::kVec == 0;
     for_each(make_int_sequence<Geometry::kRounds>{}, [&](auto round_constant) {
       constexpr int kRound = decltype(round_constant)::value;
@@ -871,7 +998,7 @@ void launch_sm90_ws_varlen_m_gemm(const VarlenMGemm& g, const int* tile_prefix, 
 
 // The persistent form (the caller checked the same as for launch_sm90_ws_varlen_m_gemm; kGlu:
 // also glu_epilogue_shape).
-template <class T, bool kBKMajor, bool kRowsTma, bool kGlu>
+template <class T, bool kBKMajor, bool kRowsTma, bool kGlu, bool kGluBackward = false>
 void launch_sm90_ws_persistent_varlen_m_gemm_with(const VarlenMGemm& g, const int* tile_prefix, int sm_count,
                                                   cudaStream_t stream) {
   using Config = Sm90TmaConfig<T>;
@@ -885,7 +1012,7 @@ void launch_sm90_ws_persistent_varlen_m_gemm_with(const VarlenMGemm& g, const in
     }
   }();
   auto kernel = sm90_ws_persistent_varlen_m_gemm_kernel<Config, kBKMajor, std::remove_const_t<decltype(weight_tma)>,
-                                                        std::remove_const_t<decltype(row_tma)>, kGlu>;
+                                                        std::remove_const_t<decltype(row_tma)>, kGlu, kGluBackward>;
   constexpr int smem =
       Sm90WsPersistentVarlenM<Config>::template smem_bytes<kBKMajor, typename Ws::Pipeline>();
   static_assert(smem + Config::kBN * sizeof(float) <= 227 * 1024,
@@ -909,6 +1036,12 @@ template <class T, bool kBKMajor>
 void launch_sm90_ws_persistent_glu_varlen_m_gemm(const VarlenMGemm& g, const int* tile_prefix, int sm_count,
                                                  cudaStream_t stream) {
   launch_sm90_ws_persistent_varlen_m_gemm_with<T, kBKMajor, false, true>(g, tile_prefix, sm_count, stream);
+}
+
+template <class T, bool kBKMajor>
+void launch_sm90_ws_persistent_glu_backward_varlen_m_gemm(const VarlenMGemm& g, const int* tile_prefix, int sm_count,
+                                                          cudaStream_t stream) {
+  launch_sm90_ws_persistent_varlen_m_gemm_with<T, kBKMajor, false, false, true>(g, tile_prefix, sm_count, stream);
 }
 
 template <class T, bool kBKMajor>

@@ -289,6 +289,22 @@ TEST(CudaKernelChoice, DefaultsFallbacksAndSettings) {
   EXPECT_FALSE(cuda::glu_epilogue_shape(2 * 384, false, true));  // C scattered, not H in grouped order
   EXPECT_FALSE(cuda::glu_epilogue_shape(2 * 384, true, false));  // N-major weights
 
+  // The MLP backward's SwiGLU row pass in the dA' GEMM's epilogue: the same kernel, whole
+  // 256-column tiles of C, no bias, C grouped, N-major weights (nn.Linear's W2 read along h),
+  // 16-byte aligned rows.
+  EXPECT_TRUE(cuda::fuse_glu_backward_epilogue(VarlenMKernel::kSm90WsPersistentGather, true, defaults));
+  EXPECT_FALSE(cuda::fuse_glu_backward_epilogue(VarlenMKernel::kSm90WsPersistentGather, false, defaults));
+  EXPECT_FALSE(cuda::fuse_glu_backward_epilogue(VarlenMKernel::kSm90WsGather, true, defaults));
+  KernelSettings rows_after;
+  rows_after.glu_backward_epilogue = false;
+  EXPECT_FALSE(cuda::fuse_glu_backward_epilogue(VarlenMKernel::kSm90WsPersistentGather, true, rows_after));
+  EXPECT_TRUE(cuda::glu_backward_epilogue_shape(768, true, false, false, true));
+  EXPECT_FALSE(cuda::glu_backward_epilogue_shape(384, true, false, false, true));  // half a tile
+  EXPECT_FALSE(cuda::glu_backward_epilogue_shape(768, false, false, false, true));
+  EXPECT_FALSE(cuda::glu_backward_epilogue_shape(768, true, true, false, true));   // a bias
+  EXPECT_FALSE(cuda::glu_backward_epilogue_shape(768, true, false, true, true));   // K-major weights
+  EXPECT_FALSE(cuda::glu_backward_epilogue_shape(768, true, false, false, false));  // unaligned rows
+
   cuda::VarlenKFacts k;
   EXPECT_EQ(cuda::choose_varlen_k_kernel(k, defaults).kernel, VarlenKKernel::kSm80);
   k.wgmma = true;
@@ -765,6 +781,86 @@ TEST(CudaMlp, SwigluEpilogueShapesMatchCpu) {
                                  activation_name(act) + " glu" + (bias ? " bias" : "") +
                                  (k_major ? "" : " n-major");
         expect_mlp_match(m, dtype, bias, what);
+      }
+    }
+  }
+}
+
+// The MLP backward's SwiGLU row pass in the dA' GEMM's epilogue (no b2, h a multiple of 256,
+// nn.Linear-stored W2, 512 or more routed rows per expert: the persistent gathering kernel):
+// h of one, two and three column tiles (d_gates summed over the tiles' shares), K = 72 (not a
+// multiple of the k tile) and an empty expert, and more dA' tiles than an H200 has SMs (the
+// last case: 384, so blocks go on to a second tile and the other half of the weights' tile);
+// every subset of the gradients (each writes a different subset of dH, g * A and d_gates), b1
+// with and without, and W2 stored the other way (K-major: the row pass after the GEMM).
+TEST(CudaMlp, SwigluBackwardEpilogueMatchesCpu) {
+  SCATTERMOE_REQUIRE_GPU();
+  std::mt19937_64 rng(23);
+  // The 16-bit types (the fused path's); every variant on the first shape, on the larger ones
+  // (the CPU oracle's time grows with them) all gradients with b1 and without, in bf16 only on
+  // the largest.
+  const std::vector<int> all_variants = {0, 1, 2, 3, 4, 5};
+  const std::vector<int> some_variants = {0, 4};
+  const std::vector<DType> bf16_only = {DType::kBFloat16};
+  const std::vector<DType> both_16 = {DType::kBFloat16, DType::kFloat16};
+  const Case cases_here[] = {Case{1100, 2, 4, 64, 256, -1, false}, Case{2600, 1, 5, 72, 512, 2, false},
+                             Case{4096, 4, 4, 32, 768, -1, false}};
+  for (int ci = 0; ci < 3; ++ci) {
+    const Case& c = cases_here[ci];
+    ASSERT_GE(c.tokens * c.k / c.experts, cuda::kPersistentRowsPerExpert) << c.name();
+    ASSERT_TRUE(cuda::glu_backward_epilogue_shape(c.d_out, true, false, false, true)) << c.name();
+    Plans plans(route(c, rng), c.tokens, c.k, c.experts);
+    const std::vector<DType>& dtypes = ci == 2 ? bf16_only : both_16;
+    for (DType dtype : dtypes) {
+      for (int variant : ci == 0 ? all_variants : some_variants) {
+        // 0-3: the gradient subsets of BackwardGradientSubsetsMatchCpu (0: all, 1: dW2 alone, 2:
+        // d_gates alone, 3: dX and dW1); 4: all with b1; 5: all, W2 K-major.
+        const int subset = variant < 4 ? variant : 0;
+        const bool b1 = variant == 4;
+        const bool k_major = variant != 5;
+        MlpPairs m(c, dtype, true, c.d_out, k_major);
+        for (Pair* p : {&m.x, &m.w1, &m.b1, &m.w2, &m.gates, &m.d_out}) p->fill_and_upload(false, rng);
+        for (Pair* p : {&m.out, &m.hidden, &m.dx, &m.dw1, &m.db1, &m.dw2, &m.dg}) p->poison();
+        const bool want_first = subset == 0 || subset == 3;
+        const bool want_dw2 = subset == 0 || subset == 1;
+        const bool want_dg = subset == 0 || subset == 2;
+        auto grads = [&](bool dev) {
+          auto v = [&](const Pair& p, bool want) { return want ? (dev ? p.dev.view() : p.host.view()) : TensorView{}; };
+          return MlpGrads{v(m.dx, want_first), v(m.dw1, want_first), v(m.db1, want_first && b1),
+                          v(m.dw2, want_dw2),  TensorView{},         v(m.dg, want_dg)};
+        };
+        auto args = [&](bool dev) {
+          MlpArgs a = m.args(dev, Activation::kSilu, true, false);
+          if (b1) a.b1 = dev ? m.b1.dev.view() : m.b1.host.view();
+          return a;
+        };
+        {
+          const MlpArgs a = args(false);
+          const RoutingPlan& plan = plans.host.plan();
+          check::Scratch f(mlp_forward_workspace_size(a, plan));
+          mlp_forward(a, plan, m.out.host.view(), m.hidden.host.view(), f.context());
+          check::Scratch b(mlp_backward_workspace_size(a, plan));
+          mlp_backward(a, plan, m.hidden.host.view(), m.d_out.host.view(), grads(false), b.context());
+        }
+        {
+          const MlpArgs a = args(true);
+          DeviceBuffer f(mlp_forward_workspace_size(a, plans.dev));
+          mlp_forward(a, plans.dev, m.out.dev.view(), m.hidden.dev.view(), device_context(f));
+          DeviceBuffer b(mlp_backward_workspace_size(a, plans.dev));
+          mlp_backward(a, plans.dev, m.hidden.dev.view(), m.d_out.dev.view(), grads(true), device_context(b));
+        }
+        SCATTERMOE_CUDA_OK(cudaDeviceSynchronize());
+        const std::string what = "mlp " + c.name() + " " + dtype_name(dtype) + " subset " +
+                                 std::to_string(subset) + (b1 ? " b1" : "") + (k_major ? "" : " w2 k-major");
+        expect_match(m.out, false, dtype, what + " out");
+        expect_match(m.hidden, false, dtype, what + " hidden");
+        if (want_first) {
+          expect_match(m.dx, false, dtype, what + " dx");
+          expect_match(m.dw1, false, dtype, what + " dw1");
+          if (b1) expect_match(m.db1, false, dtype, what + " db1");
+        }
+        if (want_dw2) expect_match(m.dw2, false, dtype, what + " dw2");
+        if (want_dg) expect_match(m.dg, false, dtype, what + " d_gates", 4.0);
       }
     }
   }

@@ -279,7 +279,8 @@ double relative_difference(BenchDevice& device, const TensorView& got, const Ten
 
 // ---- the run ----------------------------------------------------------------------------------
 // Default iterations. On CUDA each implementation (ours, the ceiling, the loop) runs
-// warm-up + iters times: a model preset's forward+backward takes tens of ms on an H200.
+// warm-up + iters times, one iteration of each per round: a model preset's forward+backward
+// takes tens of ms on an H200.
 constexpr int kCpuIters = 5, kCpuWarmup = 1;
 constexpr int kCudaIters = 10, kCudaWarmup = 3;
 
@@ -345,15 +346,16 @@ Resolved resolve(const BenchOptions& o) {
 }
 
 // ---- timing -----------------------------------------------------------------------------------
+double median_of(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  const std::size_t n = v.size();
+  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
 struct PhaseTimes {
   std::vector<double> ms;  // one per timed iteration
 
-  double median() const {
-    std::vector<double> v = ms;
-    std::sort(v.begin(), v.end());
-    const std::size_t n = v.size();
-    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-  }
+  double median() const { return median_of(ms); }
   double min() const { return *std::min_element(ms.begin(), ms.end()); }
 };
 
@@ -363,38 +365,60 @@ struct Phase {
   PhaseTimes times;
 };
 
-// Runs `steps` back to back, warmup + iters times. Before each iteration the device's cache is
-// flushed (outside the timed region); a timestamp is taken before the first step and after each.
-// Nothing waits for the device between iterations (unless a step does itself), so on a GPU the
-// host's launch latency hides behind the device's work. Returns, per timed iteration, the ms from
-// its first timestamp to the end of each step.
-std::vector<std::vector<double>> time_steps(BenchDevice& device,
-                                            const std::vector<std::function<void()>>& steps,
-                                            int warmup, int iters) {
+// Per timed iteration of one implementation, the ms from its first timestamp to the end of each
+// of its steps.
+using StepEnds = std::vector<std::vector<double>>;
+
+// Times several implementations, each a list of steps, in warmup + iters rounds: each round runs
+// one iteration of every implementation in turn, in the order given. Before each iteration the
+// device's cache is flushed (outside the timed region); a timestamp is taken before its first
+// step and after each. Interleaved because a GPU's clock steps down and up (on an H200 by ~10%,
+// for several iterations at a time: power, temperature): timed one after another, a clock step
+// could slow one implementation and not the next and move their ratio from run to run;
+// interleaved, all see the same clock history. An implementation's steps still run back to back,
+// so those that share buffers (the ceiling and the loop share their grouped ones) find their own
+// values from forward to backward. Nothing waits for the device between iterations (unless a
+// step does itself, as the per-expert loop's forward does), so on a GPU the host's launch latency
+// hides behind the device's work; every mark is read after the one synchronize at the end.
+// Returns one StepEnds per implementation; entry i of each is from timed round i.
+std::vector<StepEnds> time_interleaved(
+    BenchDevice& device, const std::vector<std::vector<std::function<void()>>>& implementations,
+    int warmup, int iters) {
   device.clear_marks();
-  std::vector<std::vector<int>> marks;
-  for (int it = 0; it < warmup + iters; ++it) {
-    device.flush_cache();
-    std::vector<int> m = {device.mark()};
-    for (const std::function<void()>& step : steps) {
-      step();
-      m.push_back(device.mark());
+  // marks[implementation][timed round]: the timestamps of one iteration.
+  std::vector<std::vector<std::vector<int>>> marks(implementations.size());
+  for (int round = 0; round < warmup + iters; ++round) {
+    for (std::size_t i = 0; i < implementations.size(); ++i) {
+      device.flush_cache();
+      std::vector<int> m = {device.mark()};
+      for (const std::function<void()>& step : implementations[i]) {
+        step();
+        m.push_back(device.mark());
+      }
+      if (round >= warmup) marks[i].push_back(std::move(m));
     }
-    if (it >= warmup) marks.push_back(std::move(m));
   }
   device.synchronize();
-  std::vector<std::vector<double>> ends;
-  for (const std::vector<int>& m : marks) {
-    std::vector<double> e;
-    for (std::size_t j = 1; j < m.size(); ++j) e.push_back(device.elapsed_ms(m[0], m[j]));
-    ends.push_back(std::move(e));
+  std::vector<StepEnds> ends(implementations.size());
+  for (std::size_t i = 0; i < implementations.size(); ++i) {
+    for (const std::vector<int>& m : marks[i]) {
+      std::vector<double> e;
+      for (std::size_t j = 1; j < m.size(); ++j) e.push_back(device.elapsed_ms(m[0], m[j]));
+      ends[i].push_back(std::move(e));
+    }
   }
   device.clear_marks();
   return ends;
 }
 
+// One implementation alone: time_interleaved with nothing to interleave.
+StepEnds time_steps(BenchDevice& device, const std::vector<std::function<void()>>& steps,
+                    int warmup, int iters) {
+  return time_interleaved(device, {steps}, warmup, iters)[0];
+}
+
 // The times of steps (first, last] of every iteration; first = -1 starts at the first timestamp.
-PhaseTimes steps_between(const std::vector<std::vector<double>>& ends, int first, int last) {
+PhaseTimes steps_between(const StepEnds& ends, int first, int last) {
   PhaseTimes t;
   for (const std::vector<double>& e : ends) {
     t.ms.push_back(e[static_cast<std::size_t>(last)] -
@@ -443,8 +467,8 @@ AggregationCopy time_aggregation_copy(BenchDevice& device, const Resolved& r) {
   try {
     DeviceBuffer src(device, half);
     DeviceBuffer dst(device, half);
-    const std::vector<std::vector<double>> ends =
-        time_steps(device, {[&] { device.copy_on_device(dst.data(), src.data(), half); }}, r.warmup, r.iters);
+    const StepEnds ends = time_steps(
+        device, {[&] { device.copy_on_device(dst.data(), src.data(), half); }}, r.warmup, r.iters);
     for (const std::vector<double>& e : ends) c.times.ms.push_back(e[0]);
   } catch (const std::bad_alloc&) {
     c.note = "not measured: two buffers of " + format_bytes(half) + " do not fit next to the layer's";
@@ -510,6 +534,27 @@ const Phase* comparison_phase(const std::vector<Measured>& comparisons, const ch
 
 constexpr const char* kFwdBwd = "forward+backward";
 
+// A comparison's forward+backward ms over ours', round by round: the table's ratio (ours' rate
+// as a fraction of the comparison's) paired within each round, where both ran next to each other
+// at the same clock. Empty when either lacks the phase or their rounds differ in number.
+std::vector<double> ratios_per_round(const Measured& ours, const Measured& comparison) {
+  const Phase* o = ours.find(kFwdBwd);
+  const Phase* c = comparison.find(kFwdBwd);
+  std::vector<double> ratios;
+  if (!o || !c || o->times.ms.size() != c->times.ms.size()) return ratios;
+  for (std::size_t i = 0; i < o->times.ms.size(); ++i) {
+    ratios.push_back(c->times.ms[i] / o->times.ms[i]);
+  }
+  return ratios;
+}
+
+// "the ceiling", "the loop": a comparison as the header line names it.
+std::string short_name(const Measured& m) {
+  if (m.key == "ceiling") return "the ceiling";
+  if (m.key == "baseline") return "the loop";
+  return m.key;
+}
+
 std::string summary_line(const Measured& ours, const std::vector<Measured>& comparisons,
                          const Memory& memory, const check::SliceCheck* check) {
   const Phase& fb = *ours.find(kFwdBwd);
@@ -537,8 +582,19 @@ void print_report(const Resolved& r, const BenchDevice& device, const Measured& 
               static_cast<long long>(s.d_model), static_cast<long long>(s.d_ff),
               static_cast<long long>(s.experts), static_cast<long long>(s.topk),
               dtype_name(r.dtype), activation_name(r.activation), device.name().c_str());
-  std::printf("%d timed iteration%s after %d warm-up, %s, median; ", r.iters,
-              r.iters == 1 ? "" : "s", r.warmup, device.timer_name().c_str());
+  if (comparisons.empty()) {
+    std::printf("%d timed iteration%s after %d warm-up, %s, median; ", r.iters,
+                r.iters == 1 ? "" : "s", r.warmup, device.timer_name().c_str());
+  } else {
+    // "ours, the ceiling and the loop": the order of each round.
+    std::string order = "ours";
+    for (std::size_t i = 0; i < comparisons.size(); ++i) {
+      order += (i + 1 < comparisons.size() ? ", " : " and ") + short_name(comparisons[i]);
+    }
+    std::printf("%d timed round%s after %d warm-up, each running %s in turn, %s, median; ",
+                r.iters, r.iters == 1 ? "" : "s", r.warmup, order.c_str(),
+                device.timer_name().c_str());
+  }
   if (device.flush_bytes() > 0) {
     std::printf("L2 flushed before each iteration (%s written); ",
                 format_bytes(device.flush_bytes()).c_str());
@@ -558,6 +614,21 @@ void print_report(const Resolved& r, const BenchDevice& device, const Measured& 
                 c ? number_text("%.2f", c->times.median() / ms).c_str() : "-",
                 b ? number_text("%.3f", b->times.median()).c_str() : "-",
                 b ? number_text("%.2fx", b->times.median() / ms).c_str() : "-");
+  }
+  if (!comparisons.empty()) {
+    std::string paired;
+    for (const Measured& m : comparisons) {
+      const std::vector<double> ratios = ratios_per_round(ours, m);
+      if (ratios.empty()) continue;
+      const char* format = m.key == "baseline" ? "%.2fx" : "%.2f";
+      const auto [lo, hi] = std::minmax_element(ratios.begin(), ratios.end());
+      paired += std::string(paired.empty() ? " " : "; ") + "ours/" + m.key + " " +
+                number_text(format, median_of(ratios)) + " (range " + number_text(format, *lo) +
+                "-" + number_text(format, *hi) + ")";
+    }
+    if (!paired.empty()) {
+      std::printf("paired: forward+backward per round, median%s\n", paired.c_str());
+    }
   }
   std::printf("\n");
   for (const Measured& m : comparisons) {
@@ -660,7 +731,12 @@ nlohmann::ordered_json to_json(const Resolved& r, const BenchDevice& device, con
                  {"cache_flush", device.flush_bytes() > 0
                                      ? "a scratch buffer written before every iteration, untimed"
                                      : "none"},
-                 {"forward", "builds the routing plan, then runs mlp_forward"}};
+                 {"forward", "builds the routing plan, then runs mlp_forward"},
+                 {"order", "interleaved: one iteration of each implementation per round"},
+                 {"ratio_per_round",
+                  "per comparison: the median over timed rounds of its forward+backward ms "
+                  "over ours in the same round (the direction of ours_over_ceiling and "
+                  "ours_speedup)"}};
   j["flop_convention"] = "forward = 6*T*k*d*h; backward = 2x forward; forward+backward = 3x";
   j["phases"] = phases_json(ours.phases);
   for (const char* key : {"ceiling", "baseline"}) {
@@ -680,6 +756,12 @@ nlohmann::ordered_json to_json(const Resolved& r, const BenchDevice& device, con
     }
     // ceiling: ours as a fraction of the ceiling's rate; baseline: ours' speed-up over it.
     c[std::string(key) == "ceiling" ? "ours_over_ceiling" : "ours_speedup"] = ratios;
+    const std::vector<double> per_round = ratios_per_round(ours, *m);
+    if (per_round.empty()) {
+      c["ratio_per_round"] = nullptr;
+    } else {
+      c["ratio_per_round"] = median_of(per_round);
+    }
     j[key] = c;
   }
   if (!comparisons_note.empty()) j["comparisons_note"] = comparisons_note;
@@ -838,33 +920,33 @@ int run_bench(const BenchOptions& options) {
     comparisons_note = std::string("skipped: ") + e.what();
   }
 
-  // ---- time ours, then each comparison ----
+  // ---- time ours and each comparison, interleaved round by round (time_interleaved) ----
+  std::vector<std::vector<std::function<void()>>> implementations = {
+      {[&] { build_routing_plan(expert_idxs, static_cast<int>(E), plan, ctx); },
+       [&] { mlp_forward(args, plan, out, hidden, ctx); },
+       [&] { mlp_backward(args, plan, hidden, d_out, grads, ctx); }}};
+  for (const std::unique_ptr<BenchComparison>& c : comparisons) {
+    implementations.push_back({[&c] { c->forward(); }, [&c] { c->backward(); }});
+  }
+  const std::vector<StepEnds> ends = time_interleaved(*device, implementations, r.warmup, r.iters);
   Measured ours;
   ours.key = "ours";
   ours.extra_bytes = memory.extra();
-  {
-    const std::vector<std::vector<double>> ends = time_steps(
-        *device,
-        {[&] { build_routing_plan(expert_idxs, static_cast<int>(E), plan, ctx); },
-         [&] { mlp_forward(args, plan, out, hidden, ctx); },
-         [&] { mlp_backward(args, plan, hidden, d_out, grads, ctx); }},
-        r.warmup, r.iters);
-    ours.phases = {{"forward", forward_flops, steps_between(ends, -1, 1)},
-                   {"backward", 2.0 * forward_flops, steps_between(ends, 1, 2)},
-                   {kFwdBwd, 3.0 * forward_flops, steps_between(ends, -1, 2)},
-                   {"routing plan", 0.0, steps_between(ends, -1, 0)}};
-  }
+  ours.phases = {{"forward", forward_flops, steps_between(ends[0], -1, 1)},
+                 {"backward", 2.0 * forward_flops, steps_between(ends[0], 1, 2)},
+                 {kFwdBwd, 3.0 * forward_flops, steps_between(ends[0], -1, 2)},
+                 {"routing plan", 0.0, steps_between(ends[0], -1, 0)}};
   std::vector<Measured> measured;
-  for (const std::unique_ptr<BenchComparison>& c : comparisons) {
-    const std::vector<std::vector<double>> ends = time_steps(
-        *device, {[&] { c->forward(); }, [&] { c->backward(); }}, r.warmup, r.iters);
+  for (std::size_t i = 0; i < comparisons.size(); ++i) {
+    const BenchComparison& c = *comparisons[i];
+    const StepEnds& e = ends[i + 1];
     Measured m;
-    m.key = c->key();
-    m.description = c->description();
-    m.extra_bytes = c->extra_bytes();
-    m.phases = {{"forward", forward_flops, steps_between(ends, -1, 0)},
-                {"backward", 2.0 * forward_flops, steps_between(ends, 0, 1)},
-                {kFwdBwd, 3.0 * forward_flops, steps_between(ends, -1, 1)}};
+    m.key = c.key();
+    m.description = c.description();
+    m.extra_bytes = c.extra_bytes();
+    m.phases = {{"forward", forward_flops, steps_between(e, -1, 0)},
+                {"backward", 2.0 * forward_flops, steps_between(e, 0, 1)},
+                {kFwdBwd, 3.0 * forward_flops, steps_between(e, -1, 1)}};
     measured.push_back(std::move(m));
   }
 

@@ -30,7 +30,8 @@ struct BenchLayer {
   TensorView w1;  // (E, 2h, d)
   TensorView w2;  // (E, d, h)
   // Weight gradients in the parameters' storage. The comparisons write theirs here too (the
-  // implementations run one after another), which keeps the largest buffers single.
+  // implementations' calls run one after another on one stream), which keeps the largest
+  // buffers single.
   TensorView dw1;  // (E, 2h, d)
   TensorView dw2;  // (E, d, h)
 };
