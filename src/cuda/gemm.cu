@@ -186,7 +186,6 @@ void run_varlen_m_gemm(DType dtype, const VarlenMGemm& g, void* workspace, cudaS
       e.gate_index = row_pass->gate_index;
       e.d_gates_partial = row_pass->has_d_gates ? row_pass->d_gates_partial : nullptr;
       e.c_out = row_pass->scale_a_in_place;
-      tuned.glu_backward_on = true;
     }
     [&] {
 #ifdef SCATTERMOE_HAS_SM90

@@ -69,8 +69,7 @@ struct VarlenMGemm {
   // epilogue (glu_backward, filled from it) where the kernel and the shape allow
   // (fuse_glu_backward_epilogue), else as mlp_backward_rows after the GEMM. Host pointer.
   const MlpBackwardRows* rows_after = nullptr;
-  GluBackwardEpilogue glu_backward;
-  bool glu_backward_on = false;  // set by run_varlen_m_gemm for the fused kernel
+  GluBackwardEpilogue glu_backward;  // filled by run_varlen_m_gemm for the fused kernel
 };
 
 struct VarlenKGemm {

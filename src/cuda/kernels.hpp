@@ -79,6 +79,9 @@ void activation_backward(DType dtype, Activation act, bool glu, const void* hidd
 //   dH[i] = act'(H) * (g * dA'[i]) (optional; as activation_backward),
 //   dA'[i] = g * A (optional, in place: dW2's operand; as gather_rows scales).
 // Each lane reads its chunks of dA' before it writes them, so the in-place write is safe.
+// The dA' GEMM runs this pass in its epilogue where it can (VarlenMGemm::rows_after), with the
+// fast sigmoid of the forward's SwiGLU epilogue (A then matches the A that epilogue wrote) and
+// d_gates summed per column tile, then over the tiles in order.
 struct MlpBackwardRows {
   Activation act = Activation::kSilu;
   bool glu = true;

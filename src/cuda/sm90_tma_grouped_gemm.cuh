@@ -457,9 +457,12 @@ struct Sm90WsPersistentVarlenM {
 // checked glu_backward_epilogue_shape): the accumulators are dA' of the MLP backward, and the
 // epilogue runs its SwiGLU row pass (GluBackwardEpilogue, p.glu_backward) instead of storing
 // them: each round of dA' is staged as T, then each thread takes its rows' 8-column chunks of the
-// round, with the matching chunks of H's two halves loaded before the staging (so their latency
-// overlaps it), and writes dH and g * A; its share of each row's dot <dA', A> is summed over the
-// rounds, then over the 8 lanes of the row, into d_gates_partial's column-tile slot.
+// round with the matching chunks of H's two halves (prefetched into L2 during the k loop, loaded
+// two passes at a time after the staging), and writes dH and g * A; its share of each row's dot
+// <dA', A> is summed over the rounds, then over the 8 lanes of the row, into d_gates_partial's
+// column-tile slot. silu and its derivative come from the fast sigmoid (__expf, __fdividef), as
+// in the forward's SwiGLU epilogue, so A is the A that epilogue wrote; the row pass after the
+// GEMM uses the accurate one, so the two paths may differ by an ulp of T in A and what follows.
 template <class Config, bool kBKMajor, class WeightTma, class RowTma, bool kGlu = false, bool kGluBackward = false>
 __global__ void __launch_bounds__(Sm90WsShape<Config>::kThreads, 1)
     sm90_ws_persistent_varlen_m_gemm_kernel(VarlenMGemm p, const int* __restrict__ tile_prefix,
@@ -1041,6 +1044,14 @@ void launch_sm90_ws_persistent_glu_varlen_m_gemm(const VarlenMGemm& g, const int
 template <class T, bool kBKMajor>
 void launch_sm90_ws_persistent_glu_backward_varlen_m_gemm(const VarlenMGemm& g, const int* tile_prefix, int sm_count,
                                                           cudaStream_t stream) {
+  static_assert(Sm90TmaConfig<T>::kBN == kGluBackwardTileColumns, "d_gates_partial has one slot per column tile");
+  if (g.bias != nullptr || g.n % kGluBackwardTileColumns != 0 || g.c_index != nullptr) {
+    // The kernel keeps the routing weights where a bias tile would go and writes whole tiles of
+    // C in the grouped order (glu_backward_epilogue_shape, which run_varlen_m_gemm checked).
+    throw InvalidArgument("grouped GEMM: the SwiGLU backward epilogue takes no bias, n a multiple of " +
+                          std::to_string(kGluBackwardTileColumns) + " (got " + std::to_string(g.n) +
+                          ") and C in the grouped order");
+  }
   launch_sm90_ws_persistent_varlen_m_gemm_with<T, kBKMajor, false, false, true>(g, tile_prefix, sm_count, stream);
 }
 
