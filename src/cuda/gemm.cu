@@ -119,10 +119,10 @@ std::size_t varlen_m_gemm_workspace_size(int num_experts) {
 
 namespace {
 
-// Whether the row pass `r` after dA' = g can run in g's epilogue (GluBackwardEpilogue): SwiGLU
-// over C's own columns (r reads dA' from C), 16-bit elements, glu_backward_epilogue_shape, and
-// the scratch for d_gates when it is wanted.
-bool glu_backward_fusable(const VarlenMGemm& g, const MlpBackwardRows& r, bool b_k_major) {
+// Whether the row pass `r` after dA' = g has the shape g's epilogue takes (GluBackwardEpilogue):
+// SwiGLU over C's own columns (r reads dA' from C), glu_backward_epilogue_shape, and the scratch
+// for d_gates when it is wanted; fuse_glu_backward_epilogue adds the kernel and the setting.
+bool glu_backward_shape(const VarlenMGemm& g, const MlpBackwardRows& r, bool b_k_major) {
   auto aligned = [](const void* ptr, std::int64_t ld) {
     return reinterpret_cast<std::uintptr_t>(ptr) % 16 == 0 && ld % 8 == 0;
   };
@@ -174,8 +174,8 @@ void run_varlen_m_gemm(DType dtype, const VarlenMGemm& g, void* workspace, cudaS
     // The MLP backward's SwiGLU row pass after dA': in the GEMM's epilogue where the kernel has
     // it, else mlp_backward_rows after the GEMM.
     const MlpBackwardRows* row_pass = g.rows_after;
-    const bool rows_fused = row_pass && glu_backward_fusable(g, *row_pass, b_k_major) &&
-                            fuse_glu_backward_epilogue(kernel, true, settings());
+    const bool rows_fused =
+        row_pass && fuse_glu_backward_epilogue(kernel, glu_backward_shape(g, *row_pass, b_k_major), settings());
     if (rows_fused) {
       GluBackwardEpilogue& e = tuned.glu_backward;
       e.hidden = row_pass->hidden;

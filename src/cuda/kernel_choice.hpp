@@ -131,7 +131,7 @@ struct VarlenKChoice {
   VarlenKContiguous contiguous = VarlenKContiguous::kNeither;
   bool tma_store = false;
   bool warp_specialised = false;
-  bool warp_stores = false;  // warp_specialised: each warp stores its own rows (experiment)
+  bool warp_stores = false;  // warp_specialised: each warp stores its own rows (step 38)
 };
 
 inline VarlenKChoice choose_varlen_k_kernel(const VarlenKFacts& f, const KernelSettings& s) {

@@ -29,6 +29,7 @@
 #include <cutlass/arch/reg_reconfig.h>
 #include <cutlass/pipeline/sm90_pipeline.hpp>
 
+#include "core/activation_math.hpp"
 #include "cuda/sm90_grouped_gemm.cuh"
 
 namespace scattermoe::cuda {
@@ -434,6 +435,16 @@ __global__ void __launch_bounds__(Sm90WsShape<Config>::kThreads, 1)
 // would read them back), with the fast exponential and division. Instantiated for K-major
 // weights only (glu_epilogue_shape): the N-major form's boxes would rely on the K-first stage
 // layout placing N rows [0, BN/2) first, which no GPU test has run.
+// silu(x) and its derivative from one fast sigmoid (__expf and __fdividef: two MUFU operations),
+// for the SwiGLU epilogues of both directions, so the backward's A is the forward's bit for bit.
+// IEEE expf and division cost ~40 instructions an element there, where no other warps hide them
+// (measured: the up projection +250 us on qwen3-30b-a3b, more than the 209 us pass it replaced);
+// their error (a few fp32 ulp) is far below T's rounding.
+__device__ __forceinline__ ActivationAt fast_silu_at(float x) {
+  const float sigmoid = __fdividef(1.0f, 1.0f + __expf(-x));
+  return {x * sigmoid, sigmoid * (1.0f + x * (1.0f - sigmoid))};
+}
+
 template <class Config>
 struct Sm90WsPersistentVarlenM {
   static constexpr int kRoundColumns = 64;
@@ -460,9 +471,9 @@ struct Sm90WsPersistentVarlenM {
 // round with the matching chunks of H's two halves (prefetched into L2 during the k loop, loaded
 // two passes at a time after the staging), and writes dH and g * A; its share of each row's dot
 // <dA', A> is summed over the rounds, then over the 8 lanes of the row, into d_gates_partial's
-// column-tile slot. silu and its derivative come from the fast sigmoid (__expf, __fdividef), as
-// in the forward's SwiGLU epilogue, so A is the A that epilogue wrote; the row pass after the
-// GEMM uses the accurate one, so the two paths may differ by an ulp of T in A and what follows.
+// column-tile slot. silu and its derivative come from fast_silu_at, as in the forward's SwiGLU
+// epilogue, so A is the A that epilogue wrote; the row pass after the GEMM uses the accurate
+// sigmoid, so the two paths may differ by an ulp of T in A and what follows.
 template <class Config, bool kBKMajor, class WeightTma, class RowTma, bool kGlu = false, bool kGluBackward = false>
 __global__ void __launch_bounds__(Sm90WsShape<Config>::kThreads, 1)
     sm90_ws_persistent_varlen_m_gemm_kernel(VarlenMGemm p, const int* __restrict__ tile_prefix,
@@ -586,9 +597,9 @@ __global__ void __launch_bounds__(Sm90WsShape<Config>::kThreads, 1)
   static_assert(decltype(size<1>(acc))::value == 1 && decltype(size<2>(acc))::value == 1,
                 "one wgmma accumulator per thread: its value order gives the rounds' columns");
   __shared__ float bias_tile[kBN];
-  // The rounds' stores. Block-wide (the default form): thread q writes 16-byte chunk
-  // q % kChunks of rows q / kChunks + 32 j (j < kPasses) of a round staged by all consumers,
-  // after a barrier across them. Per warp (p.warp_stores): a warp stages and stores only its own
+  // The rounds' stores. Block-wide (SCATTERMOE_SM90_VARLEN_M_WARP_STORES=0): thread q writes
+  // 16-byte chunk q % kChunks of rows q / kChunks + 32 j (j < kPasses) of a round staged by all
+  // consumers, after a barrier across them. Per warp (p.warp_stores, the default): a warp stages and stores only its own
   // 16 accumulator rows (a wgmma warpgroup's warp w holds rows 16 w + [0, 16) of its 64), in two
   // 16 x 64 buffers of its own, lane l chunk l % kChunks of rows l / kChunks + 4 j, with
   // __syncwarp instead of the barrier. Either way a thread keeps its chunk and its kPasses rows in
@@ -758,17 +769,13 @@ __global__ void __launch_bounds__(Sm90WsShape<Config>::kThreads, 1)
           T* out_a = reinterpret_cast<T*>(&scaled);
           CUTE_UNROLL
           for (int q = 0; q < Config::kVec; ++q) {
-            // silu and its derivative from one fast sigmoid (as the forward epilogue computes it).
-            const float zq = to_float(z[q]);
-            const float sigmoid = __fdividef(1.0f, 1.0f + __expf(-zq));
-            const float value = zq * sigmoid;
-            const float grad = sigmoid * (1.0f + zq * (1.0f - sigmoid));
+            const ActivationAt f = fast_silu_at(to_float(z[q]));
             const float xq = to_float(x[q]);
-            const float a = to_float(T(value * xq));
+            const float a = to_float(T(f.value * xq));
             const float g = to_float(d_a[q]);
             const float dq = g * g_row;
-            out_first[q] = T(dq * value);
-            out_gate[q] = T(dq * xq * grad);
+            out_first[q] = T(dq * f.value);
+            out_gate[q] = T(dq * xq * f.grad);
             out_a[q] = T(a * g_row);
             dot[j] += g * a;
           }
@@ -830,15 +837,11 @@ __global__ void __launch_bounds__(Sm90WsShape<Config>::kThreads, 1)
         auto place = [&](int r, int c) {
           return swizzled_offset<Geometry::kRoundColumns, Config::kVec>(r - row_base, c - kColumn0);
         };
-        // silu(g) = g / (1 + e^-g) with the fast exponential and division (two MUFU operations):
-        // IEEE expf and division cost ~40 instructions an element here, where no other warps
-        // hide them (measured: the up projection +250 us on qwen3-30b-a3b, more than the 209 us
-        // pass it replaced). Their error (a few fp32 ulp) is far below T's rounding.
         auto glu = [&](auto&& rounded) {
           return [&](int v, int c) {
             const float first = rounded(v, c);
             const float gate = rounded(v + kValues / 2, c + kBN / 2);
-            return T(__fdividef(gate, 1.0f + __expf(-gate)) * first);
+            return T(fast_silu_at(gate).value * first);
           };
         };
         if (p.bias) {

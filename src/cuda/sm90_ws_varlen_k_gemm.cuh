@@ -250,8 +250,8 @@ void launch_sm90_ws_varlen_k_gemm_with(const VarlenKGemm& g, int sm_count, cudaS
   check_launch("varlen-K GEMM");
 }
 
-// Two kernels behind this entry point while they are measured against each other (experiment):
-// warp_stores false stores each round from thread 0 after consumer barriers.
+// Two kernels behind this entry point: per-warp stores (the default, step 38), and with
+// warp_stores false each round stored by thread 0 after consumer barriers (kept to measure).
 template <class T, VarlenKContiguous kContiguous>
 void launch_sm90_ws_varlen_k_gemm(const VarlenKGemm& g, int sm_count, bool warp_stores, cudaStream_t stream) {
   if (warp_stores) {

@@ -678,22 +678,28 @@ struct MlpPairs {
 
 // mlp_forward then mlp_backward into grads, each with a workspace of its own size: on the host
 // (the oracle; plan is the host plan) or on the device.
-void run_mlp_host(const MlpPairs& m, const RoutingPlan& plan, Activation act, bool glu, bool bias,
-                  const MlpGrads& grads) {
-  const MlpArgs args = m.args(false, act, glu, bias);
+void run_mlp_host(const MlpPairs& m, const RoutingPlan& plan, const MlpArgs& args, const MlpGrads& grads) {
   check::Scratch f(mlp_forward_workspace_size(args, plan));
   mlp_forward(args, plan, m.out.host.view(), m.hidden.host.view(), f.context());
   check::Scratch b(mlp_backward_workspace_size(args, plan));
   mlp_backward(args, plan, m.hidden.host.view(), m.d_out.host.view(), grads, b.context());
 }
 
-void run_mlp_device(const MlpPairs& m, const RoutingPlan& plan, Activation act, bool glu, bool bias,
-                    const MlpGrads& grads) {
-  const MlpArgs args = m.args(true, act, glu, bias);
+void run_mlp_host(const MlpPairs& m, const RoutingPlan& plan, Activation act, bool glu, bool bias,
+                  const MlpGrads& grads) {
+  run_mlp_host(m, plan, m.args(false, act, glu, bias), grads);
+}
+
+void run_mlp_device(const MlpPairs& m, const RoutingPlan& plan, const MlpArgs& args, const MlpGrads& grads) {
   DeviceBuffer fws(mlp_forward_workspace_size(args, plan));
   mlp_forward(args, plan, m.out.dev.view(), m.hidden.dev.view(), device_context(fws));
   DeviceBuffer bws(mlp_backward_workspace_size(args, plan));
   mlp_backward(args, plan, m.hidden.dev.view(), m.d_out.dev.view(), grads, device_context(bws));
+}
+
+void run_mlp_device(const MlpPairs& m, const RoutingPlan& plan, Activation act, bool glu, bool bias,
+                    const MlpGrads& grads) {
+  run_mlp_device(m, plan, m.args(true, act, glu, bias), grads);
 }
 
 void run_mlp_device(const MlpPairs& m, const RoutingPlan& plan, Activation act, bool glu, bool bias) {
@@ -834,21 +840,8 @@ TEST(CudaMlp, SwigluBackwardEpilogueMatchesCpu) {
           if (b1) a.b1 = dev ? m.b1.dev.view() : m.b1.host.view();
           return a;
         };
-        {
-          const MlpArgs a = args(false);
-          const RoutingPlan& plan = plans.host.plan();
-          check::Scratch f(mlp_forward_workspace_size(a, plan));
-          mlp_forward(a, plan, m.out.host.view(), m.hidden.host.view(), f.context());
-          check::Scratch b(mlp_backward_workspace_size(a, plan));
-          mlp_backward(a, plan, m.hidden.host.view(), m.d_out.host.view(), grads(false), b.context());
-        }
-        {
-          const MlpArgs a = args(true);
-          DeviceBuffer f(mlp_forward_workspace_size(a, plans.dev));
-          mlp_forward(a, plans.dev, m.out.dev.view(), m.hidden.dev.view(), device_context(f));
-          DeviceBuffer b(mlp_backward_workspace_size(a, plans.dev));
-          mlp_backward(a, plans.dev, m.hidden.dev.view(), m.d_out.dev.view(), grads(true), device_context(b));
-        }
+        run_mlp_host(m, plans.host.plan(), args(false), grads(false));
+        run_mlp_device(m, plans.dev, args(true), grads(true));
         SCATTERMOE_CUDA_OK(cudaDeviceSynchronize());
         const std::string what = "mlp " + c.name() + " " + dtype_name(dtype) + " subset " +
                                  std::to_string(subset) + (b1 ? " b1" : "") + (k_major ? "" : " w2 k-major");
