@@ -245,9 +245,15 @@ struct Sm90WsShape {
 // has read it, handed back; on return every wgmma has completed and every stage but the last is
 // back (the caller hands that one back when the producer goes on to another tile). kFence: the
 // operands came (partly) by cp.async, the generic proxy, and wgmma reads through the async one.
-template <bool kFence, class Pipeline, class State, class Mma, class FragA, class FragB, class Acc>
+// after_k(k), when given, runs once k tile k's wgmma is issued and k tile k-1's stage handed back.
+struct NoHook {
+  __device__ void operator()(int) const {}
+};
+template <bool kFence, class Pipeline, class State, class Mma, class FragA, class FragB, class Acc,
+          class AfterK = NoHook>
 __device__ __forceinline__ void ws_consumer_k_loop(Pipeline& pipeline, State& read, State& release, int k_tiles,
-                                                   Mma& mma, FragA& tCrA, FragB& tCrB, Acc& acc) {
+                                                   Mma& mma, FragA& tCrA, FragB& tCrB, Acc& acc,
+                                                   AfterK&& after_k = AfterK{}) {
   using namespace cute;
   for (int k = 0; k < k_tiles; ++k) {
     pipeline.consumer_wait(read);
@@ -263,6 +269,7 @@ __device__ __forceinline__ void ws_consumer_k_loop(Pipeline& pipeline, State& re
       ++release;
     }
     ++read;
+    after_k(k);
   }
   warpgroup_wait<0>();
   warpgroup_fence_operand(acc);
@@ -474,11 +481,20 @@ struct Sm90WsPersistentVarlenM {
 // column-tile slot. silu and its derivative come from fast_silu_at, as in the forward's SwiGLU
 // epilogue, so A is the A that epilogue wrote; the row pass after the GEMM uses the accurate
 // sigmoid, so the two paths may differ by an ulp of T in A and what follows.
-template <class Config, bool kBKMajor, class WeightTma, class RowTma, bool kGlu = false, bool kGluBackward = false>
+// p.tma_stores: a consumer warp whose 16 rows of the tile all belong to its expert stores each
+// round's 16 x 64 box from its staging buffer by TMA (c_store; kGlu's A rounds a_store), lane 0
+// waiting before a buffer is rewritten until the store that read it two rounds before has; a warp
+// straddling the expert's last row stores by its threads. p.stagger: the second consumer
+// warpgroup starts after the first has issued that many k tiles of its first tile (named barrier
+// 9), so the two stay apart by about that much and one's epilogue runs beside the other's wgmma.
+template <class Config, bool kBKMajor, class WeightTma, class RowTma, bool kGlu = false, bool kGluBackward = false,
+          class StoreTma = RowsByThreads>
 __global__ void __launch_bounds__(Sm90WsShape<Config>::kThreads, 1)
     sm90_ws_persistent_varlen_m_gemm_kernel(VarlenMGemm p, const int* __restrict__ tile_prefix,
                                             CUTE_GRID_CONSTANT WeightTma const weight_tma,
-                                            CUTE_GRID_CONSTANT RowTma const row_tma) {
+                                            CUTE_GRID_CONSTANT RowTma const row_tma,
+                                            CUTE_GRID_CONSTANT StoreTma const c_store,
+                                            CUTE_GRID_CONSTANT StoreTma const a_store) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using namespace cute;
   using T = typename Config::Element;
@@ -630,11 +646,39 @@ __global__ void __launch_bounds__(Sm90WsShape<Config>::kThreads, 1)
     }
   };
 
+  // TMA stores of a round's box (p.tma_stores, per warp): C's and (kGlu) A's coordinates.
+  // (The coordinate tensors are made where used: built here, their extents would stay in
+  // registers through the k loop, which has none to spare.)
+  const int lane = static_cast<int>(threadIdx.x) % 32;
+  auto store_box = [&](const StoreTma& tma, std::int64_t columns, const T* buffer, std::int64_t row,
+                       std::int64_t column) {
+    Tensor m = tma.get_tma_tensor(make_shape(static_cast<int>(p.rows), static_cast<int>(columns)));
+    Tensor s_box = make_tensor(make_smem_ptr(buffer), varlen_k_store_box_layout<Config, kWarpRows>());
+    Tensor g_box = local_tile(domain_offset(make_coord(static_cast<int>(row), static_cast<int>(column)), m),
+                              make_shape(Int<kWarpRows>{}, Int<Geometry::kRoundColumns>{}), make_coord(0, 0));
+    auto cta = tma.get_slice(Int<0>{});
+    copy(tma, cta.partition_S(s_box), cta.partition_D(g_box));
+  };
+  // p.stagger: the first warpgroup arrives on named barrier 9 after k tile stagger - 1 of its
+  // first tile (at most the stages, which it can use without the second's hand-backs), the second
+  // waits there before its first k loop.
+  auto let_second_start = [] { asm volatile("bar.arrive 9, %0;" ::"n"(Ws::kConsumers) : "memory"); };
+
   PipelineState read;
   PipelineState release;
   for (int tile_number = static_cast<int>(blockIdx.x); tile_number < tiles;
        tile_number += static_cast<int>(gridDim.x)) {
     const VarlenMTile t = tile_at(tile_number);
+    const bool first_tile = tile_number == static_cast<int>(blockIdx.x);
+    const int signal_at =
+        first_tile && p.stagger > 0 && threadIdx.x < 128 ? min(min(p.stagger, Config::kStages), k_tiles) - 1 : -2;
+    if (first_tile && p.stagger > 0) {
+      if (threadIdx.x >= 128) {
+        asm volatile("bar.sync 9, %0;" ::"n"(Ws::kConsumers) : "memory");
+      } else if (signal_at < 0) {
+        let_second_start();
+      }
+    }
     std::int64_t c_rows[kPasses];
     CUTE_UNROLL
     for (int j = 0; j < kPasses; ++j) {
@@ -671,7 +715,9 @@ __global__ void __launch_bounds__(Sm90WsShape<Config>::kThreads, 1)
       }
     }
     clear(acc);
-    ws_consumer_k_loop<!kRowsTma>(pipeline, read, release, k_tiles, mma, tCrA, tCrB, acc);
+    ws_consumer_k_loop<!kRowsTma>(pipeline, read, release, k_tiles, mma, tCrA, tCrB, acc, [&](int k) {
+      if (k == signal_at) let_second_start();
+    });
     if (k_tiles > 0) {
       pipeline.consumer_release(release);
       ++release;
@@ -805,10 +851,37 @@ __global__ void __launch_bounds__(Sm90WsShape<Config>::kThreads, 1)
       continue;
     }
     const bool wide = reinterpret_cast<std::uintptr_t>(c_base + t.n0) % 16 == 0 && p.ldc % Config::kVec == 0;
+    // p.tma_stores: whether this warp's rows all belong to the tile (its boxes go by TMA), and
+    // before a round's staging writes, the wait for the store that last read its buffer.
+    const bool warp_box = p.tma_stores && row_base + kWarpRows <= rows;
+    auto before_staging = [&] {
+      if (p.tma_stores) {
+        if (lane == 0) tma_store_wait<1>();
+        __syncwarp();
+      }
+    };
+    // After a round's staging writes: the box by TMA from lane 0 (one bulk group per round, empty
+    // when the warp stores by its threads), or the threads' stores.
+    auto store_round = [&](const StoreTma& tma, std::int64_t columns, const T* buffer, std::int64_t column,
+                           bool inside, auto&& by_threads) {
+      if (warp_box) {
+        tma_store_fence();  // the staging writes, visible to the TMA unit (async proxy)
+        __syncwarp();
+        if (lane == 0) {
+          if (inside) store_box(tma, columns, buffer, t.row0 + row_base, column);
+          tma_store_arrive();
+        }
+      } else {
+        round_barrier();
+        by_threads();
+        if (p.tma_stores && lane == 0) tma_store_arrive();
+      }
+    };
     for_each(make_int_sequence<Geometry::kRounds>{}, [&](auto round_constant) {
       constexpr int kRound = decltype(round_constant)::value;
       constexpr int kColumn0 = kRound * Geometry::kRoundColumns;
       T* buffer = round_buffer(kRound);
+      before_staging();
       auto place = [&](int r, int c) {
         return swizzled_offset<Geometry::kRoundColumns, Config::kVec>(r - row_base, c - kColumn0);
       };
@@ -819,10 +892,11 @@ __global__ void __launch_bounds__(Sm90WsShape<Config>::kThreads, 1)
         StagedEpilogue<Config>::template write_accumulator_range<kRound * kRoundValues, (kRound + 1) * kRoundValues>(
             buffer, acc, coord, nullptr, place);
       }
-      round_barrier();
       // A round's columns stay in one half: one shift from tile column to C's column.
       const std::int64_t shift = c_column(kColumn0) - kColumn0;
-      write_round(buffer, kColumn0, cols, wide, [&](int j, int) { return c_base + c_rows[j] * p.ldc + shift; });
+      store_round(c_store, p.n, buffer, c_column(kColumn0), kColumn0 < cols, [&] {
+        write_round(buffer, kColumn0, cols, wide, [&](int j, int) { return c_base + c_rows[j] * p.ldc + shift; });
+      });
     });
     if constexpr (kGlu) {
       // Two more rounds: A's columns t.n0 / 2 + [0, BN/2) from the first-half values [0, V/2) and
@@ -834,6 +908,7 @@ __global__ void __launch_bounds__(Sm90WsShape<Config>::kThreads, 1)
         constexpr int kColumn0 = decltype(round_constant)::value * Geometry::kRoundColumns;
         constexpr int kFirst = decltype(round_constant)::value * kRoundValues;
         T* buffer = round_buffer(kRound);
+        before_staging();
         auto place = [&](int r, int c) {
           return swizzled_offset<Geometry::kRoundColumns, Config::kVec>(r - row_base, c - kColumn0);
         };
@@ -851,12 +926,13 @@ __global__ void __launch_bounds__(Sm90WsShape<Config>::kThreads, 1)
           StagedEpilogue<Config>::template write_value_range<kFirst, kFirst + kRoundValues>(
               buffer, coord, place, glu([&](int v, int) { return to_float(T(acc(v))); }));
         }
-        round_barrier();
-        write_round(buffer, kColumn0, kBN / 2, wide_a,
-                    [&](int, int r) { return a_base + (t.row0 + r) * p.glu_lda; });
+        store_round(a_store, p.n / 2, buffer, t.n0 / 2 + kColumn0, true, [&] {
+          write_round(buffer, kColumn0, kBN / 2, wide_a, [&](int, int r) { return a_base + (t.row0 + r) * p.glu_lda; });
+        });
       });
     }
   }
+  if (p.tma_stores && lane == 0) tma_store_wait<0>();  // the staging stays until its stores have read it
 #endif
 }
 
@@ -1002,13 +1078,46 @@ void launch_sm90_ws_varlen_m_gemm(const VarlenMGemm& g, const int* tile_prefix, 
   check_launch("varlen-M GEMM");
 }
 
+// A (rows, columns) output in the grouped order, row stride ld, and its TMA store of one consumer
+// warp's 16 x 64 box of a round (the per-warp staging's swizzle, varlen_k_store_box_layout's).
+template <class Config>
+auto make_varlen_m_store_tma(void* ptr, std::int64_t rows, std::int64_t columns, std::int64_t ld) {
+  using namespace cute;
+  using T = typename Config::Element;
+  Tensor c = make_tensor(make_gmem_ptr(static_cast<T*>(ptr)),
+                         make_layout(make_shape(static_cast<int>(rows), static_cast<int>(columns)),
+                                     make_stride(ld, Int<1>{})));
+  return make_tma_copy(SM90_TMA_STORE{}, c, varlen_k_store_box_layout<Config, 16>());
+}
+
+// Whether the persistent kernel's outputs can leave by TMA (VarlenMGemm::tma_stores): C (and
+// kGlu's A) in the grouped order, 16-byte aligned rows, row counts and strides the driver takes.
+inline bool varlen_m_tma_stores_possible(const VarlenMGemm& g, bool glu, std::int64_t element_bytes) {
+  auto describable = [&](const void* ptr, std::int64_t ld) {
+    return ptr != nullptr && reinterpret_cast<std::uintptr_t>(ptr) % 16 == 0 && (ld * element_bytes) % 16 == 0 &&
+           ld * element_bytes < (std::int64_t{1} << 40);
+  };
+  return g.c_index == nullptr && g.rows < (std::int64_t{1} << 31) && g.n < (std::int64_t{1} << 31) &&
+         describable(g.c, g.ldc) && (!glu || describable(g.glu_a, g.glu_lda));
+}
+
 // The persistent form (the caller checked the same as for launch_sm90_ws_varlen_m_gemm; kGlu:
 // also glu_epilogue_shape).
 template <class T, bool kBKMajor, bool kRowsTma, bool kGlu, bool kGluBackward = false>
-void launch_sm90_ws_persistent_varlen_m_gemm_with(const VarlenMGemm& g, const int* tile_prefix, int sm_count,
+void launch_sm90_ws_persistent_varlen_m_gemm_with(const VarlenMGemm& given, const int* tile_prefix, int sm_count,
                                                   cudaStream_t stream) {
   using Config = Sm90TmaConfig<T>;
   using Ws = Sm90WsShape<Config, kRowsTma ? 40 : 56>;
+  VarlenMGemm g = given;
+  g.tma_stores = g.tma_stores && g.warp_stores && !kGluBackward && varlen_m_tma_stores_possible(g, kGlu, sizeof(T));
+  // Where the outputs cannot go by TMA, the descriptors describe a 16 x 64 piece of the weights
+  // (16-byte aligned: the weight tiles come by TMA) that is never stored to.
+  auto store_tma = [&](void* ptr, std::int64_t columns, std::int64_t ld) {
+    return g.tma_stores ? make_varlen_m_store_tma<Config>(ptr, g.rows, columns, ld)
+                        : make_varlen_m_store_tma<Config>(const_cast<void*>(g.b), 16, 64, 64);
+  };
+  const auto c_store = store_tma(g.c, g.n, g.ldc);
+  const auto a_store = kGlu ? store_tma(g.glu_a, g.n / 2, g.glu_lda) : c_store;
   const auto weight_tma = make_weight_tma<Config, kBKMajor, kGlu ? Config::kBN / 2 : Config::kBN>(g);
   const auto row_tma = [&] {
     if constexpr (kRowsTma) {
@@ -1018,7 +1127,8 @@ void launch_sm90_ws_persistent_varlen_m_gemm_with(const VarlenMGemm& g, const in
     }
   }();
   auto kernel = sm90_ws_persistent_varlen_m_gemm_kernel<Config, kBKMajor, std::remove_const_t<decltype(weight_tma)>,
-                                                        std::remove_const_t<decltype(row_tma)>, kGlu, kGluBackward>;
+                                                        std::remove_const_t<decltype(row_tma)>, kGlu, kGluBackward,
+                                                        std::remove_const_t<decltype(c_store)>>;
   constexpr int smem =
       Sm90WsPersistentVarlenM<Config>::template smem_bytes<kBKMajor, typename Ws::Pipeline>();
   static_assert(smem + Config::kBN * sizeof(float) <= 227 * 1024,
@@ -1028,7 +1138,7 @@ void launch_sm90_ws_persistent_varlen_m_gemm_with(const VarlenMGemm& g, const in
   const std::int64_t max_tiles = (static_cast<std::int64_t>(ceil_div(g.rows, Config::kBM)) + g.num_experts) *
                                  ceil_div(g.n, Config::kBN);
   const unsigned blocks = static_cast<unsigned>(std::min<std::int64_t>(sm_count, max_tiles));
-  kernel<<<blocks, Ws::kThreads, smem, stream>>>(g, tile_prefix, weight_tma, row_tma);
+  kernel<<<blocks, Ws::kThreads, smem, stream>>>(g, tile_prefix, weight_tma, row_tma, c_store, a_store);
   check_launch("varlen-M GEMM");
 }
 
