@@ -107,7 +107,7 @@ const KernelSettings& settings() {
     k.glu_epilogue = env_int("SCATTERMOE_SM90_GLU_EPILOGUE", 1) != 0;
     k.varlen_m_warp_stores = env_int("SCATTERMOE_SM90_VARLEN_M_WARP_STORES", 1) != 0;
     k.glu_backward_epilogue = env_int("SCATTERMOE_SM90_GLU_BACKWARD_EPILOGUE", 1) != 0;
-    k.varlen_m_tma_stores = env_int("SCATTERMOE_SM90_VARLEN_M_TMA_STORES", 0) != 0;
+    k.varlen_m_tma_stores = env_int("SCATTERMOE_SM90_VARLEN_M_TMA_STORES", 1) != 0;
     k.varlen_m_stagger = env_int("SCATTERMOE_SM90_VARLEN_M_STAGGER", 0);
     k.varlen_k_stagger = env_int("SCATTERMOE_SM90_VARLEN_K_STAGGER", 0);
     return k;
