@@ -1,7 +1,6 @@
 // Host side of the grouped GEMMs: the device-built tile list and the choice of instantiation.
 #include <cub/block/block_scan.cuh>
 
-#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <type_traits>
@@ -108,8 +107,7 @@ const KernelSettings& settings() {
     k.varlen_m_warp_stores = env_int("SCATTERMOE_SM90_VARLEN_M_WARP_STORES", 1) != 0;
     k.glu_backward_epilogue = env_int("SCATTERMOE_SM90_GLU_BACKWARD_EPILOGUE", 1) != 0;
     k.varlen_m_tma_stores = env_int("SCATTERMOE_SM90_VARLEN_M_TMA_STORES", 1) != 0;
-    k.varlen_m_stagger = env_int("SCATTERMOE_SM90_VARLEN_M_STAGGER", 0);
-    k.varlen_k_stagger = env_int("SCATTERMOE_SM90_VARLEN_K_STAGGER", 0);
+    k.varlen_m_tile_slots = env_int("SCATTERMOE_SM90_VARLEN_M_TILE_SLOTS", 1) != 0;
     return k;
   }();
   return s;
@@ -154,7 +152,7 @@ void run_varlen_m_gemm(DType dtype, const VarlenMGemm& g, void* workspace, cudaS
   tuned.raster_group_rows = raster_group_rows();
   tuned.warp_stores = settings().varlen_m_warp_stores;
   tuned.tma_stores = tuned.warp_stores && settings().varlen_m_tma_stores;
-  tuned.stagger = std::max(0, settings().varlen_m_stagger);
+  tuned.tile_slots = settings().varlen_m_tile_slots;
   dispatch_float(dtype, [&](auto element) {
     using T = decltype(element);
     build_tile_prefix_kernel<<<1, kScanThreads, 0, stream>>>(g.expert_offsets, g.num_experts,
@@ -284,9 +282,7 @@ void run_varlen_k_gemm(DType dtype, const VarlenKGemm& g, cudaStream_t stream) {
         auto launch = [&](auto contiguous) {
           constexpr VarlenKContiguous kContiguous = decltype(contiguous)::value;
           if (choice.warp_specialised) {
-            VarlenKGemm tuned = g;
-            tuned.stagger = choice.warp_stores ? std::max(0, settings().varlen_k_stagger) : 0;
-            launch_sm90_ws_varlen_k_gemm<T, kContiguous>(tuned, sms, choice.warp_stores, stream);
+            launch_sm90_ws_varlen_k_gemm<T, kContiguous>(g, sms, choice.warp_stores, stream);
           } else if (choice.tma_store) {
             launch_sm90_persistent_varlen_k_gemm<T, kContiguous, true>(g, sms, stream);
           } else {

@@ -70,10 +70,10 @@ struct VarlenMGemm {
   // while the box leaves (set by run_varlen_m_gemm where varlen_m_tma_stores_possible; cleared by
   // SCATTERMOE_SM90_VARLEN_M_TMA_STORES=0).
   bool tma_stores = false;
-  // The second consumer warpgroup starts its first tile this many k tiles after the first (at
-  // most the stages), so one's epilogue runs beside the other's wgmma
-  // (SCATTERMOE_SM90_VARLEN_M_STAGGER; 0: together).
-  int stagger = 0;
+  // The persistent warp-specialised kernels' consumers take each tile's coordinates from the
+  // producer once its first stage has landed (SCATTERMOE_SM90_VARLEN_M_TILE_SLOTS=0: they look
+  // them up before the k loop, as before step 47).
+  bool tile_slots = true;
   // The MLP backward's row pass that follows this GEMM (dA'), run by run_varlen_m_gemm: in the
   // epilogue (glu_backward, filled from it) where the kernel and the shape allow
   // (fuse_glu_backward_epilogue), else as mlp_backward_rows after the GEMM. Host pointer.
@@ -91,9 +91,6 @@ struct VarlenKGemm {
   std::int64_t n = 0;
   const std::int64_t* expert_offsets = nullptr;
   int num_experts = 0;
-  // The warp-specialised kernel's second consumer warpgroup starts this many k tiles after the
-  // first, as VarlenMGemm::stagger (SCATTERMOE_SM90_VARLEN_K_STAGGER; set by run_varlen_k_gemm).
-  int stagger = 0;
 };
 
 // Whether every 16-byte chunk (vec elements) that the kernels copy starts 16-byte aligned, so

@@ -28,8 +28,7 @@ struct KernelSettings {
   bool varlen_m_warp_stores = true;  // SCATTERMOE_SM90_VARLEN_M_WARP_STORES: VarlenMGemm::warp_stores
   bool glu_backward_epilogue = true;  // SCATTERMOE_SM90_GLU_BACKWARD_EPILOGUE: the dA' GEMM runs the row pass
   bool varlen_m_tma_stores = true;   // SCATTERMOE_SM90_VARLEN_M_TMA_STORES: VarlenMGemm::tma_stores (step 46)
-  int varlen_m_stagger = 0;          // SCATTERMOE_SM90_VARLEN_M_STAGGER: VarlenMGemm::stagger
-  int varlen_k_stagger = 0;          // SCATTERMOE_SM90_VARLEN_K_STAGGER: VarlenKGemm::stagger
+  bool varlen_m_tile_slots = true;   // SCATTERMOE_SM90_VARLEN_M_TILE_SLOTS: VarlenMGemm::tile_slots (step 47)
 };
 
 // What the dispatcher knows about a GEMM and the device. The wgmma kernels take 16-bit operands

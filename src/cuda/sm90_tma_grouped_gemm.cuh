@@ -484,9 +484,12 @@ struct Sm90WsPersistentVarlenM {
 // p.tma_stores: a consumer warp whose 16 rows of the tile all belong to its expert stores each
 // round's 16 x 64 box from its staging buffer by TMA (c_store; kGlu's A rounds a_store), lane 0
 // waiting before a buffer is rewritten until the store that read it two rounds before has; a warp
-// straddling the expert's last row stores by its threads. p.stagger: the second consumer
-// warpgroup starts after the first has issued that many k tiles of its first tile (named barrier
-// 9), so the two stay apart by about that much and one's epilogue runs beside the other's wgmma.
+// straddling the expert's last row stores by its threads.
+// The consumers take each tile's coordinates from the producer (tile_slots, written by its leader
+// before its first arrival on the tile's first stage) once that stage has landed, and look up the
+// tile's destination rows then, with the first k tile's wgmma in flight: computed before the k
+// loop (a division, a binary search of dependent loads, the expert's offsets), they held the
+// tensor cores idle between tiles (ncu, qwen3-30b-a3b's down projection: 13% of stall samples).
 template <class Config, bool kBKMajor, class WeightTma, class RowTma, bool kGlu = false, bool kGluBackward = false,
           class StoreTma = RowsByThreads>
 __global__ void __launch_bounds__(Sm90WsShape<Config>::kThreads, 1)
@@ -532,6 +535,14 @@ __global__ void __launch_bounds__(Sm90WsShape<Config>::kThreads, 1)
   const bool producer = static_cast<int>(threadIdx.x) >= Ws::kConsumers;
   Pipeline pipeline(*storage, Ws::pipeline_params(kStageBytes, kRowsTma ? 1 : 1 + Ws::kProducerThreads),
                     cute::Shape<_1, _1, _1>{});
+  // The block's i-th tile's coordinates in slot i % kTileSlots. The producer's leader writes a
+  // slot before acquiring the tile's first stage, which it holds only once the consumers have
+  // handed back the stage of kStages k tiles before (a tile has at least one): by then they have
+  // read the slots of every tile before that, so more slots than stages never overwrite one
+  // still to be read. (No k tiles, K = 0: no stage orders them, and the consumers compute it.)
+  constexpr int kTileSlots = 8;
+  static_assert(kTileSlots > Config::kStages, "a slot is rewritten only after it has been read");
+  __shared__ VarlenMTile tile_slots[kTileSlots];
   __syncthreads();  // the barriers initialised, for every thread
 
   if (producer) {
@@ -540,9 +551,11 @@ __global__ void __launch_bounds__(Sm90WsShape<Config>::kThreads, 1)
       auto weights = weight_tma.get_slice(Int<0>{});
       Tensor tBsB = weights.partition_D(s_b);
       PipelineState write = cutlass::make_producer_start_state<Pipeline>();
+      int slot = 0;
       for (int tile_number = static_cast<int>(blockIdx.x); tile_number < tiles;
-           tile_number += static_cast<int>(gridDim.x)) {
+           tile_number += static_cast<int>(gridDim.x), slot = (slot + 1) % kTileSlots) {
         const VarlenMTile t = tile_at(tile_number);
+        if (threadIdx.x == Ws::kConsumers) tile_slots[slot] = t;  // before its arrival on the first stage
         // The tile's weights of k tile k into `stage`, completing `landed`: one (BN, BK) box, or
         // (kGlu) two of BN/2 rows: column tile j's first-half columns and its gate columns, h on.
         auto copy_weights = [&] {
@@ -659,64 +672,66 @@ __global__ void __launch_bounds__(Sm90WsShape<Config>::kThreads, 1)
     auto cta = tma.get_slice(Int<0>{});
     copy(tma, cta.partition_S(s_box), cta.partition_D(g_box));
   };
-  // p.stagger: the first warpgroup arrives on named barrier 9 after k tile stagger - 1 of its
-  // first tile (at most the stages, which it can use without the second's hand-backs), the second
-  // waits there before its first k loop.
-  auto let_second_start = [] { asm volatile("bar.arrive 9, %0;" ::"n"(Ws::kConsumers) : "memory"); };
-
   PipelineState read;
   PipelineState release;
+  int slot = 0;
   for (int tile_number = static_cast<int>(blockIdx.x); tile_number < tiles;
-       tile_number += static_cast<int>(gridDim.x)) {
-    const VarlenMTile t = tile_at(tile_number);
-    const bool first_tile = tile_number == static_cast<int>(blockIdx.x);
-    const int signal_at =
-        first_tile && p.stagger > 0 && threadIdx.x < 128 ? min(min(p.stagger, Config::kStages), k_tiles) - 1 : -2;
-    if (first_tile && p.stagger > 0) {
-      if (threadIdx.x >= 128) {
-        asm volatile("bar.sync 9, %0;" ::"n"(Ws::kConsumers) : "memory");
-      } else if (signal_at < 0) {
-        let_second_start();
-      }
-    }
-    std::int64_t c_rows[kPasses];
-    CUTE_UNROLL
-    for (int j = 0; j < kPasses; ++j) {
-      const std::int64_t i = t.row0 + row_first + j * row_stride;
-      c_rows[j] = p.c_index && i < t.row_end ? p.c_index[i] : i;
-    }
+       tile_number += static_cast<int>(gridDim.x), slot = (slot + 1) % kTileSlots) {
+    // The tile's coordinates and what depends on them, looked up once the first stage has landed
+    // and its wgmma is issued (the k loop's hook after k tile 0), or before the loop without k
+    // tiles. The lookups' loads complete under the wgmma; their values are used by the epilogue.
+    VarlenMTile t;
+    // This thread's destination rows of C (its passes'), where C may be scattered: the fused
+    // SwiGLU epilogues write C in the grouped order (their shape checks), and keep no registers
+    // for it.
+    constexpr bool kRowLookup = !kGlu && !kGluBackward;
+    std::int64_t c_rows[kRowLookup ? kPasses : 1];
     // kGluBackward: the tile's routing weights g, row 16 w + l by lane l < 16 of consumer warp w,
-    // looked up before the k loop too, into half (tile parity) of the unused bias tile (the
-    // epilogue's barriers order the write before every read; the other half keeps the last
-    // tile's for a thread still reading them). In shared memory, not registers: the consumers
-    // have none to spare beside the accumulators.
+    // into half (tile parity) of the unused bias tile (the epilogue's barriers order the write
+    // before every read; the other half keeps the last tile's for a thread still reading them).
+    // In shared memory, not registers: the consumers have none to spare beside the accumulators.
     [[maybe_unused]] float* const g_tile = bias_tile + (tile_number / static_cast<int>(gridDim.x)) % 2 * kBM;
-    if constexpr (kGluBackward) {
-      static_assert(2 * kBM <= kBN && Ws::kConsumers / 32 * 16 == kBM, "two tiles' weights fit the bias tile");
-      const int lane = static_cast<int>(threadIdx.x) % 32;
-      const int r = warp * 16 + lane;
-      const GluBackwardEpilogue& gb = p.glu_backward;
-      if (lane < 16 && t.row0 + r < t.row_end) {
-        g_tile[r] = load_float(gb.gates.ptr, gb.gates.dtype, flat_offset(gb.gates, gb.gate_index[t.row0 + r]));
-      }
-      // The tile's rows of H (128-byte lines: a round's 64 columns of one half of a row) into L2
-      // while the k loop runs, 4 lines a thread, so the epilogue's loads wait for L2, not DRAM.
-      const T* const h_tile = static_cast<const T*>(gb.hidden) + t.row0 * gb.ld_hidden + t.n0;
-      CUTE_UNROLL
-      for (int m = 0; m < 2 * Geometry::kRounds * kBM / Ws::kConsumers; ++m) {
-        const int line = static_cast<int>(threadIdx.x) + m * Ws::kConsumers;
-        const int row = line % kBM;
-        const int round = line / kBM % Geometry::kRounds;
-        const int half = line / kBM / Geometry::kRounds;
-        if (t.row0 + row < t.row_end) {
-          const T* address = h_tile + row * gb.ld_hidden + half * p.n + round * Geometry::kRoundColumns;
-          asm volatile("prefetch.global.L2 [%0];" ::"l"(address));
+    // (kGluBackward keeps it before the loop, from its own lookup: in the hook, its gate loads
+    // and H prefetches spill beside the accumulators.)
+    // (p.tile_slots false, to measure: the consumers look the tile up before the loop as well.)
+    const bool before_loop = kGluBackward || !p.tile_slots;
+    auto tile_prologue = [&] {
+      t = k_tiles > 0 && !before_loop ? tile_slots[slot] : tile_at(tile_number);
+      if constexpr (kRowLookup) {
+        CUTE_UNROLL
+        for (int j = 0; j < kPasses; ++j) {
+          const std::int64_t i = t.row0 + row_first + j * row_stride;
+          c_rows[j] = p.c_index && i < t.row_end ? p.c_index[i] : i;
         }
       }
-    }
+      if constexpr (kGluBackward) {
+        static_assert(2 * kBM <= kBN && Ws::kConsumers / 32 * 16 == kBM, "two tiles' weights fit the bias tile");
+        const int lane = static_cast<int>(threadIdx.x) % 32;
+        const int r = warp * 16 + lane;
+        const GluBackwardEpilogue& gb = p.glu_backward;
+        if (lane < 16 && t.row0 + r < t.row_end) {
+          g_tile[r] = load_float(gb.gates.ptr, gb.gates.dtype, flat_offset(gb.gates, gb.gate_index[t.row0 + r]));
+        }
+        // The tile's rows of H (128-byte lines: a round's 64 columns of one half of a row) into L2
+        // while the k loop runs, 4 lines a thread, so the epilogue's loads wait for L2, not DRAM.
+        const T* const h_tile = static_cast<const T*>(gb.hidden) + t.row0 * gb.ld_hidden + t.n0;
+        CUTE_UNROLL
+        for (int m = 0; m < 2 * Geometry::kRounds * kBM / Ws::kConsumers; ++m) {
+          const int line = static_cast<int>(threadIdx.x) + m * Ws::kConsumers;
+          const int row = line % kBM;
+          const int round = line / kBM % Geometry::kRounds;
+          const int half = line / kBM / Geometry::kRounds;
+          if (t.row0 + row < t.row_end) {
+            const T* address = h_tile + row * gb.ld_hidden + half * p.n + round * Geometry::kRoundColumns;
+            asm volatile("prefetch.global.L2 [%0];" ::"l"(address));
+          }
+        }
+      }
+    };
+    if (k_tiles == 0 || before_loop) tile_prologue();
     clear(acc);
     ws_consumer_k_loop<!kRowsTma>(pipeline, read, release, k_tiles, mma, tCrA, tCrB, acc, [&](int k) {
-      if (k == signal_at) let_second_start();
+      if (!before_loop && k == 0) tile_prologue();
     });
     if (k_tiles > 0) {
       pipeline.consumer_release(release);
@@ -895,7 +910,9 @@ __global__ void __launch_bounds__(Sm90WsShape<Config>::kThreads, 1)
       // A round's columns stay in one half: one shift from tile column to C's column.
       const std::int64_t shift = c_column(kColumn0) - kColumn0;
       store_round(c_store, p.n, buffer, c_column(kColumn0), kColumn0 < cols, [&] {
-        write_round(buffer, kColumn0, cols, wide, [&](int j, int) { return c_base + c_rows[j] * p.ldc + shift; });
+        write_round(buffer, kColumn0, cols, wide, [&](int j, int r) {
+          return c_base + (kRowLookup ? c_rows[kRowLookup ? j : 0] : t.row0 + r) * p.ldc + shift;
+        });
       });
     });
     if constexpr (kGlu) {
@@ -1131,8 +1148,8 @@ void launch_sm90_ws_persistent_varlen_m_gemm_with(const VarlenMGemm& given, cons
                                                         std::remove_const_t<decltype(c_store)>>;
   constexpr int smem =
       Sm90WsPersistentVarlenM<Config>::template smem_bytes<kBKMajor, typename Ws::Pipeline>();
-  static_assert(smem + Config::kBN * sizeof(float) <= 227 * 1024,
-                "the stages, the staging and the bias tile (static) fit in shared memory");
+  static_assert(smem + Config::kBN * sizeof(float) + 8 * sizeof(VarlenMTile) <= 227 * 1024,
+                "the stages, the staging, the bias tile and the tile slots (static) fit in shared memory");
   check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
              "varlen-M GEMM: shared memory size");
   const std::int64_t max_tiles = (static_cast<std::int64_t>(ceil_div(g.rows, Config::kBM)) + g.num_experts) *

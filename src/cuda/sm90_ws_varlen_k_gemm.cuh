@@ -150,11 +150,6 @@ __global__ void __launch_bounds__(Geometry::Ws::kThreads, 1)
   Tensor m_c = store_tma.get_tma_tensor(make_shape(static_cast<int>(p.m), static_cast<int>(p.n), p.num_experts));
   auto cta_tma = store_tma.get_slice(Int<0>{});
 
-  // p.stagger (per-warp stores only: no barrier across the warpgroups after the start): the
-  // second consumer warpgroup starts after the first has issued that many k tiles of its first
-  // tile (named barrier 9; at most the stages, which the first uses without the second's
-  // hand-backs), so one's epilogue runs beside the other's wgmma.
-  auto let_second_start = [] { asm volatile("bar.arrive 9, %0;" ::"n"(Ws::kConsumers) : "memory"); };
   PipelineState read;
   PipelineState release;
   for (int tile_number = static_cast<int>(blockIdx.x); tile_number < tiles;
@@ -164,20 +159,8 @@ __global__ void __launch_bounds__(Geometry::Ws::kThreads, 1)
     const int k_tiles = VarlenKCopies<Config, true, kContiguous>::k_tiles_between(
         static_cast<std::uint32_t>(t.e ? p.expert_offsets[t.e - 1] : 0),
         static_cast<std::uint32_t>(p.expert_offsets[t.e]));
-    const bool first_tile = tile_number == static_cast<int>(blockIdx.x);
-    const bool stagger = Geometry::kPerWarp && first_tile && p.stagger > 0;
-    const int signal_at = stagger && threadIdx.x < 128 ? min(min(p.stagger, Config::kStages), k_tiles) - 1 : -2;
-    if (stagger) {
-      if (threadIdx.x >= 128) {
-        asm volatile("bar.sync 9, %0;" ::"n"(Ws::kConsumers) : "memory");
-      } else if (signal_at < 0) {
-        let_second_start();
-      }
-    }
     clear(acc);
-    ws_consumer_k_loop<true>(pipeline, read, release, k_tiles, mma, tCrA, tCrB, acc, [&](int k) {
-      if (k == signal_at) let_second_start();
-    });
+    ws_consumer_k_loop<true>(pipeline, read, release, k_tiles, mma, tCrA, tCrB, acc);
     if (k_tiles > 0) {
       pipeline.consumer_release(release);
       ++release;
