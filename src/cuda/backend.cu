@@ -215,7 +215,8 @@ namespace {
 
 struct LinearForwardScratch {
   void* tiles = nullptr;
-  void* y = nullptr;  // (L, d_out) token-major, before the gate combine
+  void* y = nullptr;  // (L, d_out) grouped (grouped_aggregation) or token-major, before the gate combine
+  std::int64_t* row_of = nullptr;  // (L) each routed row's grouped row (grouped_aggregation)
 };
 
 LinearForwardScratch linear_forward_layout(detail::WorkspaceCarver& carver, const ParallelLinearArgs& args,
@@ -224,6 +225,7 @@ LinearForwardScratch linear_forward_layout(detail::WorkspaceCarver& carver, cons
   s.tiles = take_tile_list(carver, plan);
   if (args.gates.defined()) {
     s.y = carver.take<unsigned char>(plan.num_rows() * args.w.size(2) * static_cast<std::int64_t>(elem(args.x)));
+    s.row_of = carver.take<std::int64_t>(plan.num_rows());
   }
   return s;
 }
@@ -231,7 +233,8 @@ LinearForwardScratch linear_forward_layout(detail::WorkspaceCarver& carver, cons
 struct LinearBackwardScratch {
   void* tiles = nullptr;
   void* dy_grouped = nullptr;   // (L, d_out) gated dOut rows in grouped order
-  void* dx_expanded = nullptr;  // (L, d_in) token-major, before the k-sum
+  void* dx_expanded = nullptr;  // (L, d_in) grouped (grouped_aggregation) or token-major, before the k-sum
+  std::int64_t* row_of = nullptr;  // (L) with dx_expanded: each routed row's grouped row
   void* y = nullptr;            // (L, d_out) recomputed for d_gates
 };
 
@@ -245,6 +248,7 @@ LinearBackwardScratch linear_backward_layout(detail::WorkspaceCarver& carver, co
   if (need_dy && args.gates.defined()) s.dy_grouped = carver.take<unsigned char>(L * args.w.size(2) * bytes);
   if (grads.dx.defined() && !args.grouped_in && args.k > 1) {
     s.dx_expanded = carver.take<unsigned char>(L * args.w.size(1) * bytes);
+    s.row_of = carver.take<std::int64_t>(L);
   }
   if (grads.d_gates.defined()) s.y = carver.take<unsigned char>(L * args.w.size(2) * bytes);
   return s;
@@ -286,12 +290,14 @@ void parallel_linear_forward(const ParallelLinearArgs& args, const RoutingPlan& 
     run_linear(l, plan, s.tiles, stream);
     return;
   }
+  const bool grouped = grouped_aggregation();
   l.c = s.y;
   l.ldc = d_out;
-  l.c_index = ss;
+  l.c_index = grouped ? nullptr : ss;
   run_linear(l, plan, s.tiles, stream);
+  if (grouped) invert_rows(ss, plan.num_rows(), s.row_of, stream);
   gate_combine(args.x.dtype(), s.y, d_out, flat_floats(args.gates), args.gates.size(0), out.data(),
-               out.stride(0), d_out, stream);
+               out.stride(0), d_out, stream, grouped ? s.row_of : nullptr);
 }
 
 std::size_t parallel_linear_backward_workspace_size(const ParallelLinearArgs& args,
@@ -345,12 +351,13 @@ void parallel_linear_backward(const ParallelLinearArgs& args, const RoutingPlan&
     } else {
       l.c = s.dx_expanded;
       l.ldc = d_in;
-      l.c_index = ss;
+      l.c_index = grouped_aggregation() ? nullptr : ss;
     }
     run_linear(l, plan, s.tiles, stream);
     if (s.dx_expanded) {
+      if (grouped_aggregation()) invert_rows(ss, L, s.row_of, stream);
       sum_k_rows(dtype, s.dx_expanded, d_in, args.k, args.x.size(0), grads.dx.data(),
-                 grads.dx.stride(0), d_in, stream);
+                 grads.dx.stride(0), d_in, stream, grouped_aggregation() ? s.row_of : nullptr);
     }
   }
 
@@ -381,7 +388,8 @@ namespace {
 struct MlpForwardScratch {
   void* tiles = nullptr;
   void* a = nullptr;  // (L, h) activation output, grouped
-  void* y = nullptr;  // (L, d) second projection, token-major, before the gate combine
+  void* y = nullptr;  // (L, d) second projection, grouped (grouped_aggregation) or token-major
+  std::int64_t* row_of = nullptr;  // (L) each routed row's grouped row (grouped_aggregation)
 };
 
 MlpForwardScratch mlp_forward_layout(detail::WorkspaceCarver& carver, const MlpArgs& args,
@@ -392,6 +400,7 @@ MlpForwardScratch mlp_forward_layout(detail::WorkspaceCarver& carver, const MlpA
   s.tiles = take_tile_list(carver, plan);
   s.a = carver.take<unsigned char>(L * args.w2.size(1) * bytes);
   s.y = carver.take<unsigned char>(L * args.x.size(1) * bytes);
+  s.row_of = carver.take<std::int64_t>(L);
   return s;
 }
 
@@ -407,7 +416,9 @@ struct MlpBackwardScratch {
   void* d_hidden = nullptr;     // (L, h | 2h) (region P, after A)
   void* d_a = nullptr;          // (L, h) dOut @ W2^T before gating (region Q)
   void* dy_grouped = nullptr;   // (L, d) gated dOut rows, grouped; only with b2 (region Q)
-  void* dx_expanded = nullptr;  // (L, d) token-major, before the k-sum; only for k > 1 (region Q)
+  void* dx_expanded = nullptr;  // (L, d) grouped or token-major (as in the forward), before the
+                                // k-sum; only for k > 1 (region Q)
+  std::int64_t* row_of = nullptr;  // (L) with dx_expanded: each routed row's grouped row
   float* d_gates_partial = nullptr;  // (L, h / 256) d_gates shares of the fused row pass; no b2
 };
 
@@ -427,7 +438,10 @@ MlpBackwardScratch mlp_backward_layout(detail::WorkspaceCarver& carver, const Ml
   s.d_hidden = p;
   s.d_a = q;
   if (args.b2.defined() && q != nullptr) s.dy_grouped = q + L * h * bytes;
-  if (k_sum) s.dx_expanded = q;
+  if (k_sum) {
+    s.dx_expanded = q;
+    s.row_of = carver.take<std::int64_t>(L);
+  }
   if (!args.b2.defined()) s.d_gates_partial = carver.take<float>(L * ceil_div(h, kGluBackwardTileColumns));
   return s;
 }
@@ -467,9 +481,15 @@ void mlp_backward_first_layer(const MlpArgs& args, const RoutingPlan& plan, cons
     } else {
       back1.c = s.dx_expanded;
       back1.ldc = d;
+      if (grouped_aggregation()) back1.c_index = nullptr;
     }
     run_linear(back1, plan, s.tiles, stream);
-    if (k > 1) sum_k_rows(dtype, s.dx_expanded, d, k, args.x.size(0), grads.dx.data(), grads.dx.stride(0), d, stream);
+    if (k > 1) {
+      const std::int64_t L = plan.num_rows();
+      if (grouped_aggregation()) invert_rows(ss, L, s.row_of, stream);
+      sum_k_rows(dtype, s.dx_expanded, d, k, args.x.size(0), grads.dx.data(), grads.dx.stride(0), d, stream,
+                 grouped_aggregation() ? s.row_of : nullptr);
+    }
   }
 }
 
@@ -517,11 +537,14 @@ void mlp_forward(const MlpArgs& args, const RoutingPlan& plan, const TensorView&
   second.a = RowSource{s.a, h, nullptr, 1};
   second.w = args.w2;
   second.bias = args.b2;
+  const bool grouped = grouped_aggregation();
   second.c = s.y;
   second.ldc = d;
-  second.c_index = ss;
+  second.c_index = grouped ? nullptr : ss;
   run_linear(second, plan, s.tiles, stream);
-  gate_combine(dtype, s.y, d, flat_floats(args.gates), args.x.size(0), out.data(), out.stride(0), d, stream);
+  if (grouped) invert_rows(ss, L, s.row_of, stream);
+  gate_combine(dtype, s.y, d, flat_floats(args.gates), args.x.size(0), out.data(), out.stride(0), d, stream,
+               grouped ? s.row_of : nullptr);
 }
 
 std::size_t mlp_backward_workspace_size(const MlpArgs& args, const RoutingPlan& plan) {

@@ -59,15 +59,17 @@ __global__ void __launch_bounds__(kThreads)
 template <class T, int kVec>
 __global__ void __launch_bounds__(kThreads)
     gate_combine_kernel(const T* __restrict__ y, std::int64_t ld_y, FlatFloats gates,
-                        T* __restrict__ out, std::int64_t ld_out, std::int64_t cols) {
+                        T* __restrict__ out, std::int64_t ld_out, std::int64_t cols,
+                        const std::int64_t* __restrict__ row_of) {
   const std::int64_t t = blockIdx.x;
   const std::int64_t kg = gates.cols;
   for (std::int64_t c = threadIdx.x * kVec; c < cols; c += blockDim.x * kVec) {
     float acc[kVec] = {};
     for (std::int64_t j = 0; j < kg; ++j) {
       const float g = load_float(gates.ptr, gates.dtype, t * gates.stride0 + j * gates.stride1);
+      const std::int64_t row = row_of ? row_of[t * kg + j] : t * kg + j;
       float v[kVec];
-      load_chunk<T, kVec>(y + (t * kg + j) * ld_y + c, v);
+      load_chunk<T, kVec>(y + row * ld_y + c, v);
       CUTE_UNROLL
       for (int q = 0; q < kVec; ++q) acc[q] += g * v[q];
     }
@@ -78,13 +80,15 @@ __global__ void __launch_bounds__(kThreads)
 template <class T, int kVec>
 __global__ void __launch_bounds__(kThreads)
     sum_k_rows_kernel(const T* __restrict__ src, std::int64_t ld_src, std::int64_t k,
-                      T* __restrict__ out, std::int64_t ld_out, std::int64_t cols) {
+                      T* __restrict__ out, std::int64_t ld_out, std::int64_t cols,
+                      const std::int64_t* __restrict__ row_of) {
   const std::int64_t t = blockIdx.x;
   for (std::int64_t c = threadIdx.x * kVec; c < cols; c += blockDim.x * kVec) {
     float acc[kVec] = {};
     for (std::int64_t j = 0; j < k; ++j) {
+      const std::int64_t row = row_of ? row_of[t * k + j] : t * k + j;
       float v[kVec];
-      load_chunk<T, kVec>(src + (t * k + j) * ld_src + c, v);
+      load_chunk<T, kVec>(src + row * ld_src + c, v);
       CUTE_UNROLL
       for (int q = 0; q < kVec; ++q) acc[q] += v[q];
     }
@@ -340,13 +344,13 @@ void gather_rows(DType dtype, RowSource src, void* out, std::int64_t ld_out, std
 
 void gate_combine(DType dtype, const void* y, std::int64_t ld_y, const FlatFloats& gates,
                   std::int64_t tokens, void* out, std::int64_t ld_out, std::int64_t cols,
-                  cudaStream_t stream) {
+                  cudaStream_t stream, const std::int64_t* row_of) {
   if (tokens == 0 || cols == 0) return;
   dispatch_float(dtype, [&](auto element) {
     using T = decltype(element);
     with_vector_width<T>({y, out}, {ld_y, ld_out, cols}, [&](auto vec) {
       gate_combine_kernel<T, vec()><<<static_cast<unsigned>(tokens), kThreads, 0, stream>>>(
-          static_cast<const T*>(y), ld_y, gates, static_cast<T*>(out), ld_out, cols);
+          static_cast<const T*>(y), ld_y, gates, static_cast<T*>(out), ld_out, cols, row_of);
     });
   });
   check_launch("gate combine");
@@ -354,16 +358,30 @@ void gate_combine(DType dtype, const void* y, std::int64_t ld_y, const FlatFloat
 
 void sum_k_rows(DType dtype, const void* src, std::int64_t ld_src, std::int64_t k,
                 std::int64_t tokens, void* out, std::int64_t ld_out, std::int64_t cols,
-                cudaStream_t stream) {
+                cudaStream_t stream, const std::int64_t* row_of) {
   if (tokens == 0 || cols == 0) return;
   dispatch_float(dtype, [&](auto element) {
     using T = decltype(element);
     with_vector_width<T>({src, out}, {ld_src, ld_out, cols}, [&](auto vec) {
       sum_k_rows_kernel<T, vec()><<<static_cast<unsigned>(tokens), kThreads, 0, stream>>>(
-          static_cast<const T*>(src), ld_src, k, static_cast<T*>(out), ld_out, cols);
+          static_cast<const T*>(src), ld_src, k, static_cast<T*>(out), ld_out, cols, row_of);
     });
   });
   check_launch("sum over k");
+}
+
+namespace {
+__global__ void __launch_bounds__(kThreads)
+    invert_rows_kernel(const std::int64_t* __restrict__ index, std::int64_t rows, std::int64_t* __restrict__ inverse) {
+  const std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (i < rows) inverse[index[i]] = i;
+}
+}  // namespace
+
+void invert_rows(const std::int64_t* index, std::int64_t rows, std::int64_t* inverse, cudaStream_t stream) {
+  if (rows == 0) return;
+  invert_rows_kernel<<<static_cast<unsigned>(ceil_div(rows, kThreads)), kThreads, 0, stream>>>(index, rows, inverse);
+  check_launch("invert rows");
 }
 
 void row_dot(DType dtype, const RowDot& r, cudaStream_t stream) {

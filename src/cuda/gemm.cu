@@ -115,6 +115,11 @@ const KernelSettings& settings() {
 
 }  // namespace
 
+bool grouped_aggregation() {
+  static const bool grouped = env_int("SCATTERMOE_GROUPED_AGGREGATION", 1) != 0;
+  return grouped;
+}
+
 std::size_t varlen_m_gemm_workspace_size(int num_experts) {
   return static_cast<std::size_t>(num_experts) * sizeof(int);
 }

@@ -81,6 +81,12 @@ struct VarlenMGemm {
   GluBackwardEpilogue glu_backward;  // filled by run_varlen_m_gemm for the fused kernel
 };
 
+// Whether the layers write the rows they aggregate over k (the second projection's, dX's) in
+// the grouped order, which the varlen-M kernels store whole (by TMA on the Hopper path), and
+// gather each token's k rows through the inverse of the routing permutation (invert_rows), instead
+// of scattering them to token-major positions (SCATTERMOE_GROUPED_AGGREGATION=0, to measure).
+bool grouped_aggregation();
+
 struct VarlenKGemm {
   RowSource a;                          // (rows, M), M-contiguous
   RowSource b;                          // (rows, N), N-contiguous

@@ -29,15 +29,21 @@ void gather_rows(DType dtype, RowSource src, void* out, std::int64_t ld_out, std
                  std::int64_t cols, const FlatFloats* coeff, const std::int64_t* coeff_index,
                  cudaStream_t stream);
 
-// out[t, :] = sum_j gates[t, j] * y[t*kg + j, :]
+// The aggregations over each token's k rows, in the order j = 0 .. k-1. A routed row p = t*k + j
+// is row p of the source, or (row_of non-null) row row_of[p]: the source in the grouped order,
+// row_of the inverse of the plan's sorted_scattered_idxs (invert_rows).
+// out[t, :] = sum_j gates[t, j] * y[row(t*kg + j), :]
 void gate_combine(DType dtype, const void* y, std::int64_t ld_y, const FlatFloats& gates,
                   std::int64_t tokens, void* out, std::int64_t ld_out, std::int64_t cols,
-                  cudaStream_t stream);
+                  cudaStream_t stream, const std::int64_t* row_of = nullptr);
 
-// out[t, :] = sum_j src[t*k + j, :]
+// out[t, :] = sum_j src[row(t*k + j), :]
 void sum_k_rows(DType dtype, const void* src, std::int64_t ld_src, std::int64_t k,
                 std::int64_t tokens, void* out, std::int64_t ld_out, std::int64_t cols,
-                cudaStream_t stream);
+                cudaStream_t stream, const std::int64_t* row_of = nullptr);
+
+// inverse[index[i]] = i for i in [0, rows) (index a permutation of [0, rows)).
+void invert_rows(const std::int64_t* index, std::int64_t rows, std::int64_t* inverse, cudaStream_t stream);
 
 // out[out_index ? out_index[i] : i] = <a[a.row(i)], b[b.row(i)]>            (cols columns)
 //                                     + (bias ? <c[c.row(i)], bias[expert[i]]> : 0)  (bias_cols)
