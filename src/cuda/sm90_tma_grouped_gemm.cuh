@@ -432,7 +432,8 @@ __global__ void __launch_bounds__(Sm90WsShape<Config>::kThreads, 1)
 // fills once per block instead of once per tile. The stages stay 4 (192 KiB); the finished tile
 // goes through two 16 KiB staging buffers of its own in four rounds of 64 columns (a round's
 // buffer was last read by the round two before it, which one barrier per round orders), each
-// round written out by the consumers in 16-byte chunks of whole rows.
+// round written out by the consumers in 16-byte chunks of whole rows, or (p.tma_stores, below)
+// by one TMA store per warp.
 // kGlu (gathered rows only): the SwiGLU of an up projection whose C is [first | gate], n = 2h
 // columns, h a multiple of BN / 2 (the caller checked glu_epilogue_shape; VarlenMGemm::glu_a). Column tile j covers
 // C's columns j * BN/2 + [0, BN/2) of both halves: its weight stage is two (BN/2, BK) TMA boxes,
@@ -1105,17 +1106,6 @@ auto make_varlen_m_store_tma(void* ptr, std::int64_t rows, std::int64_t columns,
                          make_layout(make_shape(static_cast<int>(rows), static_cast<int>(columns)),
                                      make_stride(ld, Int<1>{})));
   return make_tma_copy(SM90_TMA_STORE{}, c, varlen_k_store_box_layout<Config, 16>());
-}
-
-// Whether the persistent kernel's outputs can leave by TMA (VarlenMGemm::tma_stores): C (and
-// kGlu's A) in the grouped order, 16-byte aligned rows, row counts and strides the driver takes.
-inline bool varlen_m_tma_stores_possible(const VarlenMGemm& g, bool glu, std::int64_t element_bytes) {
-  auto describable = [&](const void* ptr, std::int64_t ld) {
-    return ptr != nullptr && reinterpret_cast<std::uintptr_t>(ptr) % 16 == 0 && (ld * element_bytes) % 16 == 0 &&
-           ld * element_bytes < (std::int64_t{1} << 40);
-  };
-  return g.c_index == nullptr && g.rows < (std::int64_t{1} << 31) && g.n < (std::int64_t{1} << 31) &&
-         describable(g.c, g.ldc) && (!glu || describable(g.glu_a, g.glu_lda));
 }
 
 // The persistent form (the caller checked the same as for launch_sm90_ws_varlen_m_gemm; kGlu:

@@ -16,6 +16,7 @@
 #include "check/host_tensor.hpp"
 #include "check/reference_f64.hpp"
 #include "cuda/fast_divisor.hpp"
+#include "cuda/gemm.hpp"
 #include "cuda/varlen_k_tiling.hpp"
 #include "cuda/kernel_choice.hpp"
 #include "device_tensor.hpp"
@@ -215,6 +216,38 @@ TEST(CudaVarlenKTiling, MatchesPlainRaster) {
 // The dispatcher's choices (cuda/kernel_choice.hpp), no GPU needed: by default the measured
 // fastest kernel for each GEMM kind, the mma.sync kernels wherever wgmma cannot run, and each
 // measurement setting switching what its name says.
+// The persistent varlen-M kernel stores by TMA only what a tensor map can describe: C (and the
+// SwiGLU's A) in the grouped order, with 16-byte aligned rows.
+TEST(CudaKernelChoice, TmaStoresOnlyWhereDescribable) {
+  alignas(16) static unsigned char storage[256];
+  cuda::VarlenMGemm g;
+  g.c = storage;
+  g.ldc = 64;
+  g.rows = 1000;
+  g.n = 64;
+  EXPECT_TRUE(cuda::varlen_m_tma_stores_possible(g, false, 2));
+  const std::int64_t scattered[1] = {0};
+  g.c_index = scattered;  // rows to scattered positions: a box of consecutive rows cannot
+  EXPECT_FALSE(cuda::varlen_m_tma_stores_possible(g, false, 2));
+  g.c_index = nullptr;
+  g.ldc = 68;  // 136-byte rows: not a multiple of 16 bytes
+  EXPECT_FALSE(cuda::varlen_m_tma_stores_possible(g, false, 2));
+  g.ldc = 64;
+  g.c = storage + 8;  // misaligned base
+  EXPECT_FALSE(cuda::varlen_m_tma_stores_possible(g, false, 2));
+  g.c = storage;
+  g.rows = std::int64_t{1} << 31;  // beyond a tensor map's 32-bit coordinates as the kernel forms them
+  EXPECT_FALSE(cuda::varlen_m_tma_stores_possible(g, false, 2));
+  g.rows = 1000;
+  // The SwiGLU's A must be describable too.
+  EXPECT_FALSE(cuda::varlen_m_tma_stores_possible(g, true, 2));
+  g.glu_a = storage + 128;
+  g.glu_lda = 32;
+  EXPECT_TRUE(cuda::varlen_m_tma_stores_possible(g, true, 2));
+  g.glu_lda = 36;
+  EXPECT_FALSE(cuda::varlen_m_tma_stores_possible(g, true, 2));
+}
+
 TEST(CudaKernelChoice, DefaultsFallbacksAndSettings) {
   using cuda::KernelSettings;
   using cuda::VarlenKContiguous;
