@@ -123,16 +123,10 @@ inline bool weight_tma_possible(const VarlenMGemm& g, std::int64_t element_bytes
   return g.k > 0 && line > 0 && line < limit && expert > 0 && expert < limit;
 }
 
-// Whether the persistent varlen-M kernel's outputs can leave by TMA (VarlenMGemm::tma_stores): C
-// (and, glu, the SwiGLU's A) in the grouped order, 16-byte aligned rows, and row counts and
-// strides the driver can describe.
+// varlen_m_tma_stores_possible (kernel_choice.hpp) for g's C and, glu, its SwiGLU's A.
 inline bool varlen_m_tma_stores_possible(const VarlenMGemm& g, bool glu, std::int64_t element_bytes) {
-  auto describable = [&](const void* ptr, std::int64_t ld) {
-    return ptr != nullptr && reinterpret_cast<std::uintptr_t>(ptr) % 16 == 0 && (ld * element_bytes) % 16 == 0 &&
-           ld * element_bytes < (std::int64_t{1} << 40);
-  };
-  return g.c_index == nullptr && g.rows < (std::int64_t{1} << 31) && g.n < (std::int64_t{1} << 31) &&
-         describable(g.c, g.ldc) && (!glu || describable(g.glu_a, g.glu_lda));
+  return varlen_m_tma_stores_possible(g.c_index == nullptr, g.rows, g.n, VarlenMOutput{g.c, g.ldc}, glu,
+                                      VarlenMOutput{g.glu_a, g.glu_lda}, element_bytes);
 }
 
 // Whether A's rows can come by TMA too: read in the grouped order (row i is row i, as the down

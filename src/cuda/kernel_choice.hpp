@@ -31,6 +31,23 @@ struct KernelSettings {
   bool varlen_m_tile_slots = true;   // SCATTERMOE_SM90_VARLEN_M_TILE_SLOTS: VarlenMGemm::tile_slots (step 47)
 };
 
+// Whether the persistent varlen-M kernel's outputs can leave by TMA (VarlenMGemm::tma_stores): C
+// written in the grouped order (a box is consecutive rows), with 16-byte aligned rows and row
+// counts and strides a tensor map describes; with glu, the SwiGLU's A (n / 2 columns) as well.
+struct VarlenMOutput {
+  const void* ptr = nullptr;
+  std::int64_t ld = 0;  // row stride in elements
+};
+inline bool varlen_m_tma_stores_possible(bool grouped, std::int64_t rows, std::int64_t n, VarlenMOutput c, bool glu,
+                                         VarlenMOutput a, std::int64_t element_bytes) {
+  auto describable = [&](VarlenMOutput o) {
+    return o.ptr != nullptr && reinterpret_cast<std::uintptr_t>(o.ptr) % 16 == 0 && (o.ld * element_bytes) % 16 == 0 &&
+           o.ld * element_bytes < (std::int64_t{1} << 40);
+  };
+  return grouped && rows < (std::int64_t{1} << 31) && n < (std::int64_t{1} << 31) && describable(c) &&
+         (!glu || describable(a));
+}
+
 // What the dispatcher knows about a GEMM and the device. The wgmma kernels take 16-bit operands
 // whose 16-byte chunks are all aligned, on a device of compute capability 9.0 with the library
 // built for sm_90a (and SCATTERMOE_SM90 not 0): `wgmma`.

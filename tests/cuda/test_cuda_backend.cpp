@@ -16,7 +16,6 @@
 #include "check/host_tensor.hpp"
 #include "check/reference_f64.hpp"
 #include "cuda/fast_divisor.hpp"
-#include "cuda/gemm.hpp"
 #include "cuda/varlen_k_tiling.hpp"
 #include "cuda/kernel_choice.hpp"
 #include "device_tensor.hpp"
@@ -219,33 +218,22 @@ TEST(CudaVarlenKTiling, MatchesPlainRaster) {
 // The persistent varlen-M kernel stores by TMA only what a tensor map can describe: C (and the
 // SwiGLU's A) in the grouped order, with 16-byte aligned rows.
 TEST(CudaKernelChoice, TmaStoresOnlyWhereDescribable) {
+  using cuda::VarlenMOutput;
   alignas(16) static unsigned char storage[256];
-  cuda::VarlenMGemm g;
-  g.c = storage;
-  g.ldc = 64;
-  g.rows = 1000;
-  g.n = 64;
-  EXPECT_TRUE(cuda::varlen_m_tma_stores_possible(g, false, 2));
-  const std::int64_t scattered[1] = {0};
-  g.c_index = scattered;  // rows to scattered positions: a box of consecutive rows cannot
-  EXPECT_FALSE(cuda::varlen_m_tma_stores_possible(g, false, 2));
-  g.c_index = nullptr;
-  g.ldc = 68;  // 136-byte rows: not a multiple of 16 bytes
-  EXPECT_FALSE(cuda::varlen_m_tma_stores_possible(g, false, 2));
-  g.ldc = 64;
-  g.c = storage + 8;  // misaligned base
-  EXPECT_FALSE(cuda::varlen_m_tma_stores_possible(g, false, 2));
-  g.c = storage;
-  g.rows = std::int64_t{1} << 31;  // beyond a tensor map's 32-bit coordinates as the kernel forms them
-  EXPECT_FALSE(cuda::varlen_m_tma_stores_possible(g, false, 2));
-  g.rows = 1000;
+  auto possible = [](bool grouped, std::int64_t rows, VarlenMOutput c, bool glu, VarlenMOutput a) {
+    return cuda::varlen_m_tma_stores_possible(grouped, rows, 64, c, glu, a, 2);
+  };
+  const VarlenMOutput c{storage, 64};
+  EXPECT_TRUE(possible(true, 1000, c, false, {}));
+  EXPECT_FALSE(possible(false, 1000, c, false, {}));  // rows scattered: a box of consecutive rows cannot
+  EXPECT_FALSE(possible(true, 1000, {storage, 68}, false, {}));     // 136-byte rows: not a multiple of 16
+  EXPECT_FALSE(possible(true, 1000, {storage + 8, 64}, false, {}));  // misaligned base
+  EXPECT_FALSE(possible(true, 1000, {nullptr, 64}, false, {}));
+  EXPECT_FALSE(possible(true, std::int64_t{1} << 31, c, false, {}));  // beyond the kernel's int coordinates
   // The SwiGLU's A must be describable too.
-  EXPECT_FALSE(cuda::varlen_m_tma_stores_possible(g, true, 2));
-  g.glu_a = storage + 128;
-  g.glu_lda = 32;
-  EXPECT_TRUE(cuda::varlen_m_tma_stores_possible(g, true, 2));
-  g.glu_lda = 36;
-  EXPECT_FALSE(cuda::varlen_m_tma_stores_possible(g, true, 2));
+  EXPECT_FALSE(possible(true, 1000, c, true, {}));
+  EXPECT_TRUE(possible(true, 1000, c, true, {storage + 128, 32}));
+  EXPECT_FALSE(possible(true, 1000, c, true, {storage + 128, 36}));
 }
 
 TEST(CudaKernelChoice, DefaultsFallbacksAndSettings) {
