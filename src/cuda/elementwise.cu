@@ -56,6 +56,13 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// A row gathered by the aggregations, kept inside [0, rows): a plan whose scattered index is not
+// a permutation (the CUDA path does not check a caller's plan) leaves entries of its inverse
+// unwritten, which then give wrong rows, never an access outside the source.
+__device__ __forceinline__ std::int64_t clamp_row(std::int64_t row, std::int64_t rows) {
+  return row < 0 ? 0 : (row >= rows ? rows - 1 : row);
+}
+
 template <class T, int kVec>
 __global__ void __launch_bounds__(kThreads)
     gate_combine_kernel(const T* __restrict__ y, std::int64_t ld_y, FlatFloats gates,
@@ -67,7 +74,7 @@ __global__ void __launch_bounds__(kThreads)
     float acc[kVec] = {};
     for (std::int64_t j = 0; j < kg; ++j) {
       const float g = load_float(gates.ptr, gates.dtype, t * gates.stride0 + j * gates.stride1);
-      const std::int64_t row = row_of ? row_of[t * kg + j] : t * kg + j;
+      const std::int64_t row = row_of ? clamp_row(row_of[t * kg + j], gridDim.x * kg) : t * kg + j;
       float v[kVec];
       load_chunk<T, kVec>(y + row * ld_y + c, v);
       CUTE_UNROLL
@@ -86,7 +93,7 @@ __global__ void __launch_bounds__(kThreads)
   for (std::int64_t c = threadIdx.x * kVec; c < cols; c += blockDim.x * kVec) {
     float acc[kVec] = {};
     for (std::int64_t j = 0; j < k; ++j) {
-      const std::int64_t row = row_of ? row_of[t * k + j] : t * k + j;
+      const std::int64_t row = row_of ? clamp_row(row_of[t * k + j], gridDim.x * k) : t * k + j;
       float v[kVec];
       load_chunk<T, kVec>(src + row * ld_src + c, v);
       CUTE_UNROLL

@@ -33,19 +33,20 @@ struct KernelSettings {
 
 // Whether the persistent varlen-M kernel's outputs can leave by TMA (VarlenMGemm::tma_stores): C
 // written in the grouped order (a box is consecutive rows), with 16-byte aligned rows and row
-// counts and strides a tensor map describes; with glu, the SwiGLU's A (n / 2 columns) as well.
+// counts and strides a tensor map describes (rows no shorter than the columns); with glu, the
+// SwiGLU's A (n / 2 columns) as well.
 struct VarlenMOutput {
   const void* ptr = nullptr;
   std::int64_t ld = 0;  // row stride in elements
 };
 inline bool varlen_m_tma_stores_possible(bool grouped, std::int64_t rows, std::int64_t n, VarlenMOutput c, bool glu,
                                          VarlenMOutput a, std::int64_t element_bytes) {
-  auto describable = [&](VarlenMOutput o) {
-    return o.ptr != nullptr && reinterpret_cast<std::uintptr_t>(o.ptr) % 16 == 0 && (o.ld * element_bytes) % 16 == 0 &&
-           o.ld * element_bytes < (std::int64_t{1} << 40);
+  auto describable = [&](VarlenMOutput o, std::int64_t columns) {
+    return o.ptr != nullptr && reinterpret_cast<std::uintptr_t>(o.ptr) % 16 == 0 && o.ld >= columns && o.ld > 0 &&
+           (o.ld * element_bytes) % 16 == 0 && o.ld * element_bytes < (std::int64_t{1} << 40);
   };
-  return grouped && rows < (std::int64_t{1} << 31) && n < (std::int64_t{1} << 31) && describable(c) &&
-         (!glu || describable(a));
+  return grouped && rows < (std::int64_t{1} << 31) && n < (std::int64_t{1} << 31) && describable(c, n) &&
+         (!glu || describable(a, n / 2));
 }
 
 // What the dispatcher knows about a GEMM and the device. The wgmma kernels take 16-bit operands

@@ -557,6 +557,7 @@ __global__ void __launch_bounds__(Sm90WsShape<Config>::kThreads, 1)
            tile_number += static_cast<int>(gridDim.x), slot = (slot + 1) % kTileSlots) {
         const VarlenMTile t = tile_at(tile_number);
         if (threadIdx.x == Ws::kConsumers) tile_slots[slot] = t;  // before its arrival on the first stage
+        asm volatile("" ::: "memory");  // (CUTLASS's arrive has no memory clobber: keep the store before it)
         // The tile's weights of k tile k into `stage`, completing `landed`: one (BN, BK) box, or
         // (kGlu) two of BN/2 rows: column tile j's first-half columns and its gate columns, h on.
         auto copy_weights = [&] {
@@ -1138,7 +1139,9 @@ void launch_sm90_ws_persistent_varlen_m_gemm_with(const VarlenMGemm& given, cons
                                                         std::remove_const_t<decltype(c_store)>>;
   constexpr int smem =
       Sm90WsPersistentVarlenM<Config>::template smem_bytes<kBKMajor, typename Ws::Pipeline>();
-  static_assert(smem + Config::kBN * sizeof(float) + 8 * sizeof(VarlenMTile) <= 227 * 1024,
+  // The static part (bias tile, tile slots) as the compiler places it: rounded up to 1024 bytes,
+  // so that the dynamic part stays 1024-byte aligned.
+  static_assert(smem + (Config::kBN * sizeof(float) + 8 * sizeof(VarlenMTile) + 1023) / 1024 * 1024 <= 227 * 1024,
                 "the stages, the staging, the bias tile and the tile slots (static) fit in shared memory");
   check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
              "varlen-M GEMM: shared memory size");

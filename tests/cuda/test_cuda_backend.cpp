@@ -212,11 +212,8 @@ TEST(CudaVarlenKTiling, MatchesPlainRaster) {
   }
 }
 
-// The dispatcher's choices (cuda/kernel_choice.hpp), no GPU needed: by default the measured
-// fastest kernel for each GEMM kind, the mma.sync kernels wherever wgmma cannot run, and each
-// measurement setting switching what its name says.
 // The persistent varlen-M kernel stores by TMA only what a tensor map can describe: C (and the
-// SwiGLU's A) in the grouped order, with 16-byte aligned rows.
+// SwiGLU's A) in the grouped order, with 16-byte aligned rows no shorter than the columns.
 TEST(CudaKernelChoice, TmaStoresOnlyWhereDescribable) {
   using cuda::VarlenMOutput;
   alignas(16) static unsigned char storage[256];
@@ -234,7 +231,15 @@ TEST(CudaKernelChoice, TmaStoresOnlyWhereDescribable) {
   EXPECT_FALSE(possible(true, 1000, c, true, {}));
   EXPECT_TRUE(possible(true, 1000, c, true, {storage + 128, 32}));
   EXPECT_FALSE(possible(true, 1000, c, true, {storage + 128, 36}));
+  // Rows shorter than the columns (overlapping rows) are not a tensor map's.
+  EXPECT_FALSE(possible(true, 1000, {storage, 56}, false, {}));
+  EXPECT_FALSE(possible(true, 1000, {storage, 0}, false, {}));
+  EXPECT_FALSE(possible(true, 1000, c, true, {storage + 128, 24}));
 }
+
+// The dispatcher's choices (cuda/kernel_choice.hpp), no GPU needed: by default the measured
+// fastest kernel for each GEMM kind, the mma.sync kernels wherever wgmma cannot run, and each
+// measurement setting switching what its name says.
 
 TEST(CudaKernelChoice, DefaultsFallbacksAndSettings) {
   using cuda::KernelSettings;
