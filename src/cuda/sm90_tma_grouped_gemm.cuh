@@ -913,7 +913,11 @@ __global__ void __launch_bounds__(Sm90WsShape<Config>::kThreads, 1)
       const std::int64_t shift = c_column(kColumn0) - kColumn0;
       store_round(c_store, p.n, buffer, c_column(kColumn0), kColumn0 < cols, [&] {
         write_round(buffer, kColumn0, cols, wide, [&](int j, int r) {
-          return c_base + (kRowLookup ? c_rows[kRowLookup ? j : 0] : t.row0 + r) * p.ldc + shift;
+          if constexpr (kRowLookup) {
+            return c_base + c_rows[j] * p.ldc + shift;
+          } else {
+            return c_base + (t.row0 + r) * p.ldc + shift;
+          }
         });
       });
     });
