@@ -112,6 +112,19 @@ void run_linear(const Linear& l, const RoutingPlan& plan, void* tile_workspace, 
   run_varlen_m_gemm(l.w.dtype(), g, tile_workspace, stream);
 }
 
+// The rows a layer sums over each token's k choices (the second projection's output, dX): the
+// GEMM writes them in the grouped order (c_index null) and the aggregation gathers each token's
+// rows through the inverse routing order, which aggregation_rows computes into row_of (L
+// entries); with SCATTERMOE_GROUPED_AGGREGATION=0 they go to their token-major positions (ss)
+// and the aggregation reads them in place (null).
+const std::int64_t* aggregated_c_index(const std::int64_t* ss) { return grouped_aggregation() ? nullptr : ss; }
+const std::int64_t* aggregation_rows(const std::int64_t* ss, std::int64_t rows, std::int64_t* row_of,
+                                     cudaStream_t stream) {
+  if (!grouped_aggregation()) return nullptr;
+  invert_rows(ss, rows, row_of, stream);
+  return row_of;
+}
+
 // dW[e] = X_e^T dY_e into any (E, d_in, d_out) view with a unit inner stride; db = column sums.
 void weight_grads(DType dtype, RowSource x_rows, std::int64_t d_in, RowSource dy_rows,
                   std::int64_t d_out, const RoutingPlan& plan, const TensorView& dw,
@@ -290,14 +303,12 @@ void parallel_linear_forward(const ParallelLinearArgs& args, const RoutingPlan& 
     run_linear(l, plan, s.tiles, stream);
     return;
   }
-  const bool grouped = grouped_aggregation();
   l.c = s.y;
   l.ldc = d_out;
-  l.c_index = grouped ? nullptr : ss;
+  l.c_index = aggregated_c_index(ss);
   run_linear(l, plan, s.tiles, stream);
-  if (grouped) invert_rows(ss, plan.num_rows(), s.row_of, stream);
   gate_combine(args.x.dtype(), s.y, d_out, flat_floats(args.gates), args.gates.size(0), out.data(),
-               out.stride(0), d_out, stream, grouped ? s.row_of : nullptr);
+               out.stride(0), d_out, stream, aggregation_rows(ss, plan.num_rows(), s.row_of, stream));
 }
 
 std::size_t parallel_linear_backward_workspace_size(const ParallelLinearArgs& args,
@@ -351,13 +362,12 @@ void parallel_linear_backward(const ParallelLinearArgs& args, const RoutingPlan&
     } else {
       l.c = s.dx_expanded;
       l.ldc = d_in;
-      l.c_index = grouped_aggregation() ? nullptr : ss;
+      l.c_index = aggregated_c_index(ss);
     }
     run_linear(l, plan, s.tiles, stream);
     if (s.dx_expanded) {
-      if (grouped_aggregation()) invert_rows(ss, L, s.row_of, stream);
-      sum_k_rows(dtype, s.dx_expanded, d_in, args.k, args.x.size(0), grads.dx.data(),
-                 grads.dx.stride(0), d_in, stream, grouped_aggregation() ? s.row_of : nullptr);
+      sum_k_rows(dtype, s.dx_expanded, d_in, args.k, args.x.size(0), grads.dx.data(), grads.dx.stride(0), d_in,
+                 stream, aggregation_rows(ss, L, s.row_of, stream));
     }
   }
 
@@ -474,21 +484,19 @@ void mlp_backward_first_layer(const MlpArgs& args, const RoutingPlan& plan, cons
     Linear back1;
     back1.a = dh_rows;
     back1.w = args.w1.transposed(1, 2);
-    back1.c_index = ss;
     if (k == 1) {
       back1.c = grads.dx.data();
       back1.ldc = grads.dx.stride(0);
+      back1.c_index = ss;
     } else {
       back1.c = s.dx_expanded;
       back1.ldc = d;
-      if (grouped_aggregation()) back1.c_index = nullptr;
+      back1.c_index = aggregated_c_index(ss);
     }
     run_linear(back1, plan, s.tiles, stream);
     if (k > 1) {
-      const std::int64_t L = plan.num_rows();
-      if (grouped_aggregation()) invert_rows(ss, L, s.row_of, stream);
       sum_k_rows(dtype, s.dx_expanded, d, k, args.x.size(0), grads.dx.data(), grads.dx.stride(0), d, stream,
-                 grouped_aggregation() ? s.row_of : nullptr);
+                 aggregation_rows(ss, plan.num_rows(), s.row_of, stream));
     }
   }
 }
@@ -537,14 +545,12 @@ void mlp_forward(const MlpArgs& args, const RoutingPlan& plan, const TensorView&
   second.a = RowSource{s.a, h, nullptr, 1};
   second.w = args.w2;
   second.bias = args.b2;
-  const bool grouped = grouped_aggregation();
   second.c = s.y;
   second.ldc = d;
-  second.c_index = grouped ? nullptr : ss;
+  second.c_index = aggregated_c_index(ss);
   run_linear(second, plan, s.tiles, stream);
-  if (grouped) invert_rows(ss, L, s.row_of, stream);
   gate_combine(dtype, s.y, d, flat_floats(args.gates), args.x.size(0), out.data(), out.stride(0), d, stream,
-               grouped ? s.row_of : nullptr);
+               aggregation_rows(ss, L, s.row_of, stream));
 }
 
 std::size_t mlp_backward_workspace_size(const MlpArgs& args, const RoutingPlan& plan) {
