@@ -108,6 +108,7 @@ const KernelSettings& settings() {
     k.glu_backward_epilogue = env_int("SCATTERMOE_SM90_GLU_BACKWARD_EPILOGUE", 1) != 0;
     k.varlen_m_tma_stores = env_int("SCATTERMOE_SM90_VARLEN_M_TMA_STORES", 1) != 0;
     k.varlen_m_tile_slots = env_int("SCATTERMOE_SM90_VARLEN_M_TILE_SLOTS", 1) != 0;
+    k.glu_backward_loads = env_int("SCATTERMOE_SM90_GLU_BACKWARD_LOADS", 4) == 2 ? 2 : 4;
     return k;
   }();
   return s;
@@ -195,6 +196,7 @@ void run_varlen_m_gemm(DType dtype, const VarlenMGemm& g, void* workspace, cudaS
       e.gate_index = row_pass->gate_index;
       e.d_gates_partial = row_pass->has_d_gates ? row_pass->d_gates_partial : nullptr;
       e.c_out = row_pass->scale_a_in_place;
+      e.loads = settings().glu_backward_loads;
     }
     [&] {
 #ifdef SCATTERMOE_HAS_SM90

@@ -492,7 +492,7 @@ struct Sm90WsPersistentVarlenM {
 // loop (a division, a binary search of dependent loads, the expert's offsets), they held the
 // tensor cores idle between tiles (ncu, qwen3-30b-a3b's down projection: 13% of stall samples).
 template <class Config, bool kBKMajor, class WeightTma, class RowTma, bool kGlu = false, bool kGluBackward = false,
-          class StoreTma = RowsByThreads>
+          class StoreTma = RowsByThreads, int kGluBackwardLoads = 4>
 __global__ void __launch_bounds__(Sm90WsShape<Config>::kThreads, 1)
     sm90_ws_persistent_varlen_m_gemm_kernel(VarlenMGemm p, const int* __restrict__ tile_prefix,
                                             CUTE_GRID_CONSTANT WeightTma const weight_tma,
@@ -802,8 +802,9 @@ __global__ void __launch_bounds__(Sm90WsShape<Config>::kThreads, 1)
             });
         round_barrier();
         // The passes in groups of kGroup: their H chunks loaded together (2 x 16 bytes a pass),
-        // then computed; more at once would not fit beside the accumulators.
-        constexpr int kGroup = 2;
+        // then computed. All four of a round at once (kGluBackwardLoads, step 49): the epilogue
+        // waits on these loads, and twice the bytes in flight halve its waits.
+        constexpr int kGroup = kGluBackwardLoads;
         Vec first[kGroup], gate[kGroup];
         CUTE_UNROLL
         for (int j = 0; j < kPasses; ++j) {
@@ -1115,7 +1116,7 @@ auto make_varlen_m_store_tma(void* ptr, std::int64_t rows, std::int64_t columns,
 
 // The persistent form (the caller checked the same as for launch_sm90_ws_varlen_m_gemm; kGlu:
 // also glu_epilogue_shape).
-template <class T, bool kBKMajor, bool kRowsTma, bool kGlu, bool kGluBackward = false>
+template <class T, bool kBKMajor, bool kRowsTma, bool kGlu, bool kGluBackward = false, int kGluBackwardLoads = 4>
 void launch_sm90_ws_persistent_varlen_m_gemm_with(const VarlenMGemm& given, const int* tile_prefix, int sm_count,
                                                   cudaStream_t stream) {
   using Config = Sm90TmaConfig<T>;
@@ -1140,7 +1141,7 @@ void launch_sm90_ws_persistent_varlen_m_gemm_with(const VarlenMGemm& given, cons
   }();
   auto kernel = sm90_ws_persistent_varlen_m_gemm_kernel<Config, kBKMajor, std::remove_const_t<decltype(weight_tma)>,
                                                         std::remove_const_t<decltype(row_tma)>, kGlu, kGluBackward,
-                                                        std::remove_const_t<decltype(c_store)>>;
+                                                        std::remove_const_t<decltype(c_store)>, kGluBackwardLoads>;
   constexpr int smem =
       Sm90WsPersistentVarlenM<Config>::template smem_bytes<kBKMajor, typename Ws::Pipeline>();
   // The static part (bias tile, tile slots) as the compiler places it: rounded up to 1024 bytes,
@@ -1179,7 +1180,11 @@ void launch_sm90_ws_persistent_glu_backward_varlen_m_gemm(const VarlenMGemm& g, 
                           std::to_string(kGluBackwardTileColumns) + " (got " + std::to_string(g.n) +
                           ") and C in the grouped order");
   }
-  launch_sm90_ws_persistent_varlen_m_gemm_with<T, kBKMajor, false, false, true>(g, tile_prefix, sm_count, stream);
+  if (g.glu_backward.loads == 2) {
+    launch_sm90_ws_persistent_varlen_m_gemm_with<T, kBKMajor, false, false, true, 2>(g, tile_prefix, sm_count, stream);
+  } else {
+    launch_sm90_ws_persistent_varlen_m_gemm_with<T, kBKMajor, false, false, true, 4>(g, tile_prefix, sm_count, stream);
+  }
 }
 
 template <class T, bool kBKMajor>
