@@ -37,7 +37,7 @@ struct GluBackwardEpilogue {
   float* d_gates_partial = nullptr;  // null: d_gates not wanted
   bool c_out = false;               // write g * A to C
   // Rows whose H chunks a lane loads at once, of its 4 per round (SCATTERMOE_SM90_GLU_BACKWARD_LOADS,
-  // 4 or 2, to measure; step 49).
+  // 4 or 2, to measure; step 50).
   int loads = 4;
 };
 

@@ -29,7 +29,7 @@ struct KernelSettings {
   bool glu_backward_epilogue = true;  // SCATTERMOE_SM90_GLU_BACKWARD_EPILOGUE: the dA' GEMM runs the row pass
   bool varlen_m_tma_stores = true;   // SCATTERMOE_SM90_VARLEN_M_TMA_STORES: VarlenMGemm::tma_stores (step 46)
   bool varlen_m_tile_slots = true;   // SCATTERMOE_SM90_VARLEN_M_TILE_SLOTS: VarlenMGemm::tile_slots (step 47)
-  int glu_backward_loads = 4;        // SCATTERMOE_SM90_GLU_BACKWARD_LOADS: GluBackwardEpilogue::loads (step 49)
+  int glu_backward_loads = 4;        // SCATTERMOE_SM90_GLU_BACKWARD_LOADS: GluBackwardEpilogue::loads (step 50)
 };
 
 // Whether the persistent varlen-M kernel's outputs can leave by TMA (VarlenMGemm::tma_stores): C

@@ -802,7 +802,7 @@ __global__ void __launch_bounds__(Sm90WsShape<Config>::kThreads, 1)
             });
         round_barrier();
         // The passes in groups of kGroup: their H chunks loaded together (2 x 16 bytes a pass),
-        // then computed. All four of a round at once (kGluBackwardLoads, step 49): the epilogue
+        // then computed. All four of a round at once (kGluBackwardLoads, step 50): the epilogue
         // waits on these loads, and twice the bytes in flight halve its waits.
         constexpr int kGroup = kGluBackwardLoads;
         Vec first[kGroup], gate[kGroup];

@@ -240,7 +240,6 @@ TEST(CudaKernelChoice, TmaStoresOnlyWhereDescribable) {
 // The dispatcher's choices (cuda/kernel_choice.hpp), no GPU needed: by default the measured
 // fastest kernel for each GEMM kind, the mma.sync kernels wherever wgmma cannot run, and each
 // measurement setting switching what its name says.
-
 TEST(CudaKernelChoice, DefaultsFallbacksAndSettings) {
   using cuda::KernelSettings;
   using cuda::VarlenKContiguous;
